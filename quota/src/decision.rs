@@ -1,0 +1,1407 @@
+//! The decision function: is this one use allowed, and why (not)?
+//!
+//! [`decide`] is pure: it reads the config and the usage state and returns a
+//! [`Decision`] whose [`Effects`] say what committing it would change; the
+//! caller applies them with [`Usage::commit`]. Rules run in the order
+//! authenticity -> status/validity/grace -> model version -> feature ->
+//! environment -> region -> hardware -> rate limits -> quotas. Every failing
+//! rule is reported; only an unknown key stops evaluation, since nothing else
+//! can be checked without a license. This module must not mutate state, read
+//! the clock or allocate more than a handful of strings on the allow path.
+
+use std::fmt::Write as _;
+
+use chrono::{DateTime, Timelike, Utc};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::license::{Environment, License, OnExceed, QuotaScope, VersionPolicy};
+use crate::request::CheckRequest;
+use crate::usage::{BucketState, CounterKey, Usage};
+
+/// The verdict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Go ahead.
+    Allow,
+    /// Not allowed; retrying will not help until the terms or window change.
+    Deny,
+    /// Not now; retry after `retry_after_ms`.
+    Throttle,
+}
+
+impl Outcome {
+    /// `allow`, `deny` or `throttle`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allow => "allow",
+            Outcome::Deny => "deny",
+            Outcome::Throttle => "throttle",
+        }
+    }
+}
+
+/// Machine-readable reason for a deny or throttle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReasonCode {
+    /// The key matches no license.
+    UnknownKey,
+    /// The license was revoked.
+    LicenseRevoked,
+    /// The license is suspended.
+    LicenseSuspended,
+    /// Before `valid_from`.
+    LicenseNotYetValid,
+    /// After `valid_until` plus grace.
+    LicenseExpired,
+    /// The model is not in the license.
+    ModelNotGranted,
+    /// The version is outside the grant's policy.
+    ModelVersionNotAllowed,
+    /// The version cannot be checked: not semver, or not registered when the
+    /// policy needs release information.
+    ModelVersionUnknown,
+    /// The feature is not in the license.
+    FeatureNotGranted,
+    /// The environment is not allowed.
+    EnvironmentNotAllowed,
+    /// The region is not allowed (or missing while regions are restricted).
+    RegionNotAllowed,
+    /// The device is not allowed (or missing while hardware is bound).
+    DeviceNotAllowed,
+    /// A new device would exceed `max_devices`.
+    DeviceLimitReached,
+    /// A token bucket is empty.
+    RateLimited,
+    /// A quota would be exceeded.
+    QuotaExceeded,
+}
+
+impl ReasonCode {
+    /// The snake_case code.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReasonCode::UnknownKey => "unknown_key",
+            ReasonCode::LicenseRevoked => "license_revoked",
+            ReasonCode::LicenseSuspended => "license_suspended",
+            ReasonCode::LicenseNotYetValid => "license_not_yet_valid",
+            ReasonCode::LicenseExpired => "license_expired",
+            ReasonCode::ModelNotGranted => "model_not_granted",
+            ReasonCode::ModelVersionNotAllowed => "model_version_not_allowed",
+            ReasonCode::ModelVersionUnknown => "model_version_unknown",
+            ReasonCode::FeatureNotGranted => "feature_not_granted",
+            ReasonCode::EnvironmentNotAllowed => "environment_not_allowed",
+            ReasonCode::RegionNotAllowed => "region_not_allowed",
+            ReasonCode::DeviceNotAllowed => "device_not_allowed",
+            ReasonCode::DeviceLimitReached => "device_limit_reached",
+            ReasonCode::RateLimited => "rate_limited",
+            ReasonCode::QuotaExceeded => "quota_exceeded",
+        }
+    }
+}
+
+/// One failing rule.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Reason {
+    /// Machine-readable code.
+    pub code: ReasonCode,
+    /// Human explanation.
+    pub message: String,
+    /// Path of the rule in the license, e.g. `quotas[daily]`.
+    pub rule: String,
+}
+
+/// Where one quota stands.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct QuotaStatus {
+    /// Quota id.
+    pub quota: String,
+    /// Metric.
+    pub metric: String,
+    /// Limit per window.
+    pub limit: u64,
+    /// Used in this window, including this request if it was allowed.
+    pub used: u64,
+    /// `limit - used`, floored at 0.
+    pub remaining: u64,
+    /// When the window resets (unix ms); `None` for `total`.
+    pub resets_at_ms: Option<i64>,
+    /// `license`, `subject:<id>` or `environment:<name>`.
+    pub scope: String,
+}
+
+/// A non-blocking notice.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Warning {
+    /// `threshold_crossed`, `in_grace_period` or `over_quota`.
+    pub code: String,
+    /// Human explanation.
+    pub message: String,
+}
+
+/// How to get more quota, attached to a quota denial.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AdjustmentHint {
+    /// License id.
+    pub license: String,
+    /// Quota id.
+    pub quota: String,
+    /// What to ask for.
+    pub message: String,
+}
+
+/// What committing a decision changes in [`Usage`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Effects {
+    /// Counter increments for this node's slot.
+    pub increments: Vec<(CounterKey, u64)>,
+    /// A device to add to a license's seen set: (license id, device id).
+    pub new_device: Option<(String, String)>,
+    /// New token bucket states: (license id, rate limit id, state).
+    pub buckets: Vec<(String, String, BucketState)>,
+}
+
+/// The answer to one Check or Report.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Decision {
+    /// The verdict.
+    pub outcome: Outcome,
+    /// Every failing rule (empty on allow).
+    pub reasons: Vec<Reason>,
+    /// Quotas touched by the request's meters.
+    pub quotas: Vec<QuotaStatus>,
+    /// When to retry, on throttle.
+    pub retry_after_ms: Option<u64>,
+    /// Non-blocking notices.
+    pub warnings: Vec<Warning>,
+    /// Config version the decision was made against.
+    pub policy_version: u64,
+    /// Caller-supplied decision id.
+    pub decision_id: String,
+    /// The license the key belongs to.
+    pub license_id: Option<String>,
+    /// How to ask for more quota.
+    pub request_adjustment: Option<AdjustmentHint>,
+    /// Whether nothing will be recorded.
+    pub dry_run: bool,
+    /// What [`Usage::commit`] applies (empty unless allowed).
+    #[serde(skip)]
+    pub effects: Effects,
+}
+
+impl Decision {
+    fn new(policy_version: u64, decision_id: String, dry_run: bool) -> Self {
+        Self {
+            outcome: Outcome::Allow,
+            reasons: Vec::new(),
+            quotas: Vec::new(),
+            retry_after_ms: None,
+            warnings: Vec::new(),
+            policy_version,
+            decision_id,
+            license_id: None,
+            request_adjustment: None,
+            dry_run,
+            effects: Effects::default(),
+        }
+    }
+
+    /// The first reason's code, if any.
+    pub fn code(&self) -> Option<ReasonCode> {
+        self.reasons.first().map(|r| r.code)
+    }
+}
+
+/// Accumulates the verdict while rules run.
+struct Verdict {
+    decision: Decision,
+    deny: bool,
+    throttle: bool,
+}
+
+impl Verdict {
+    fn deny(&mut self, code: ReasonCode, rule: impl Into<String>, message: String) {
+        self.deny = true;
+        self.decision.reasons.push(Reason {
+            code,
+            message,
+            rule: rule.into(),
+        });
+    }
+
+    fn throttle(&mut self, code: ReasonCode, rule: String, message: String, retry_after_ms: u64) {
+        self.throttle = true;
+        self.decision.reasons.push(Reason {
+            code,
+            message,
+            rule,
+        });
+        let retry = self.decision.retry_after_ms.get_or_insert(0);
+        *retry = (*retry).max(retry_after_ms);
+    }
+
+    fn warn(&mut self, code: &str, message: String) {
+        self.decision.warnings.push(Warning {
+            code: code.to_string(),
+            message,
+        });
+    }
+}
+
+fn rfc3339(ms: i64) -> String {
+    DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| format!("{ms} ms"))
+}
+
+/// Decides one Check. Pure: `usage` is only read; apply the result with
+/// [`Usage::commit`] (or use [`Usage::check`]).
+pub fn decide(
+    config: &Config,
+    usage: &Usage,
+    req: &CheckRequest,
+    now_ms: i64,
+    decision_id: String,
+) -> Decision {
+    let mut v = Verdict {
+        decision: Decision::new(config.version, decision_id, req.dry_run),
+        deny: false,
+        throttle: false,
+    };
+    let Some(license) = config.license_by_key(&req.key) else {
+        v.deny(
+            ReasonCode::UnknownKey,
+            "keys",
+            "the API key is not recognised".to_string(),
+        );
+        return finish(v, None, Vec::new());
+    };
+    v.decision.license_id = Some(license.id.clone());
+    check_status(license, now_ms, &mut v);
+    check_model(config, license, req, &mut v);
+    if !license.features.is_empty()
+        && let Some(feature) = &req.feature
+        && !license.features.iter().any(|f| f == feature)
+    {
+        v.deny(
+            ReasonCode::FeatureNotGranted,
+            "features",
+            format!(
+                "license {} does not grant feature {feature:?} (granted: {})",
+                license.id,
+                license.features.join(", ")
+            ),
+        );
+    }
+    let environment = check_environment(license, req, &mut v);
+    check_region(license, req, &mut v);
+    check_hardware(license, usage, req, &mut v);
+    check_rate_limits(license, usage, now_ms, &mut v);
+    let pending = evaluate_quotas(license, usage, req, environment, now_ms, false, &mut v);
+    finish(v, Some(license), pending)
+}
+
+/// Decides one Report (post-inference metering): the key must be known and
+/// the license in force; then the meters are recorded even past a limit, with
+/// an `over_quota` warning. Pure like [`decide`].
+pub fn decide_report(
+    config: &Config,
+    usage: &Usage,
+    req: &CheckRequest,
+    now_ms: i64,
+    decision_id: String,
+) -> Decision {
+    let mut v = Verdict {
+        decision: Decision::new(config.version, decision_id, req.dry_run),
+        deny: false,
+        throttle: false,
+    };
+    let Some(license) = config.license_by_key(&req.key) else {
+        v.deny(
+            ReasonCode::UnknownKey,
+            "keys",
+            "the API key is not recognised".to_string(),
+        );
+        return finish(v, None, Vec::new());
+    };
+    v.decision.license_id = Some(license.id.clone());
+    check_status(license, now_ms, &mut v);
+    let environment = req
+        .environment
+        .as_deref()
+        .and_then(Environment::parse)
+        .unwrap_or(Environment::Production);
+    let pending = evaluate_quotas(license, usage, req, Some(environment), now_ms, true, &mut v);
+    finish(v, Some(license), pending)
+}
+
+fn check_status(license: &License, now_ms: i64, v: &mut Verdict) {
+    use crate::license::LicenseStatus;
+    match &license.status {
+        LicenseStatus::Active => {}
+        LicenseStatus::Revoked { reason } => {
+            let why = reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default();
+            v.deny(
+                ReasonCode::LicenseRevoked,
+                "status",
+                format!("license {} was revoked{why}", license.id),
+            );
+        }
+        LicenseStatus::Suspended { reason, until } => {
+            // A suspension with an end time lifts by itself once it passes.
+            if until.is_none_or(|u| now_ms < u.timestamp_millis()) {
+                let why = reason
+                    .as_deref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default();
+                let till = until
+                    .map(|u| format!(" until {}", rfc3339(u.timestamp_millis())))
+                    .unwrap_or_default();
+                v.deny(
+                    ReasonCode::LicenseSuspended,
+                    "status",
+                    format!("license {} is suspended{till}{why}", license.id),
+                );
+            }
+        }
+    }
+    if let Some(from) = license.valid_from
+        && now_ms < from.timestamp_millis()
+    {
+        v.deny(
+            ReasonCode::LicenseNotYetValid,
+            "valid_from",
+            format!(
+                "license {} is valid from {}",
+                license.id,
+                rfc3339(from.timestamp_millis())
+            ),
+        );
+    }
+    if let Some(until) = license.valid_until {
+        let until_ms = until.timestamp_millis();
+        if now_ms >= until_ms {
+            let grace_ms = license
+                .grace_period
+                .map_or(0, |g| i64::try_from(g.ms).unwrap_or(i64::MAX));
+            let grace_end_ms = until_ms.saturating_add(grace_ms);
+            if now_ms < grace_end_ms {
+                v.warn(
+                    "in_grace_period",
+                    format!(
+                        "license {} expired at {}; the grace period ends at {}",
+                        license.id,
+                        rfc3339(until_ms),
+                        rfc3339(grace_end_ms)
+                    ),
+                );
+            } else {
+                v.deny(
+                    ReasonCode::LicenseExpired,
+                    "valid_until",
+                    format!("license {} expired at {}", license.id, rfc3339(until_ms)),
+                );
+            }
+        }
+    }
+}
+
+fn check_model(config: &Config, license: &License, req: &CheckRequest, v: &mut Verdict) {
+    let Some(grant) = license.models.iter().find(|g| g.model == req.model) else {
+        let granted: Vec<&str> = license.models.iter().map(|g| g.model.as_str()).collect();
+        v.deny(
+            ReasonCode::ModelNotGranted,
+            "models",
+            format!(
+                "license {} does not grant model {:?} (granted: {})",
+                license.id,
+                req.model,
+                granted.join(", ")
+            ),
+        );
+        return;
+    };
+    let rule = || format!("models[{}].versions", grant.model);
+    let Ok(version) = semver::Version::parse(&req.model_version) else {
+        v.deny(
+            ReasonCode::ModelVersionUnknown,
+            rule(),
+            format!(
+                "requested version {:?} is not a semantic version",
+                req.model_version
+            ),
+        );
+        return;
+    };
+    let not_allowed = |v: &mut Verdict, extra: &str| {
+        v.deny(
+            ReasonCode::ModelVersionNotAllowed,
+            rule(),
+            format!(
+                "license grants {} {}; requested {version}{extra}",
+                grant.model, grant.versions
+            ),
+        );
+    };
+    match &grant.versions {
+        VersionPolicy::Any => {}
+        VersionPolicy::Major(major) => {
+            if version.major != *major {
+                not_allowed(v, "");
+            }
+        }
+        VersionPolicy::Pin(pin) => {
+            if &version != pin {
+                not_allowed(v, "");
+            }
+        }
+        VersionPolicy::Rolling | VersionPolicy::MaintenanceUntil(_) => {
+            // These policies depend on release information, so the model and
+            // version must be registered.
+            let Some(registered) = config.model(&grant.model).and_then(|m| m.find(&version)) else {
+                v.deny(
+                    ReasonCode::ModelVersionUnknown,
+                    rule(),
+                    format!("{} {version} is not a registered version; policy {} needs release information", grant.model, grant.versions),
+                );
+                return;
+            };
+            match &grant.versions {
+                VersionPolicy::Rolling => {
+                    let latest = config.model(&grant.model).and_then(|m| m.latest());
+                    if latest.is_some_and(|l| l.version != version) {
+                        let latest = latest.map(|l| l.version.to_string()).unwrap_or_default();
+                        not_allowed(v, &format!(" (latest is {latest})"));
+                    }
+                }
+                VersionPolicy::MaintenanceUntil(date) if registered.released > *date => {
+                    not_allowed(v, &format!(" (released {})", registered.released));
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn check_environment(
+    license: &License,
+    req: &CheckRequest,
+    v: &mut Verdict,
+) -> Option<Environment> {
+    // A request that names no environment is production: the safe default,
+    // since it is the environment every license grants when it grants any.
+    let name = req.environment.as_deref().unwrap_or("production");
+    let Some(env) = Environment::parse(name) else {
+        v.deny(
+            ReasonCode::EnvironmentNotAllowed,
+            "environments",
+            format!("unknown environment {name:?} (expected production, staging, development or experiment)"),
+        );
+        return None;
+    };
+    if let Some(allowed) = &license.environments
+        && !allowed.contains(&env)
+    {
+        let names: Vec<&str> = allowed.iter().map(|e| e.as_str()).collect();
+        v.deny(
+            ReasonCode::EnvironmentNotAllowed,
+            "environments",
+            format!(
+                "license {} allows environments {}; requested {name}",
+                license.id,
+                names.join(", ")
+            ),
+        );
+    }
+    Some(env)
+}
+
+fn check_region(license: &License, req: &CheckRequest, v: &mut Verdict) {
+    let Some(rules) = &license.regions else {
+        return;
+    };
+    if rules.is_unrestricted() {
+        return;
+    }
+    let Some(region) = req.region.as_deref() else {
+        v.deny(
+            ReasonCode::RegionNotAllowed,
+            "regions",
+            format!(
+                "license {} restricts regions; the request names none",
+                license.id
+            ),
+        );
+        return;
+    };
+    if let Some(denied) = rules.deny.iter().find(|g| g.is_match(region)) {
+        v.deny(
+            ReasonCode::RegionNotAllowed,
+            "regions.deny",
+            format!("region {region} matches denied pattern {}", denied.pattern),
+        );
+    } else if !rules.allow.iter().any(|g| g.is_match(region)) {
+        let allowed: Vec<&str> = rules.allow.iter().map(|g| g.pattern.as_str()).collect();
+        v.deny(
+            ReasonCode::RegionNotAllowed,
+            "regions.allow",
+            format!(
+                "region {region} is not in the allowed regions {}",
+                allowed.join(", ")
+            ),
+        );
+    }
+}
+
+fn check_hardware(license: &License, usage: &Usage, req: &CheckRequest, v: &mut Verdict) {
+    let hw = &license.hardware;
+    if !hw.is_bound() {
+        return;
+    }
+    let Some(device) = req.hardware_id.as_deref() else {
+        v.deny(
+            ReasonCode::DeviceNotAllowed,
+            "hardware",
+            format!(
+                "license {} is bound to hardware; the request names no hardware_id",
+                license.id
+            ),
+        );
+        return;
+    };
+    if !hw.devices.is_empty() && !hw.devices.iter().any(|d| d == device) {
+        v.deny(
+            ReasonCode::DeviceNotAllowed,
+            "hardware.devices",
+            format!("device {device:?} is not among the license's devices"),
+        );
+        return;
+    }
+    if hw.max_devices > 0 && !usage.knows_device(&license.id, device) {
+        let n_devices = usage.n_devices(&license.id);
+        if n_devices >= hw.max_devices as usize {
+            v.deny(
+                ReasonCode::DeviceLimitReached,
+                "hardware.max_devices",
+                format!("license {} already uses {n_devices} of {} devices; {device:?} would be one more", license.id, hw.max_devices),
+            );
+        } else {
+            v.decision.effects.new_device = Some((license.id.clone(), device.to_string()));
+        }
+    }
+}
+
+fn check_rate_limits(license: &License, usage: &Usage, now_ms: i64, v: &mut Verdict) {
+    for rl in &license.rate_limits {
+        let (per_second, burst, peak) = match &rl.schedule {
+            Some(s) => {
+                let hour = DateTime::<Utc>::from_timestamp_millis(now_ms)
+                    .map_or(0, |t| t.with_timezone(&s.timezone.0).hour());
+                if s.peak.hours.contains(hour) {
+                    (s.peak.per_second, s.peak.burst, true)
+                } else {
+                    (rl.per_second, rl.burst, false)
+                }
+            }
+            None => (rl.per_second, rl.burst, false),
+        };
+        let burst_f = f64::from(burst);
+        let state = usage.bucket(&license.id, &rl.id).unwrap_or(BucketState {
+            tokens: burst_f,
+            last_ms: now_ms,
+        });
+        // A clock that went backwards refills nothing rather than going negative.
+        let elapsed_ms = now_ms.saturating_sub(state.last_ms).max(0) as f64;
+        let tokens = (state.tokens + elapsed_ms * per_second / 1000.0).min(burst_f);
+        if tokens >= 1.0 {
+            v.decision.effects.buckets.push((
+                license.id.clone(),
+                rl.id.clone(),
+                BucketState {
+                    tokens: tokens - 1.0,
+                    last_ms: now_ms.max(state.last_ms),
+                },
+            ));
+        } else {
+            let retry_after_ms = (((1.0 - tokens) * 1000.0 / per_second).ceil() as u64).max(1);
+            let period = if rl.schedule.is_some() {
+                if peak { " (peak hours)" } else { " (off-peak)" }
+            } else {
+                ""
+            };
+            v.throttle(
+                ReasonCode::RateLimited,
+                format!("rate_limits[{}]", rl.id),
+                format!("rate limit {} allows {per_second}/s with burst {burst}{period}; retry in {retry_after_ms} ms", rl.id),
+                retry_after_ms,
+            );
+        }
+    }
+}
+
+/// A quota this request would add to, resolved during evaluation.
+struct Pending {
+    quota_idx: usize,
+    status_idx: usize,
+    quantity: u64,
+    used_before: u64,
+    key: CounterKey,
+}
+
+fn evaluate_quotas(
+    license: &License,
+    usage: &Usage,
+    req: &CheckRequest,
+    environment: Option<Environment>,
+    now_ms: i64,
+    is_report: bool,
+    v: &mut Verdict,
+) -> Vec<Pending> {
+    let mut pending = Vec::new();
+    for (quota_idx, quota) in license.quotas.iter().enumerate() {
+        let Some(meter) = req.meters.iter().find(|m| m.metric == quota.metric) else {
+            continue;
+        };
+        let (scope_value, scope_label) = match quota.scope {
+            QuotaScope::License => (String::new(), "license".to_string()),
+            QuotaScope::Subject => {
+                let s = req.subject.clone().unwrap_or_default();
+                let label = format!("subject:{s}");
+                (s, label)
+            }
+            QuotaScope::Environment => {
+                let e = environment.map_or("production", Environment::as_str);
+                (e.to_string(), format!("environment:{e}"))
+            }
+        };
+        let epoch = quota.window.epoch(now_ms);
+        let resets_at_ms = quota.window.bounds(epoch).1;
+        let key = CounterKey {
+            license: license.id.clone(),
+            quota: quota.id.clone(),
+            epoch,
+            scope: scope_value,
+        };
+        let used_before = usage.counter_value(&key);
+        let after = used_before.saturating_add(meter.quantity);
+        if after > quota.limit && !is_report {
+            let reset = resets_at_ms
+                .map(|r| format!("; resets at {}", rfc3339(r)))
+                .unwrap_or_default();
+            let message = format!(
+                "quota {} allows {} {} per {}; {used_before} used, this request needs {}{reset}",
+                quota.id,
+                quota.limit,
+                quota.metric,
+                quota.window.as_str(),
+                meter.quantity
+            );
+            let rule = format!("quotas[{}]", quota.id);
+            match (quota.on_exceed, resets_at_ms) {
+                (OnExceed::Throttle, Some(reset)) => {
+                    let retry = u64::try_from(reset.saturating_sub(now_ms))
+                        .unwrap_or(0)
+                        .max(1);
+                    v.throttle(ReasonCode::QuotaExceeded, rule, message, retry);
+                }
+                _ => v.deny(ReasonCode::QuotaExceeded, rule, message),
+            }
+            if v.decision.request_adjustment.is_none() {
+                v.decision.request_adjustment = Some(AdjustmentHint {
+                    license: license.id.clone(),
+                    quota: quota.id.clone(),
+                    message: format!(
+                        "ask the license owner to raise quotas[{}].limit above {} {} per {}{reset}",
+                        quota.id,
+                        quota.limit,
+                        quota.metric,
+                        quota.window.as_str()
+                    ),
+                });
+            }
+        }
+        v.decision.quotas.push(QuotaStatus {
+            quota: quota.id.clone(),
+            metric: quota.metric.clone(),
+            limit: quota.limit,
+            used: used_before,
+            remaining: quota.limit.saturating_sub(used_before),
+            resets_at_ms,
+            scope: scope_label,
+        });
+        pending.push(Pending {
+            quota_idx,
+            status_idx: v.decision.quotas.len() - 1,
+            quantity: meter.quantity,
+            used_before,
+            key,
+        });
+    }
+    pending
+}
+
+fn finish(mut v: Verdict, license: Option<&License>, pending: Vec<Pending>) -> Decision {
+    v.decision.outcome = if v.deny {
+        Outcome::Deny
+    } else if v.throttle {
+        Outcome::Throttle
+    } else {
+        Outcome::Allow
+    };
+    if v.decision.outcome != Outcome::Throttle {
+        v.decision.retry_after_ms = None;
+    }
+    if v.decision.outcome != Outcome::Allow {
+        // All or nothing: a request that is not allowed changes nothing.
+        v.decision.effects = Effects::default();
+        return v.decision;
+    }
+    if let Some(license) = license {
+        quota_warnings(license, &pending, &mut v.decision);
+    }
+    // Keys move into the effects rather than being cloned: the allow path
+    // is the hot one.
+    for p in pending {
+        let after = p.used_before.saturating_add(p.quantity);
+        if let Some(status) = v.decision.quotas.get_mut(p.status_idx) {
+            status.used = after;
+            status.remaining = status.limit.saturating_sub(after);
+        }
+        v.decision.effects.increments.push((p.key, p.quantity));
+    }
+    v.decision
+}
+
+/// Adds threshold and over-quota warnings for an allowed decision.
+fn quota_warnings(license: &License, pending: &[Pending], decision: &mut Decision) {
+    if decision.outcome != Outcome::Allow {
+        return;
+    }
+    for p in pending {
+        let Some(quota) = license.quotas.get(p.quota_idx) else {
+            continue;
+        };
+        let after = p.used_before.saturating_add(p.quantity);
+        if after > quota.limit {
+            let mut message = String::new();
+            let _ = write!(
+                message,
+                "quota {} is over its limit: {after} of {} {}",
+                quota.id, quota.limit, quota.metric
+            );
+            decision.warnings.push(Warning {
+                code: "over_quota".to_string(),
+                message,
+            });
+            continue;
+        }
+        for t in &quota.alert_thresholds {
+            let threshold = (t * quota.limit as f64).ceil() as u64;
+            if p.used_before < threshold && after >= threshold {
+                decision.warnings.push(Warning {
+                    code: "threshold_crossed".to_string(),
+                    message: format!(
+                        "quota {} crossed {}% ({after} of {} {})",
+                        quota.id,
+                        (t * 100.0).round(),
+                        quota.limit,
+                        quota.metric
+                    ),
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ApplyOutcome, ConfigCommand, ConfigOp};
+    use crate::license::{Document, parse_documents};
+    use crate::request::Meter;
+
+    const MODEL: &str = "apiVersion: tollgate/v1
+kind: Model
+id: demo-classifier
+versions:
+  - { version: 1.4.0, released: 2025-03-01 }
+  - { version: 2.0.0, released: 2026-01-15 }
+  - { version: 2.1.0, released: 2026-06-01 }
+";
+
+    /// A config with the demo model and one license `t` (key `k`) whose
+    /// extra YAML lines are `extra`; `models:` defaults to a `major: 2` grant.
+    fn config(extra: &str) -> Config {
+        let models = if extra.contains("models:") {
+            ""
+        } else {
+            "models:\n  - { model: demo-classifier, versions: { major: 2 } }\n"
+        };
+        let text = format!(
+            "{MODEL}---\napiVersion: tollgate/v1\nkind: License\nid: t\ncustomer: Test\nkeys: [{{key: k}}]\n{models}{extra}"
+        );
+        let mut config = Config::default();
+        for (idx, doc) in parse_documents(&text).unwrap().into_iter().enumerate() {
+            let op = match doc {
+                Document::License(l) => ConfigOp::PutLicense(l),
+                Document::Model(m) => ConfigOp::PutModel(m),
+            };
+            let cmd = ConfigCommand {
+                actor: "t".into(),
+                reason: None,
+                at_ms: 0,
+                op,
+            };
+            assert!(matches!(
+                config.apply(&cmd, idx as u64 + 1),
+                ApplyOutcome::Applied { .. }
+            ));
+        }
+        config
+    }
+
+    fn ms(text: &str) -> i64 {
+        DateTime::parse_from_rfc3339(text)
+            .unwrap()
+            .timestamp_millis()
+    }
+
+    /// Runs one Check (committing it) and asserts `expect`: `allow`, or
+    /// `deny:<code>` / `throttle:<code>` naming one of the reasons.
+    fn check(
+        config: &Config,
+        usage: &mut Usage,
+        now: &str,
+        edit: impl FnOnce(&mut CheckRequest),
+        expect: &str,
+    ) -> Decision {
+        let mut req = CheckRequest::new("k", "demo-classifier", "2.1.0");
+        req.meters.push(Meter {
+            metric: "inferences".into(),
+            quantity: 1,
+        });
+        edit(&mut req);
+        let d = usage.check(config, &req, ms(now), "id".into());
+        let got = match d.outcome {
+            Outcome::Allow => "allow".to_string(),
+            other => {
+                let codes: Vec<&str> = d.reasons.iter().map(|r| r.code.as_str()).collect();
+                let want = expect.split_once(':').map(|(_, c)| c).unwrap_or("");
+                let code = codes
+                    .iter()
+                    .find(|c| **c == want)
+                    .copied()
+                    .unwrap_or(codes.first().copied().unwrap_or(""));
+                format!("{}:{code}", other.as_str())
+            }
+        };
+        assert_eq!(got, expect, "decision: {d:#?}");
+        d
+    }
+
+    const NOW: &str = "2026-03-10T10:00:00Z";
+
+    fn none(_: &mut CheckRequest) {}
+
+    #[test]
+    fn unknown_key() {
+        let c = config("");
+        check(
+            &c,
+            &mut Usage::new(1),
+            NOW,
+            |r| r.key = "nope".into(),
+            "deny:unknown_key",
+        );
+        check(&c, &mut Usage::new(1), NOW, none, "allow");
+    }
+
+    #[test]
+    fn revoked() {
+        check(
+            &config("status: {revoked: {reason: fraud}}\n"),
+            &mut Usage::new(1),
+            NOW,
+            none,
+            "deny:license_revoked",
+        );
+        check(
+            &config("status: revoked\n"),
+            &mut Usage::new(1),
+            NOW,
+            none,
+            "deny:license_revoked",
+        );
+        check(
+            &config("status: active\n"),
+            &mut Usage::new(1),
+            NOW,
+            none,
+            "allow",
+        );
+    }
+
+    #[test]
+    fn suspended_until() {
+        let c = config("status: {suspended: {reason: unpaid, until: 2026-04-01T00:00:00Z}}\n");
+        check(&c, &mut Usage::new(1), NOW, none, "deny:license_suspended");
+        check(
+            &c,
+            &mut Usage::new(1),
+            "2026-04-02T00:00:00Z",
+            none,
+            "allow",
+        );
+    }
+
+    #[test]
+    fn validity_window() {
+        let c = config("valid_from: 2026-01-01T00:00:00Z\nvalid_until: 2026-02-01T00:00:00Z\n");
+        check(
+            &c,
+            &mut Usage::new(1),
+            "2025-12-01T00:00:00Z",
+            none,
+            "deny:license_not_yet_valid",
+        );
+        check(
+            &c,
+            &mut Usage::new(1),
+            "2026-01-15T00:00:00Z",
+            none,
+            "allow",
+        );
+        check(&c, &mut Usage::new(1), NOW, none, "deny:license_expired");
+    }
+
+    #[test]
+    fn grace_period() {
+        let c = config("valid_until: 2026-03-08T00:00:00Z\ngrace_period: 7d\n");
+        let d = check(&c, &mut Usage::new(1), NOW, none, "allow");
+        assert_eq!(d.warnings[0].code, "in_grace_period");
+        assert!(
+            d.warnings[0].message.contains("2026-03-15T00:00:00Z"),
+            "{:?}",
+            d.warnings
+        );
+        check(
+            &c,
+            &mut Usage::new(1),
+            "2026-03-16T00:00:00Z",
+            none,
+            "deny:license_expired",
+        );
+    }
+
+    #[test]
+    fn model_major() {
+        let c = config("");
+        let d = check(
+            &c,
+            &mut Usage::new(1),
+            NOW,
+            |r| r.model_version = "1.4.0".into(),
+            "deny:model_version_not_allowed",
+        );
+        assert!(
+            d.reasons[0]
+                .message
+                .contains("demo-classifier 2.x; requested 1.4.0"),
+            "{}",
+            d.reasons[0].message
+        );
+        assert_eq!(d.reasons[0].rule, "models[demo-classifier].versions");
+        check(
+            &c,
+            &mut Usage::new(1),
+            NOW,
+            |r| r.model_version = "2.0.0".into(),
+            "allow",
+        );
+        check(
+            &c,
+            &mut Usage::new(1),
+            NOW,
+            |r| r.model = "other".into(),
+            "deny:model_not_granted",
+        );
+        check(
+            &c,
+            &mut Usage::new(1),
+            NOW,
+            |r| r.model_version = "two".into(),
+            "deny:model_version_unknown",
+        );
+    }
+
+    #[test]
+    fn model_pin() {
+        let c = config("models:\n  - { model: demo-classifier, versions: { pin: 2.0.0 } }\n");
+        check(
+            &c,
+            &mut Usage::new(1),
+            NOW,
+            |r| r.model_version = "2.0.0".into(),
+            "allow",
+        );
+        check(
+            &c,
+            &mut Usage::new(1),
+            NOW,
+            none,
+            "deny:model_version_not_allowed",
+        );
+    }
+
+    #[test]
+    fn model_maintenance_window() {
+        let c = config(
+            "models:\n  - { model: demo-classifier, versions: { maintenance_until: 2026-02-01 } }\n",
+        );
+        check(
+            &c,
+            &mut Usage::new(1),
+            NOW,
+            |r| r.model_version = "2.0.0".into(),
+            "allow",
+        );
+        check(
+            &c,
+            &mut Usage::new(1),
+            NOW,
+            none,
+            "deny:model_version_not_allowed",
+        );
+        check(
+            &c,
+            &mut Usage::new(1),
+            NOW,
+            |r| r.model_version = "3.0.0".into(),
+            "deny:model_version_unknown",
+        );
+    }
+
+    #[test]
+    fn model_rolling() {
+        let c = config("models:\n  - { model: demo-classifier, versions: rolling }\n");
+        check(&c, &mut Usage::new(1), NOW, none, "allow");
+        check(
+            &c,
+            &mut Usage::new(1),
+            NOW,
+            |r| r.model_version = "2.0.0".into(),
+            "deny:model_version_not_allowed",
+        );
+    }
+
+    #[test]
+    fn feature() {
+        let c = config("features: [summarize]\n");
+        check(
+            &c,
+            &mut Usage::new(1),
+            NOW,
+            |r| r.feature = Some("summarize".into()),
+            "allow",
+        );
+        check(
+            &c,
+            &mut Usage::new(1),
+            NOW,
+            |r| r.feature = Some("translate".into()),
+            "deny:feature_not_granted",
+        );
+    }
+
+    #[test]
+    fn environment() {
+        let c = config("environments: [production]\n");
+        check(
+            &c,
+            &mut Usage::new(1),
+            NOW,
+            |r| r.environment = Some("production".into()),
+            "allow",
+        );
+        check(
+            &c,
+            &mut Usage::new(1),
+            NOW,
+            |r| r.environment = Some("staging".into()),
+            "deny:environment_not_allowed",
+        );
+        check(
+            &c,
+            &mut Usage::new(1),
+            NOW,
+            |r| r.environment = Some("moon".into()),
+            "deny:environment_not_allowed",
+        );
+    }
+
+    #[test]
+    fn region_deny_glob() {
+        let c = config("regions: { allow: [\"*\"], deny: [\"eu-*\"] }\n");
+        check(
+            &c,
+            &mut Usage::new(1),
+            NOW,
+            |r| r.region = Some("us-east-1".into()),
+            "allow",
+        );
+        let d = check(
+            &c,
+            &mut Usage::new(1),
+            NOW,
+            |r| r.region = Some("eu-west-1".into()),
+            "deny:region_not_allowed",
+        );
+        assert!(d.reasons[0].message.contains("eu-*"));
+        check(&c, &mut Usage::new(1), NOW, none, "deny:region_not_allowed");
+        let c = config("regions: { allow: [\"us-*\"] }\n");
+        check(
+            &c,
+            &mut Usage::new(1),
+            NOW,
+            |r| r.region = Some("ap-south-1".into()),
+            "deny:region_not_allowed",
+        );
+    }
+
+    #[test]
+    fn device_limit() {
+        let c = config("hardware: { max_devices: 2 }\n");
+        let mut u = Usage::new(1);
+        let dev = |id: &'static str| move |r: &mut CheckRequest| r.hardware_id = Some(id.into());
+        check(&c, &mut u, NOW, dev("d1"), "allow");
+        check(&c, &mut u, NOW, dev("d2"), "allow");
+        check(&c, &mut u, NOW, dev("d3"), "deny:device_limit_reached");
+        check(&c, &mut u, NOW, dev("d1"), "allow");
+        check(&c, &mut u, NOW, none, "deny:device_not_allowed");
+        assert_eq!(
+            u.take_dirty_devices(),
+            vec![("t".to_string(), vec!["d1".to_string(), "d2".to_string()])]
+        );
+        let c = config("hardware: { devices: [gpu-1] }\n");
+        check(&c, &mut Usage::new(1), NOW, dev("gpu-1"), "allow");
+        check(
+            &c,
+            &mut Usage::new(1),
+            NOW,
+            dev("gpu-2"),
+            "deny:device_not_allowed",
+        );
+    }
+
+    #[test]
+    fn rate_limit() {
+        let c = config("rate_limits: [{ id: burst, per_second: 1, burst: 2 }]\n");
+        let mut u = Usage::new(1);
+        check(&c, &mut u, NOW, none, "allow");
+        check(&c, &mut u, NOW, none, "allow");
+        let d = check(&c, &mut u, NOW, none, "throttle:rate_limited");
+        assert_eq!(d.retry_after_ms, Some(1000));
+        assert_eq!(d.reasons[0].rule, "rate_limits[burst]");
+        check(&c, &mut u, "2026-03-10T10:00:01Z", none, "allow");
+    }
+
+    #[test]
+    fn rate_limit_schedule_peak_vs_off_peak() {
+        let c = config(
+            "rate_limits:\n  - id: burst\n    per_second: 1\n    burst: 3\n    schedule:\n      timezone: Europe/Berlin\n      peak: { hours: \"08-20\", per_second: 1, burst: 1 }\n",
+        );
+        // 10:00Z is 11:00 in Berlin: peak, burst 1.
+        let mut u = Usage::new(1);
+        check(&c, &mut u, NOW, none, "allow");
+        let d = check(&c, &mut u, NOW, none, "throttle:rate_limited");
+        assert!(d.reasons[0].message.contains("peak hours"));
+        // 21:00Z is 22:00 in Berlin: off-peak, burst 3.
+        let mut u = Usage::new(1);
+        let night = "2026-03-10T21:00:00Z";
+        for _ in 0..3 {
+            check(&c, &mut u, night, none, "allow");
+        }
+        check(&c, &mut u, night, none, "throttle:rate_limited");
+    }
+
+    #[test]
+    fn quota_five_per_day() {
+        let c = config("quotas: [{ id: daily, metric: inferences, limit: 5, window: day }]\n");
+        let mut u = Usage::new(1);
+        for i in 1..=5 {
+            let d = check(&c, &mut u, NOW, none, "allow");
+            assert_eq!((d.quotas[0].used, d.quotas[0].remaining), (i, 5 - i));
+        }
+        let d = check(&c, &mut u, NOW, none, "deny:quota_exceeded");
+        assert_eq!(d.quotas[0].remaining, 0);
+        assert_eq!(d.quotas[0].used, 5);
+        assert_eq!(d.quotas[0].resets_at_ms, Some(ms("2026-03-11T00:00:00Z")));
+        assert_eq!(d.reasons[0].rule, "quotas[daily]");
+        let hint = d.request_adjustment.expect("hint");
+        assert_eq!((hint.license.as_str(), hint.quota.as_str()), ("t", "daily"));
+        assert!(d.effects.increments.is_empty());
+        check(&c, &mut u, "2026-03-11T00:00:00Z", none, "allow");
+    }
+
+    #[test]
+    fn quota_throttle_until_reset() {
+        let c = config(
+            "quotas: [{ id: hourly, metric: inferences, limit: 1, window: hour, on_exceed: throttle }]\n",
+        );
+        let mut u = Usage::new(1);
+        check(&c, &mut u, "2026-03-10T10:59:00Z", none, "allow");
+        let d = check(
+            &c,
+            &mut u,
+            "2026-03-10T10:59:00Z",
+            none,
+            "throttle:quota_exceeded",
+        );
+        assert_eq!(d.retry_after_ms, Some(60_000));
+    }
+
+    #[test]
+    fn month_window_resets() {
+        let c = config("quotas: [{ id: monthly, metric: inferences, limit: 2, window: month }]\n");
+        let mut u = Usage::new(1);
+        let end_of_jan = "2026-01-31T23:00:00Z";
+        check(&c, &mut u, end_of_jan, none, "allow");
+        check(&c, &mut u, end_of_jan, none, "allow");
+        let d = check(&c, &mut u, end_of_jan, none, "deny:quota_exceeded");
+        assert_eq!(d.quotas[0].resets_at_ms, Some(ms("2026-02-01T00:00:00Z")));
+        check(&c, &mut u, "2026-02-01T00:00:00Z", none, "allow");
+        // GC drops January's counter once February is current.
+        let removed = u.gc(&c, ms("2026-02-01T00:00:00Z"));
+        assert_eq!(removed.len(), 1);
+        assert_eq!(u.n_counters(), 1);
+    }
+
+    #[test]
+    fn subject_scope_counts_separately() {
+        let c = config(
+            "quotas: [{ id: per-user, metric: inferences, limit: 1, window: day, scope: subject }]\n",
+        );
+        let mut u = Usage::new(1);
+        let who = |s: &'static str| move |r: &mut CheckRequest| r.subject = Some(s.into());
+        check(&c, &mut u, NOW, who("alice"), "allow");
+        let d = check(&c, &mut u, NOW, who("alice"), "deny:quota_exceeded");
+        assert_eq!(d.quotas[0].scope, "subject:alice");
+        check(&c, &mut u, NOW, who("bob"), "allow");
+    }
+
+    #[test]
+    fn threshold_warning() {
+        let c = config(
+            "quotas: [{ id: daily, metric: inferences, limit: 10, window: day, alert_thresholds: [0.5] }]\n",
+        );
+        let mut u = Usage::new(1);
+        for _ in 0..4 {
+            assert!(check(&c, &mut u, NOW, none, "allow").warnings.is_empty());
+        }
+        let d = check(&c, &mut u, NOW, none, "allow");
+        assert_eq!(d.warnings[0].code, "threshold_crossed");
+        assert!(check(&c, &mut u, NOW, none, "allow").warnings.is_empty());
+    }
+
+    #[test]
+    fn multi_meter_all_or_nothing() {
+        let c = config(
+            "quotas:\n  - { id: calls, metric: inferences, limit: 10, window: day }\n  - { id: toks, metric: tokens, limit: 100, window: day }\n",
+        );
+        let mut u = Usage::new(1);
+        let d = check(
+            &c,
+            &mut u,
+            NOW,
+            |r| {
+                r.meters.push(Meter {
+                    metric: "tokens".into(),
+                    quantity: 200,
+                })
+            },
+            "deny:quota_exceeded",
+        );
+        assert_eq!(d.quotas.len(), 2);
+        assert_eq!(u.n_counters(), 0);
+        let d = check(
+            &c,
+            &mut u,
+            NOW,
+            |r| {
+                r.meters.push(Meter {
+                    metric: "tokens".into(),
+                    quantity: 50,
+                })
+            },
+            "allow",
+        );
+        assert_eq!(
+            d.quotas.iter().map(|q| q.used).collect::<Vec<_>>(),
+            vec![1, 50]
+        );
+    }
+
+    #[test]
+    fn report_records_past_the_limit() {
+        let c = config("quotas: [{ id: daily, metric: inferences, limit: 1, window: day }]\n");
+        let mut u = Usage::new(1);
+        let mut req = CheckRequest::new("k", "demo-classifier", "2.1.0");
+        req.meters.push(Meter {
+            metric: "inferences".into(),
+            quantity: 3,
+        });
+        let d = u.report(&c, &req, ms(NOW), "r".into());
+        assert_eq!(d.outcome, Outcome::Allow);
+        assert_eq!(d.quotas[0].used, 3);
+        assert_eq!(d.warnings[0].code, "over_quota");
+        let dirty = u.take_dirty();
+        assert_eq!(dirty.len(), 1);
+        assert_eq!(dirty[0].1.value(), 3);
+        assert!(u.take_dirty().is_empty());
+        req.key = "nope".into();
+        assert_eq!(
+            u.report(&c, &req, ms(NOW), "r".into()).outcome,
+            Outcome::Deny
+        );
+    }
+
+    #[test]
+    fn dry_run_changes_nothing() {
+        let c = config(
+            "quotas: [{ id: daily, metric: inferences, limit: 1, window: day }]\nhardware: { max_devices: 1 }\n",
+        );
+        let mut u = Usage::new(1);
+        let before = u.clone();
+        let d = check(
+            &c,
+            &mut u,
+            NOW,
+            |r| {
+                r.dry_run = true;
+                r.hardware_id = Some("d".into());
+            },
+            "allow",
+        );
+        assert!(d.dry_run);
+        assert_eq!(u, before);
+    }
+
+    #[test]
+    fn every_failing_rule_is_reported() {
+        let c = config("status: revoked\nenvironments: [production]\n");
+        let d = check(
+            &c,
+            &mut Usage::new(1),
+            NOW,
+            |r| r.environment = Some("staging".into()),
+            "deny:license_revoked",
+        );
+        let codes: Vec<&str> = d.reasons.iter().map(|r| r.code.as_str()).collect();
+        assert_eq!(codes, vec!["license_revoked", "environment_not_allowed"]);
+    }
+}

@@ -1,0 +1,521 @@
+//! Usage state: CRDT counters, window epochs, seen devices and token buckets.
+//!
+//! This module owns the node-local mutable state that decisions read and
+//! commits write. Quota counters are G-Counters keyed by
+//! (license, quota, window epoch, scope), one slot per node, merged by
+//! per-slot max, so replicas converge whatever the delivery order. Seen
+//! devices are a grow-only set per license (merge = union). Token buckets are
+//! node-local and never replicated: rate limits are enforced per node.
+//!
+//! Persistence is a dirty-drain: after commits, call [`Usage::take_dirty`]
+//! (counters) and [`Usage::take_dirty_devices`] (device sets), write what they
+//! return, and on failure hand them back with [`Usage::restore_dirty`] /
+//! [`Usage::restore_devices_dirty`]. At start, feed stored records to
+//! [`Usage::restore`] / [`Usage::restore_devices`]. This module must not do
+//! that I/O itself nor read the clock.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use chrono::{DateTime, Datelike, NaiveDate};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::decision::{self, Decision, Outcome};
+pub use crate::license::Window;
+use crate::request::CheckRequest;
+
+const MINUTE_MS: i64 = 60_000;
+const HOUR_MS: i64 = 3_600_000;
+const DAY_MS: i64 = 86_400_000;
+
+/// A grow-only counter with one slot per node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GCounter {
+    /// Node id -> that node's running total.
+    pub slots: BTreeMap<u64, u64>,
+}
+
+impl GCounter {
+    /// Adds `by` to `node`'s slot (saturating).
+    pub fn increment(&mut self, node: u64, by: u64) {
+        let slot = self.slots.entry(node).or_insert(0);
+        *slot = slot.saturating_add(by);
+    }
+
+    /// Per-slot max; returns whether anything changed.
+    pub fn merge(&mut self, other: &GCounter) -> bool {
+        let mut changed = false;
+        for (&node, &value) in &other.slots {
+            changed |= self.apply_delta(node, value);
+        }
+        changed
+    }
+
+    /// Applies a gossip delta (node's new slot value) by max; idempotent.
+    /// Returns whether the slot grew.
+    pub fn apply_delta(&mut self, node: u64, slot_value: u64) -> bool {
+        let slot = self.slots.entry(node).or_insert(0);
+        if slot_value > *slot {
+            *slot = slot_value;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The total across nodes (saturating).
+    pub fn value(&self) -> u64 {
+        self.slots
+            .values()
+            .fold(0u64, |acc, v| acc.saturating_add(*v))
+    }
+
+    /// One node's slot.
+    pub fn slot(&self, node: u64) -> u64 {
+        self.slots.get(&node).copied().unwrap_or(0)
+    }
+}
+
+/// Identifies one counter: (license, quota, window epoch, scope value).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct CounterKey {
+    /// License id.
+    pub license: String,
+    /// Quota id.
+    pub quota: String,
+    /// Window epoch (see [`Window::epoch`]).
+    pub epoch: u64,
+    /// Scope value: "" for license scope, the subject, or the environment.
+    pub scope: String,
+}
+
+/// Why stored key bytes could not be decoded.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CounterKeyError {
+    /// Missing separator or epoch bytes.
+    #[error("counter key is truncated")]
+    Truncated,
+    /// A part is not UTF-8.
+    #[error("counter key is not UTF-8")]
+    NotUtf8,
+}
+
+impl CounterKey {
+    /// Stable byte form: `license 0x00 quota 0x00 epoch(8 bytes BE) scope`.
+    /// Ids never contain 0x00 (validated charset), and the scope comes last so
+    /// it may hold any bytes. Keys of one license share [`Self::license_prefix`].
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out =
+            Vec::with_capacity(self.license.len() + self.quota.len() + self.scope.len() + 10);
+        out.extend_from_slice(self.license.as_bytes());
+        out.push(0);
+        out.extend_from_slice(self.quota.as_bytes());
+        out.push(0);
+        out.extend_from_slice(&self.epoch.to_be_bytes());
+        out.extend_from_slice(self.scope.as_bytes());
+        out
+    }
+
+    /// The prefix every key of `license` starts with, for prefix scans.
+    pub fn license_prefix(license: &str) -> Vec<u8> {
+        let mut out = Vec::with_capacity(license.len() + 1);
+        out.extend_from_slice(license.as_bytes());
+        out.push(0);
+        out
+    }
+
+    /// Parses [`Self::to_bytes`] output.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, CounterKeyError> {
+        let license_end = bytes
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or(CounterKeyError::Truncated)?;
+        let rest = &bytes[license_end + 1..];
+        let quota_end = rest
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or(CounterKeyError::Truncated)?;
+        let after = &rest[quota_end + 1..];
+        let (epoch_bytes, scope) = after
+            .split_at_checked(8)
+            .ok_or(CounterKeyError::Truncated)?;
+        let mut epoch = [0u8; 8];
+        epoch.copy_from_slice(epoch_bytes);
+        let text = |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| CounterKeyError::NotUtf8);
+        Ok(Self {
+            license: text(&bytes[..license_end])?,
+            quota: text(&rest[..quota_end])?,
+            epoch: u64::from_be_bytes(epoch),
+            scope: text(scope)?,
+        })
+    }
+}
+
+fn month_start_ms(year: i32, month0: u32) -> Option<i64> {
+    let date = NaiveDate::from_ymd_opt(year, month0 + 1, 1)?;
+    Some(date.and_hms_opt(0, 0, 0)?.and_utc().timestamp_millis())
+}
+
+impl Window {
+    /// The window epoch containing `now_ms` (calendar aligned, UTC). Instants
+    /// before 1970 fall into epoch 0. `total` is always epoch 0.
+    pub fn epoch(self, now_ms: i64) -> u64 {
+        let raw = match self {
+            Window::Minute => now_ms.div_euclid(MINUTE_MS),
+            Window::Hour => now_ms.div_euclid(HOUR_MS),
+            Window::Day => now_ms.div_euclid(DAY_MS),
+            Window::Month => match DateTime::from_timestamp_millis(now_ms) {
+                Some(t) => i64::from(t.year() - 1970) * 12 + i64::from(t.month0()),
+                None => 0,
+            },
+            Window::Total => 0,
+        };
+        u64::try_from(raw).unwrap_or(0)
+    }
+
+    /// `[start_ms, end_ms)` of `epoch`; `end_ms` is `None` for `total` (or if
+    /// out of range).
+    pub fn bounds(self, epoch: u64) -> (i64, Option<i64>) {
+        let e = i64::try_from(epoch).unwrap_or(i64::MAX);
+        let fixed = |len: i64| {
+            let start = e.saturating_mul(len);
+            (start, start.checked_add(len))
+        };
+        match self {
+            Window::Minute => fixed(MINUTE_MS),
+            Window::Hour => fixed(HOUR_MS),
+            Window::Day => fixed(DAY_MS),
+            Window::Month => {
+                let year = |m: i64| i32::try_from(1970 + m / 12).ok();
+                let start = year(e).and_then(|y| month_start_ms(y, (e % 12) as u32));
+                let next = e.checked_add(1);
+                let end =
+                    next.and_then(|n| year(n).and_then(|y| month_start_ms(y, (n % 12) as u32)));
+                match start {
+                    Some(s) => (s, end),
+                    None => (i64::MAX, None),
+                }
+            }
+            Window::Total => (0, None),
+        }
+    }
+}
+
+/// A token bucket's state at `last_ms`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BucketState {
+    /// Tokens available at `last_ms`.
+    pub tokens: f64,
+    /// When the bucket was last updated, unix ms.
+    pub last_ms: i64,
+}
+
+/// The node-local usage state.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Usage {
+    node_id: u64,
+    counters: HashMap<CounterKey, GCounter>,
+    dirty: BTreeSet<CounterKey>,
+    devices: HashMap<String, BTreeSet<String>>,
+    dirty_devices: BTreeSet<String>,
+    // license id -> (rate limit id, state); a short Vec per license keeps the
+    // hot-path lookup allocation-free.
+    buckets: HashMap<String, Vec<(String, BucketState)>>,
+}
+
+impl Usage {
+    /// Empty state for node `node_id` (its slot in every counter).
+    pub fn new(node_id: u64) -> Self {
+        Self {
+            node_id,
+            ..Self::default()
+        }
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> u64 {
+        self.node_id
+    }
+
+    /// The counter for `key`, if any.
+    pub fn counter(&self, key: &CounterKey) -> Option<&GCounter> {
+        self.counters.get(key)
+    }
+
+    /// The total of the counter for `key` (0 when absent).
+    pub fn counter_value(&self, key: &CounterKey) -> u64 {
+        self.counters.get(key).map_or(0, GCounter::value)
+    }
+
+    /// Number of live counters.
+    pub fn n_counters(&self) -> usize {
+        self.counters.len()
+    }
+
+    /// Whether `device` has been seen on `license`.
+    pub fn knows_device(&self, license: &str, device: &str) -> bool {
+        self.devices
+            .get(license)
+            .is_some_and(|set| set.contains(device))
+    }
+
+    /// How many distinct devices `license` has used.
+    pub fn n_devices(&self, license: &str) -> usize {
+        self.devices.get(license).map_or(0, BTreeSet::len)
+    }
+
+    /// The bucket for (`license`, `rate_limit`), if it has been used.
+    pub fn bucket(&self, license: &str, rate_limit: &str) -> Option<BucketState> {
+        self.buckets
+            .get(license)?
+            .iter()
+            .find(|(id, _)| id == rate_limit)
+            .map(|(_, s)| *s)
+    }
+
+    /// Applies the effects of an allowed, non-dry-run decision; otherwise a no-op.
+    pub fn commit(&mut self, decision: &Decision) {
+        if decision.outcome != Outcome::Allow || decision.dry_run {
+            return;
+        }
+        let effects = &decision.effects;
+        for (key, by) in &effects.increments {
+            match self.counters.get_mut(key) {
+                Some(counter) => counter.increment(self.node_id, *by),
+                None => {
+                    let mut counter = GCounter::default();
+                    counter.increment(self.node_id, *by);
+                    self.counters.insert(key.clone(), counter);
+                }
+            }
+            if !self.dirty.contains(key) {
+                self.dirty.insert(key.clone());
+            }
+        }
+        if let Some((license, device)) = &effects.new_device
+            && self
+                .devices
+                .entry(license.clone())
+                .or_default()
+                .insert(device.clone())
+        {
+            self.dirty_devices.insert(license.clone());
+        }
+        for (license, rate_limit, state) in &effects.buckets {
+            let list = self.buckets.entry(license.clone()).or_default();
+            match list.iter_mut().find(|(id, _)| id == rate_limit) {
+                Some((_, s)) => *s = *state,
+                None => list.push((rate_limit.clone(), *state)),
+            }
+        }
+    }
+
+    /// Decides and, if allowed, commits. The hot path.
+    pub fn check(
+        &mut self,
+        config: &Config,
+        req: &CheckRequest,
+        now_ms: i64,
+        decision_id: String,
+    ) -> Decision {
+        let decision = decision::decide(config, self, req, now_ms, decision_id);
+        self.commit(&decision);
+        decision
+    }
+
+    /// Post-inference metering: authenticity and status are checked, then the
+    /// meters are always recorded, even past a limit (the use already
+    /// happened); going over yields `over_quota` warnings, not a denial.
+    pub fn report(
+        &mut self,
+        config: &Config,
+        req: &CheckRequest,
+        now_ms: i64,
+        decision_id: String,
+    ) -> Decision {
+        let decision = decision::decide_report(config, self, req, now_ms, decision_id);
+        self.commit(&decision);
+        decision
+    }
+
+    /// Counters changed since the last call, with their full state, for
+    /// batched persistence and gossip.
+    pub fn take_dirty(&mut self) -> Vec<(CounterKey, GCounter)> {
+        let dirty = std::mem::take(&mut self.dirty);
+        dirty
+            .into_iter()
+            .filter_map(|key| self.counters.get(&key).cloned().map(|c| (key, c)))
+            .collect()
+    }
+
+    /// Merges a stored counter at start-up (not marked dirty).
+    pub fn restore(&mut self, key: CounterKey, counter: GCounter) {
+        self.counters.entry(key).or_default().merge(&counter);
+    }
+
+    /// Merges a counter and marks it dirty again: hand back what
+    /// [`Self::take_dirty`] returned when writing it failed.
+    pub fn restore_dirty(&mut self, key: CounterKey, counter: GCounter) {
+        self.counters
+            .entry(key.clone())
+            .or_default()
+            .merge(&counter);
+        self.dirty.insert(key);
+    }
+
+    /// Merges a counter received from a peer; marked dirty if it changed, so
+    /// peers' progress is persisted too. Returns whether it changed.
+    pub fn merge_remote(&mut self, key: CounterKey, counter: &GCounter) -> bool {
+        let changed = self.counters.entry(key.clone()).or_default().merge(counter);
+        if changed {
+            self.dirty.insert(key);
+        }
+        changed
+    }
+
+    /// Applies a single-slot gossip delta; returns whether it changed anything.
+    pub fn apply_delta(&mut self, key: CounterKey, node: u64, slot_value: u64) -> bool {
+        let changed = self
+            .counters
+            .entry(key.clone())
+            .or_default()
+            .apply_delta(node, slot_value);
+        if changed {
+            self.dirty.insert(key);
+        }
+        changed
+    }
+
+    /// Device sets changed since the last call: (license id, all its devices).
+    pub fn take_dirty_devices(&mut self) -> Vec<(String, Vec<String>)> {
+        let dirty = std::mem::take(&mut self.dirty_devices);
+        dirty
+            .into_iter()
+            .filter_map(|license| {
+                let devices = self.devices.get(&license)?.iter().cloned().collect();
+                Some((license, devices))
+            })
+            .collect()
+    }
+
+    /// Unions stored devices into `license`'s set at start-up (or from a peer).
+    pub fn restore_devices(&mut self, license: String, devices: Vec<String>) {
+        self.devices.entry(license).or_default().extend(devices);
+    }
+
+    /// Like [`Self::restore_devices`] but marks the set dirty again.
+    pub fn restore_devices_dirty(&mut self, license: String, devices: Vec<String>) {
+        self.dirty_devices.insert(license.clone());
+        self.restore_devices(license, devices);
+    }
+
+    /// Drops counters whose window epoch is older than the current one, and
+    /// counters of licenses or quotas no longer configured. `total` windows
+    /// are never dropped. Returns the removed keys (delete them from storage).
+    pub fn gc(&mut self, config: &Config, now_ms: i64) -> Vec<CounterKey> {
+        let mut removed = Vec::new();
+        self.counters.retain(|key, _| {
+            let window = config
+                .license(&key.license)
+                .and_then(|l| l.quotas.iter().find(|q| q.id == key.quota))
+                .map(|q| q.window);
+            let keep = match window {
+                Some(Window::Total) => true,
+                Some(w) => key.epoch >= w.epoch(now_ms),
+                None => false,
+            };
+            if !keep {
+                removed.push(key.clone());
+            }
+            keep
+        });
+        for key in &removed {
+            self.dirty.remove(key);
+        }
+        self.buckets
+            .retain(|license, _| config.license(license).is_some());
+        removed.sort();
+        removed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(text: &str) -> i64 {
+        DateTime::parse_from_rfc3339(text)
+            .unwrap()
+            .timestamp_millis()
+    }
+
+    #[test]
+    fn windows_are_calendar_aligned() {
+        let now = ms("2026-02-14T13:45:10Z");
+        let (start, end) = Window::Day.bounds(Window::Day.epoch(now));
+        assert_eq!(
+            (start, end),
+            (ms("2026-02-14T00:00:00Z"), Some(ms("2026-02-15T00:00:00Z")))
+        );
+        let (start, end) = Window::Month.bounds(Window::Month.epoch(now));
+        assert_eq!(
+            (start, end),
+            (ms("2026-02-01T00:00:00Z"), Some(ms("2026-03-01T00:00:00Z")))
+        );
+        let dec = ms("2025-12-31T23:59:59Z");
+        assert_eq!(
+            Window::Month.bounds(Window::Month.epoch(dec)).1,
+            Some(ms("2026-01-01T00:00:00Z"))
+        );
+        let (start, end) = Window::Hour.bounds(Window::Hour.epoch(now));
+        assert_eq!(
+            (start, end),
+            (ms("2026-02-14T13:00:00Z"), Some(ms("2026-02-14T14:00:00Z")))
+        );
+        assert_eq!(
+            Window::Minute.bounds(Window::Minute.epoch(now)).0,
+            ms("2026-02-14T13:45:00Z")
+        );
+        assert_eq!(Window::Total.epoch(now), 0);
+        assert_eq!(Window::Total.bounds(0), (0, None));
+        assert_eq!(Window::Day.epoch(-5), 0);
+        // No panic on extremes.
+        let _ = Window::Month.bounds(u64::MAX);
+        let _ = Window::Day.bounds(u64::MAX);
+        let _ = Window::Month.epoch(i64::MAX);
+    }
+
+    #[test]
+    fn counter_key_bytes_round_trip() {
+        let key = CounterKey {
+            license: "demo".into(),
+            quota: "daily".into(),
+            epoch: 20_000,
+            scope: "a\0b".into(),
+        };
+        let bytes = key.to_bytes();
+        assert!(bytes.starts_with(&CounterKey::license_prefix("demo")));
+        assert_eq!(CounterKey::from_bytes(&bytes), Ok(key));
+        assert_eq!(
+            CounterKey::from_bytes(b"x"),
+            Err(CounterKeyError::Truncated)
+        );
+        assert_eq!(
+            CounterKey::from_bytes(b"a\x00b\x00123"),
+            Err(CounterKeyError::Truncated)
+        );
+    }
+
+    #[test]
+    fn gcounter_basics() {
+        let mut a = GCounter::default();
+        a.increment(1, 5);
+        let mut b = GCounter::default();
+        b.increment(2, 3);
+        assert!(a.merge(&b));
+        assert_eq!(a.value(), 8);
+        assert!(!a.apply_delta(1, 4));
+        assert_eq!(a.slot(1), 5);
+        assert_eq!(a.slot(9), 0);
+    }
+}
