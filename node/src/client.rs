@@ -1,0 +1,180 @@
+//! The CLI's client side: finding the node and token, calling the admin and
+//! edge gRPC APIs, and printing results as tables or JSON.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use tollgate_proto::v1 as pb;
+use tollgate_proto::v1::admin_client::AdminClient;
+use tollgate_proto::v1::edge_client::EdgeClient;
+use tonic::Request;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::api::{DecisionJson, proto_to_json};
+use crate::bench::endpoint_uri;
+use crate::up::ClusterFile;
+
+/// Where the CLI looks for a cluster when no address is given.
+pub const DEFAULT_DATA_DIR: &str = "tollgate-data";
+
+/// Connection options shared by every client subcommand.
+#[derive(Debug, Clone, Default)]
+pub struct Target {
+    /// gRPC address, from `--addr` / `TOLLGATE_ADDR`.
+    pub addr: Option<String>,
+    /// Admin token, from `--token` / `TOLLGATE_TOKEN`.
+    pub token: Option<String>,
+    /// Data dir whose cluster.json to read when addr or token are missing.
+    pub data_dir: PathBuf,
+}
+
+impl Target {
+    fn cluster(&self) -> Option<ClusterFile> {
+        ClusterFile::read(&self.data_dir).ok()
+    }
+
+    /// The gRPC URI to call.
+    pub fn uri(&self) -> anyhow::Result<String> {
+        if let Some(a) = &self.addr {
+            return Ok(endpoint_uri(a));
+        }
+        let cluster = self.cluster().with_context(|| {
+            format!(
+                "no --addr or TOLLGATE_ADDR given and no {} found",
+                self.data_dir.join("cluster.json").display()
+            )
+        })?;
+        let node = cluster
+            .nodes
+            .first()
+            .context("cluster.json lists no nodes")?;
+        Ok(endpoint_uri(&node.grpc_addr))
+    }
+
+    /// The admin token to send.
+    pub fn token(&self) -> anyhow::Result<String> {
+        if let Some(t) = &self.token {
+            return Ok(t.trim().to_string());
+        }
+        let cluster = self
+            .cluster()
+            .context("no --token or TOLLGATE_TOKEN given and no cluster.json found")?;
+        read_token(&cluster.admin_token_file)
+    }
+
+    async fn channel(&self) -> anyhow::Result<Channel> {
+        let uri = self.uri()?;
+        Endpoint::from_shared(uri.clone())?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {uri}"))
+    }
+
+    /// An edge client.
+    pub async fn edge(&self) -> anyhow::Result<EdgeClient<Channel>> {
+        Ok(EdgeClient::new(self.channel().await?))
+    }
+
+    /// An admin client and the bearer header value.
+    pub async fn admin(
+        &self,
+    ) -> anyhow::Result<(AdminClient<Channel>, MetadataValue<tonic::metadata::Ascii>)> {
+        let token = self.token()?;
+        let header: MetadataValue<_> = format!("Bearer {token}")
+            .parse()
+            .context("token is not valid ASCII")?;
+        Ok((AdminClient::new(self.channel().await?), header))
+    }
+}
+
+/// Reads a token file.
+pub fn read_token(path: &Path) -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string(path)
+        .with_context(|| format!("reading token file {}", path.display()))?
+        .trim()
+        .to_string())
+}
+
+/// Wraps a message with the admin bearer token.
+pub fn authed<T>(msg: T, header: &MetadataValue<tonic::metadata::Ascii>) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut().insert("authorization", header.clone());
+    req
+}
+
+/// Turns a gRPC status into a readable error.
+pub fn status_err(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+/// Renders a decision as a human table.
+pub fn render_decision(d: &DecisionJson) -> String {
+    let mut out = String::new();
+    out.push_str(&format!("decision        {}\n", d.decision));
+    out.push_str(&format!("message         {}\n", d.message));
+    if let Some(l) = &d.license_id {
+        out.push_str(&format!("license         {l}\n"));
+    }
+    out.push_str(&format!("policy version  {}\n", d.policy_version));
+    out.push_str(&format!("decision id     {}\n", d.decision_id));
+    if let Some(ms) = d.retry_after_ms {
+        out.push_str(&format!("retry after     {ms} ms\n"));
+    }
+    if d.dry_run {
+        out.push_str("dry run         yes (nothing consumed)\n");
+    }
+    if !d.reasons.is_empty() {
+        out.push_str("\nREASON                       RULE                         MESSAGE\n");
+        for r in &d.reasons {
+            out.push_str(&format!("{:<28} {:<28} {}\n", r.code, r.rule, r.message));
+        }
+    }
+    if !d.quotas.is_empty() {
+        out.push_str(
+            "\nQUOTA            METRIC         USED/LIMIT             REMAINING    RESETS AT\n",
+        );
+        for q in &d.quotas {
+            out.push_str(&format!(
+                "{:<16} {:<14} {:<22} {:<12} {}\n",
+                q.quota,
+                q.metric,
+                format!("{}/{}", q.used, q.limit),
+                q.remaining,
+                q.resets_at.as_deref().unwrap_or("never")
+            ));
+        }
+    }
+    if !d.warnings.is_empty() {
+        out.push_str("\nWARNINGS\n");
+        for w in &d.warnings {
+            out.push_str(&format!("  {:<24} {}\n", w.code, w.message));
+        }
+    }
+    if let Some(a) = &d.request_adjustment {
+        out.push_str(&format!(
+            "\nneed more? {} (license {}, quota {})\n",
+            a.message, a.license, a.quota
+        ));
+    }
+    out
+}
+
+/// Sends a Check (or Report) and returns the decision as JSON shape.
+pub async fn check(
+    target: &Target,
+    req: pb::CheckRequest,
+    report: bool,
+) -> anyhow::Result<DecisionJson> {
+    let mut edge = target.edge().await?;
+    let resp = if report {
+        edge.report(req).await
+    } else {
+        edge.check(req).await
+    };
+    Ok(proto_to_json(&resp.map_err(status_err)?.into_inner()))
+}

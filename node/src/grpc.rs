@@ -1,0 +1,188 @@
+//! The gRPC services: `tollgate.v1.Edge` and `tollgate.v1.Admin`.
+//!
+//! Thin adapters: decode, call `NodeState` or `admin`, encode. Bad input
+//! becomes INVALID_ARGUMENT and changes nothing.
+
+use std::sync::Arc;
+
+use tollgate_proto::v1 as pb;
+use tollgate_proto::v1::admin_server::Admin;
+use tollgate_proto::v1::edge_server::Edge;
+use tonic::{Request, Response, Status};
+
+use crate::admin;
+use crate::api::{self, ApiError};
+use crate::state::NodeState;
+
+/// The edge service.
+#[derive(Clone)]
+pub struct EdgeService {
+    state: Arc<NodeState>,
+}
+
+impl EdgeService {
+    /// Wraps the node state.
+    pub fn new(state: Arc<NodeState>) -> Self {
+        Self { state }
+    }
+}
+
+#[tonic::async_trait]
+impl Edge for EdgeService {
+    async fn check(
+        &self,
+        req: Request<pb::CheckRequest>,
+    ) -> Result<Response<pb::CheckResponse>, Status> {
+        let req = api::check_from_proto(req.into_inner());
+        let d = self
+            .state
+            .check(&req)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(api::decision_to_proto(&d)))
+    }
+
+    async fn report(
+        &self,
+        req: Request<pb::CheckRequest>,
+    ) -> Result<Response<pb::CheckResponse>, Status> {
+        let req = api::check_from_proto(req.into_inner());
+        let d = self
+            .state
+            .report(&req)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(api::decision_to_proto(&d)))
+    }
+}
+
+/// The admin service.
+#[derive(Clone)]
+pub struct AdminService {
+    state: Arc<NodeState>,
+}
+
+impl AdminService {
+    /// Wraps the node state.
+    pub fn new(state: Arc<NodeState>) -> Self {
+        Self { state }
+    }
+
+    fn actor<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let header = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        self.state
+            .authorize_admin(header)
+            .ok_or_else(|| ApiError::Unauthenticated.into())
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn apply(
+        &self,
+        req: Request<pb::ApplyRequest>,
+    ) -> Result<Response<pb::ApplyResponse>, Status> {
+        let actor = self.actor(&req)?;
+        let r = req.into_inner();
+        let applied = admin::apply_documents(&self.state, &actor, &r.document, &r.reason).await?;
+        let version = applied.iter().map(|a| a.version).max().unwrap_or(0);
+        Ok(Response::new(pb::ApplyResponse {
+            applied: applied
+                .into_iter()
+                .map(|a| pb::AppliedDocument {
+                    kind: a.kind.to_string(),
+                    id: a.id,
+                    version: a.version,
+                })
+                .collect(),
+            version,
+        }))
+    }
+
+    async fn put_license(
+        &self,
+        req: Request<pb::PutLicenseRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        let actor = self.actor(&req)?;
+        let r = req.into_inner();
+        let version =
+            admin::put_license(&self.state, &actor, &r.id, &r.document, &r.reason).await?;
+        Ok(Response::new(pb::WriteResponse { version }))
+    }
+
+    async fn get_license(
+        &self,
+        req: Request<pb::GetLicenseRequest>,
+    ) -> Result<Response<pb::LicenseResponse>, Status> {
+        self.actor(&req)?;
+        let (lic, version) = admin::get_license(&self.state, &req.into_inner().id)?;
+        let license_json = serde_json::to_string_pretty(&*lic)
+            .map_err(|e| Status::from(ApiError::Internal(e.to_string())))?;
+        Ok(Response::new(pb::LicenseResponse {
+            license_json,
+            version,
+        }))
+    }
+
+    async fn list_licenses(
+        &self,
+        req: Request<pb::ListLicensesRequest>,
+    ) -> Result<Response<pb::ListLicensesResponse>, Status> {
+        self.actor(&req)?;
+        let config = self.state.config();
+        let licenses = config
+            .licenses
+            .values()
+            .map(|l| admin::summary(l))
+            .collect();
+        Ok(Response::new(pb::ListLicensesResponse {
+            licenses,
+            version: config.version,
+        }))
+    }
+
+    async fn revoke_license(
+        &self,
+        req: Request<pb::RevokeLicenseRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        let actor = self.actor(&req)?;
+        let r = req.into_inner();
+        let version = admin::revoke(&self.state, &actor, &r.id, &r.reason).await?;
+        Ok(Response::new(pb::WriteResponse { version }))
+    }
+
+    async fn issue_key(
+        &self,
+        req: Request<pb::IssueKeyRequest>,
+    ) -> Result<Response<pb::IssueKeyResponse>, Status> {
+        let actor = self.actor(&req)?;
+        let r = req.into_inner();
+        let k = admin::issue_key(&self.state, &actor, &r.license_id, &r.name, &r.reason).await?;
+        Ok(Response::new(pb::IssueKeyResponse {
+            key: k.key,
+            key_id: k.key_id,
+            version: k.version,
+        }))
+    }
+
+    async fn put_model(
+        &self,
+        req: Request<pb::PutModelRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        let actor = self.actor(&req)?;
+        let r = req.into_inner();
+        let version = admin::put_model(&self.state, &actor, &r.id, &r.document, &r.reason).await?;
+        Ok(Response::new(pb::WriteResponse { version }))
+    }
+
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        self.actor(&req)?;
+        Ok(Response::new(pb::StatusResponse {
+            status_json: self.state.status_json().to_string(),
+        }))
+    }
+}

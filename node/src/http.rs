@@ -1,0 +1,268 @@
+//! The HTTP/JSON API: the edge endpoints (`/v1/check`, `/v1/report`), the
+//! admin endpoints (`/v1/licenses`, `/v1/models`, `/v1/apply`) and status.
+//!
+//! Same contract as gRPC (see `api`): snake_case fields, the same reason
+//! codes. Bodies over `MAX_BODY_BYTES` get 413; malformed ones get 400 with
+//! a reason; a missing or wrong admin token gets 401. None of them changes
+//! state.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use serde::Deserialize;
+
+use crate::admin;
+use crate::api::{self, ApiError, DecisionJson};
+use crate::settings::MAX_BODY_BYTES;
+use crate::state::NodeState;
+
+type AppState = Arc<NodeState>;
+
+/// Builds the HTTP router for one node.
+pub fn router(state: Arc<NodeState>) -> Router {
+    Router::new()
+        .route("/v1/check", post(check))
+        .route("/v1/report", post(report))
+        .route("/v1/apply", post(apply))
+        .route("/v1/licenses", get(list_licenses))
+        .route("/v1/licenses/{id}", put(put_license).get(get_license))
+        .route("/v1/licenses/{id}/revoke", post(revoke))
+        .route("/v1/licenses/{id}/keys", post(issue_key))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{id}", put(put_model))
+        .route("/v1/status", get(status))
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = serde_json::json!({"error": {"code": self.code(), "message": self.to_string()}});
+        (status, axum::Json(body)).into_response()
+    }
+}
+
+fn decision_response(d: &tollgate_quota::decision::Decision) -> Response {
+    let json = DecisionJson::from(d);
+    let retry = json.retry_after_ms;
+    let mut resp = axum::Json(json).into_response();
+    if let Some(ms) = retry {
+        // Retry-After is in whole seconds; round up so a client never retries early.
+        let secs = ms.div_ceil(1000).max(1);
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+    }
+    resp
+}
+
+async fn check(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let req = api::parse_check_json(&body, state.strict_fields)?;
+    let d = state
+        .check(&req)
+        .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+    Ok(decision_response(&d))
+}
+
+async fn report(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let req = api::parse_check_json(&body, state.strict_fields)?;
+    let d = state
+        .report(&req)
+        .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+    Ok(decision_response(&d))
+}
+
+fn actor(state: &NodeState, headers: &HeaderMap) -> Result<String, ApiError> {
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    state.authorize_admin(auth).ok_or(ApiError::Unauthenticated)
+}
+
+fn body_text(body: &Bytes) -> Result<&str, ApiError> {
+    std::str::from_utf8(body).map_err(|_| ApiError::InvalidArgument("body is not UTF-8".into()))
+}
+
+/// The change reason: `?reason=` or the `x-tollgate-reason` header.
+fn reason(query: &HashMap<String, String>, headers: &HeaderMap) -> String {
+    query
+        .get("reason")
+        .cloned()
+        .or_else(|| {
+            headers
+                .get("x-tollgate-reason")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
+}
+
+async fn apply(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let actor = actor(&state, &headers)?;
+    let applied =
+        admin::apply_documents(&state, &actor, body_text(&body)?, &reason(&q, &headers)).await?;
+    let version = applied.iter().map(|a| a.version).max().unwrap_or(0);
+    Ok(axum::Json(serde_json::json!({"applied": applied, "version": version})).into_response())
+}
+
+async fn put_license(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let actor = actor(&state, &headers)?;
+    let version = admin::put_license(
+        &state,
+        &actor,
+        &id,
+        body_text(&body)?,
+        &reason(&q, &headers),
+    )
+    .await?;
+    Ok(axum::Json(serde_json::json!({"id": id, "version": version})).into_response())
+}
+
+async fn get_license(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    actor(&state, &headers)?;
+    let (lic, version) = admin::get_license(&state, &id)?;
+    Ok(axum::Json(serde_json::json!({"license": &*lic, "version": version})).into_response())
+}
+
+async fn list_licenses(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    actor(&state, &headers)?;
+    let config = state.config();
+    let licenses: Vec<_> = config
+        .licenses
+        .values()
+        .map(|l| {
+            let s = admin::summary(l);
+            serde_json::json!({
+                "id": s.id, "customer": s.customer, "tier": s.tier, "status": s.status,
+                "n_keys": s.n_keys, "n_quotas": s.n_quotas,
+            })
+        })
+        .collect();
+    Ok(
+        axum::Json(serde_json::json!({"licenses": licenses, "version": config.version}))
+            .into_response(),
+    )
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionBody {
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    name: String,
+}
+
+fn action_body(body: &Bytes) -> Result<ActionBody, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(ActionBody::default());
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::InvalidArgument(format!("invalid body: {e}")))
+}
+
+async fn revoke(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let actor = actor(&state, &headers)?;
+    let b = action_body(&body)?;
+    let why = if b.reason.is_empty() {
+        reason(&q, &headers)
+    } else {
+        b.reason
+    };
+    let version = admin::revoke(&state, &actor, &id, &why).await?;
+    Ok(
+        axum::Json(serde_json::json!({"id": id, "status": "revoked", "version": version}))
+            .into_response(),
+    )
+}
+
+async fn issue_key(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let actor = actor(&state, &headers)?;
+    let b = action_body(&body)?;
+    let why = if b.reason.is_empty() {
+        reason(&q, &headers)
+    } else {
+        b.reason
+    };
+    let k = admin::issue_key(&state, &actor, &id, &b.name, &why).await?;
+    Ok(axum::Json(serde_json::json!({
+        "license": id, "key": k.key, "key_id": k.key_id, "version": k.version,
+        "note": "store this key now: it is not shown again",
+    }))
+    .into_response())
+}
+
+async fn list_models(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    actor(&state, &headers)?;
+    let config = state.config();
+    let models: Vec<_> = config.models.values().map(|m| &**m).collect();
+    Ok(
+        axum::Json(serde_json::json!({"models": models, "version": config.version}))
+            .into_response(),
+    )
+}
+
+async fn put_model(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let actor = actor(&state, &headers)?;
+    let version = admin::put_model(
+        &state,
+        &actor,
+        &id,
+        body_text(&body)?,
+        &reason(&q, &headers),
+    )
+    .await?;
+    Ok(axum::Json(serde_json::json!({"id": id, "version": version})).into_response())
+}
+
+async fn status(State(state): State<AppState>) -> Response {
+    axum::Json(state.status_json()).into_response()
+}

@@ -1,0 +1,18 @@
+//! The Tollgate node: the server process and the `tollgate` CLI.
+//!
+//! This crate is the adapter around the sans-I/O core: it owns sockets,
+//! tasks, the clock and storage, and calls `tollgate_quota` for every
+//! decision and `tollgate_consensus` for every config write. Business rules
+//! do not live here.
+
+pub mod admin;
+pub mod api;
+pub mod bench;
+pub mod client;
+pub mod grpc;
+pub mod http;
+pub mod persist;
+pub mod server;
+pub mod settings;
+pub mod state;
+pub mod up;

@@ -1,0 +1,122 @@
+//! The `tollgate` binary as a real process: `up`, SIGKILL, `up` again.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+
+const DEMO_TINY: &str = r#"{"key":"tg_demo_tiny","model":"demo-classifier","model_version":"2.1.0","environment":"production","region":"local-a","meters":[{"metric":"inferences","quantity":1}]}"#;
+
+fn spawn_up(dir: &Path) -> anyhow::Result<Child> {
+    Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["up", "--data-dir"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawning tollgate up")
+}
+
+/// Polls until `<dir>/cluster.json`, written after `since`, names a node
+/// whose /healthz answers.
+async fn wait_ready(
+    dir: &Path,
+    client: &reqwest::Client,
+    since: SystemTime,
+) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        anyhow::ensure!(Instant::now() < deadline, "node did not become ready");
+        let path = dir.join("cluster.json");
+        let fresh = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .map(|m| m >= since)
+            .unwrap_or(false);
+        if fresh {
+            let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+            let http = format!(
+                "http://{}",
+                v["nodes"][0]["http_addr"].as_str().unwrap_or_default()
+            );
+            if let Ok(r) = client.get(format!("{http}/healthz")).send().await
+                && r.status().is_success()
+            {
+                return Ok(http);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn check(client: &reqwest::Client, http: &str) -> anyhow::Result<serde_json::Value> {
+    Ok(client
+        .post(format!("{http}/v1/check"))
+        .body(DEMO_TINY)
+        .send()
+        .await?
+        .json()
+        .await?)
+}
+
+#[tokio::test]
+async fn usage_survives_sigkill_and_restart_and_sigint_stops_cleanly() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let client = reqwest::Client::new();
+    let started = SystemTime::now() - Duration::from_secs(1);
+    let mut child = spawn_up(dir.path())?;
+    let http = wait_ready(dir.path(), &client, started).await?;
+    for i in 1..=5 {
+        let d = check(&client, &http).await?;
+        assert_eq!(d["decision"], "allow", "check {i}: {d}");
+    }
+    let d = check(&client, &http).await?;
+    assert_eq!(d["decision"], "deny", "check 6: {d}");
+    assert_eq!(d["reasons"][0]["code"], "quota_exceeded");
+
+    // The documented loss window is one flush interval: wait until the node
+    // says the accepted usage is on disk, then kill it without warning.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s: serde_json::Value = client
+            .get(format!("{http}/v1/status"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        if s["usage"]["unflushed"] == false {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "usage never flushed: {s}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.kill()?; // SIGKILL
+    child.wait()?;
+
+    let restarted = SystemTime::now() - Duration::from_secs(1);
+    let mut child = spawn_up(dir.path())?;
+    let http = wait_ready(dir.path(), &client, restarted).await?;
+    let d = check(&client, &http).await?;
+    assert_eq!(d["decision"], "deny", "check 7 after SIGKILL: {d}");
+    assert_eq!(d["reasons"][0]["code"], "quota_exceeded");
+    assert_eq!(d["quotas"][0]["used"], 5);
+
+    // Ctrl-C (SIGINT) stops the node cleanly.
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()?;
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            child.kill()?;
+            anyhow::bail!("node did not stop on SIGINT");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "exit status {exit}");
+    Ok(())
+}

@@ -1,0 +1,110 @@
+//! Shared helpers for Tollgate's cross-crate tests: start a real node on
+//! loopback ports chosen by the OS, talk to it over HTTP and gRPC.
+
+use std::path::Path;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tollgate_node::server::{self, RunningNode};
+use tollgate_node::settings::NodeSettings;
+use tollgate_node::up::{QUICKSTART_YAML, ensure_admin_token};
+
+/// A node under test and what a client needs to reach it.
+pub struct TestNode {
+    /// The running node.
+    pub node: RunningNode,
+    /// `http://127.0.0.1:PORT`.
+    pub http: String,
+    /// `http://127.0.0.1:PORT` for gRPC.
+    pub grpc: String,
+    /// The admin token.
+    pub token: String,
+    /// A reusable HTTP client.
+    pub client: reqwest::Client,
+}
+
+impl TestNode {
+    /// Starts a node in `dir` with the quickstart documents applied.
+    pub async fn start(dir: &Path) -> anyhow::Result<Self> {
+        let token_file = dir.join("admin.token");
+        ensure_admin_token(&token_file)?;
+        let grpc = TcpListener::bind("127.0.0.1:0").await?;
+        let http = TcpListener::bind("127.0.0.1:0").await?;
+        let mut settings = NodeSettings::local(1, dir, grpc.local_addr()?, http.local_addr()?);
+        settings.admin_token_file = token_file.clone();
+        let node =
+            server::start_with_listeners(settings, grpc, http, Some(QUICKSTART_YAML.to_string()))
+                .await
+                .context("starting node")?;
+        let token = std::fs::read_to_string(&token_file)?.trim().to_string();
+        Ok(Self {
+            http: format!("http://{}", node.http_addr),
+            grpc: format!("http://{}", node.grpc_addr),
+            node,
+            token,
+            client: reqwest::Client::new(),
+        })
+    }
+
+    /// POSTs a JSON body to `path` and returns (status, JSON body).
+    pub async fn post(&self, path: &str, body: &str) -> anyhow::Result<(u16, serde_json::Value)> {
+        let r = self
+            .client
+            .post(format!("{}{path}", self.http))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        let text = r.text().await?;
+        Ok((
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        ))
+    }
+
+    /// Sends an admin request with `token` (None: no Authorization header).
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: &str,
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
+        let mut req = self
+            .client
+            .request(method, format!("{}{path}", self.http))
+            .body(body.to_string());
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let r = req.send().await?;
+        let status = r.status().as_u16();
+        let text = r.text().await?;
+        Ok((
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        ))
+    }
+
+    /// The node's config version (policy version) as reported by status.
+    pub async fn version(&self) -> anyhow::Result<u64> {
+        let v: serde_json::Value = self
+            .client
+            .get(format!("{}/v1/status", self.http))
+            .send()
+            .await?
+            .json()
+            .await?;
+        v["policy_version"]
+            .as_u64()
+            .context("status without policy_version")
+    }
+}
+
+/// The README's demo Check body, with `key` swapped in.
+pub fn demo_check(key: &str) -> String {
+    format!(
+        r#"{{"key":"{key}","model":"demo-classifier","model_version":"2.1.0","environment":"production","region":"local-a","meters":[{{"metric":"inferences","quantity":1}}]}}"#
+    )
+}

@@ -1,0 +1,7 @@
+//! The edge and admin APIs over real loopback sockets, one in-process node
+//! per test.
+
+mod t10_check;
+mod t20_quota;
+mod t30_bad_input;
+mod t40_admin;

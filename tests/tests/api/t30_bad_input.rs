@@ -1,0 +1,81 @@
+use tollgate_tests::{TestNode, demo_check};
+
+/// demo-tiny's remaining quota as a dry run sees it (proves the node serves).
+async fn remaining(n: &TestNode) -> anyhow::Result<serde_json::Value> {
+    let dry = demo_check("tg_demo_tiny").replace("\"meters\"", "\"dry_run\":true,\"meters\"");
+    let (ok, after) = n.post("/v1/check", &dry).await?;
+    assert_eq!(ok, 200, "{after}");
+    Ok(after["quotas"][0]["remaining"].clone())
+}
+
+/// Sends `body` to /v1/check and expects `status`; then proves the node still
+/// serves and that demo-tiny's usage did not move.
+async fn check(n: &TestNode, body: &str, status: u16, needle: &str) -> anyhow::Result<()> {
+    let before = remaining(n).await?;
+    let (got, resp) = n.post("/v1/check", body).await?;
+    assert_eq!(got, status, "body {body:.200}: {resp}");
+    if !needle.is_empty() {
+        assert!(
+            resp.to_string().contains(needle),
+            "expected `{needle}` in {resp}"
+        );
+    }
+    assert_eq!(remaining(n).await?, before, "bad input changed usage");
+    Ok(())
+}
+
+#[tokio::test]
+async fn malformed_requests_get_400_with_a_reason_and_change_nothing() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let n = TestNode::start(dir.path()).await?;
+    let good = demo_check("tg_demo_tiny");
+    check(
+        &n,
+        &good.replace(r#""model":"demo-classifier","#, ""),
+        400,
+        "model",
+    )
+    .await?;
+    check(
+        &n,
+        &good.replace(r#""quantity":1"#, r#""quantity":-3"#),
+        400,
+        "quantity",
+    )
+    .await?;
+    check(
+        &n,
+        &good.replace(r#""quantity":1"#, r#""quantity":1000000000000000"#),
+        400,
+        "quantity",
+    )
+    .await?;
+    check(
+        &n,
+        &good.replace(r#""quantity":1"#, r#""quantity":0"#),
+        400,
+        "quantity",
+    )
+    .await?;
+    let meters: Vec<String> = (0..17)
+        .map(|i| format!(r#"{{"metric":"m{i}","quantity":1}}"#))
+        .collect();
+    let many = good.replace(
+        r#"[{"metric":"inferences","quantity":1}]"#,
+        &format!("[{}]", meters.join(",")),
+    );
+    check(&n, &many, 400, "meters").await?;
+    check(
+        &n,
+        &good.replace(r#""region""#, r#""regoin""#),
+        400,
+        "regoin",
+    )
+    .await?;
+    check(&n, "{not json", 400, "JSON").await?;
+    check(&n, "[1,2,3]", 400, "object").await?;
+    let huge = format!(r#"{{"key":"{}"}}"#, "x".repeat(1024 * 1024));
+    let (status, _) = n.post("/v1/check", &huge).await?;
+    assert!(status == 413 || status == 400, "1 MiB body got {status}");
+    n.node.shutdown().await
+}

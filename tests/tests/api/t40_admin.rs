@@ -1,0 +1,97 @@
+use reqwest::Method;
+use tollgate_tests::{TestNode, demo_check};
+
+#[tokio::test]
+async fn missing_or_wrong_token_gets_401_and_changes_nothing() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let n = TestNode::start(dir.path()).await?;
+    let before = n.version().await?;
+    let (s, _) = n
+        .admin(Method::POST, "/v1/licenses/demo/revoke", None, "")
+        .await?;
+    assert_eq!(s, 401);
+    let (s, body) = n
+        .admin(
+            Method::POST,
+            "/v1/licenses/demo/revoke",
+            Some("tga_wrong"),
+            "",
+        )
+        .await?;
+    assert_eq!(s, 401, "{body}");
+    assert_eq!(body["error"]["code"], "unauthenticated");
+    let (s, _) = n.admin(Method::GET, "/v1/licenses", None, "").await?;
+    assert_eq!(s, 401);
+    assert_eq!(n.version().await?, before);
+    let (_, body) = n.post("/v1/check", &demo_check("tg_demo_key")).await?;
+    assert_eq!(body["decision"], "allow", "{body}");
+    n.node.shutdown().await
+}
+
+#[tokio::test]
+async fn malformed_license_is_rejected_with_field_path_and_version_unchanged() -> anyhow::Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let n = TestNode::start(dir.path()).await?;
+    let before = n.version().await?;
+    let bad = "apiVersion: tollgate/v1\nkind: License\nid: broken\ncustomer: X\ntier: t\nstatus: active\nquotas:\n  - id: q\n    metric: inferences\n    limit: 0\n    window: day\n";
+    let (s, body) = n
+        .admin(Method::PUT, "/v1/licenses/broken", Some(&n.token), bad)
+        .await?;
+    assert_eq!(s, 400, "{body}");
+    let msg = body["error"]["message"].as_str().unwrap_or("");
+    assert!(
+        msg.contains("quotas[0].limit"),
+        "message lacks the field path: {msg}"
+    );
+    let typo = "apiVersion: tollgate/v1\nkind: License\nid: broken\ncustomer: X\ntier: t\nstatus: active\nquotass: []\n";
+    let (s, body) = n
+        .admin(Method::PUT, "/v1/licenses/broken", Some(&n.token), typo)
+        .await?;
+    assert_eq!(s, 400, "{body}");
+    assert!(body.to_string().contains("quotass"), "{body}");
+    assert_eq!(n.version().await?, before);
+    n.node.shutdown().await
+}
+
+#[tokio::test]
+async fn issued_key_works_and_is_never_shown_again_then_revoke_denies() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let n = TestNode::start(dir.path()).await?;
+    let (s, body) = n
+        .admin(
+            Method::POST,
+            "/v1/licenses/demo/keys",
+            Some(&n.token),
+            r#"{"name":"fleet-eu","reason":"new fleet"}"#,
+        )
+        .await?;
+    assert_eq!(s, 200, "{body}");
+    let key = body["key"].as_str().unwrap_or("").to_string();
+    assert!(key.starts_with("tg_"), "{body}");
+    let (_, d) = n.post("/v1/check", &demo_check(&key)).await?;
+    assert_eq!(d["decision"], "allow", "{d}");
+    assert_eq!(d["license_id"], "demo");
+
+    let (s, lic) = n
+        .admin(Method::GET, "/v1/licenses/demo", Some(&n.token), "")
+        .await?;
+    assert_eq!(s, 200);
+    let text = lic.to_string();
+    assert!(!text.contains(&key), "GET returned key material");
+    assert!(!text.contains("tg_demo_key"), "GET returned the demo key");
+
+    let (s, _) = n
+        .admin(
+            Method::POST,
+            "/v1/licenses/demo/revoke",
+            Some(&n.token),
+            r#"{"reason":"test"}"#,
+        )
+        .await?;
+    assert_eq!(s, 200);
+    let (_, d) = n.post("/v1/check", &demo_check(&key)).await?;
+    assert_eq!(d["decision"], "deny", "{d}");
+    assert_eq!(d["reasons"][0]["code"], "license_revoked", "{d}");
+    n.node.shutdown().await
+}
