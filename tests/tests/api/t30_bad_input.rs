@@ -79,3 +79,66 @@ async fn malformed_requests_get_400_with_a_reason_and_change_nothing() -> anyhow
     assert!(status == 413 || status == 400, "1 MiB body got {status}");
     n.node.shutdown().await
 }
+
+#[tokio::test]
+async fn grpc_bad_input_is_invalid_argument_and_changes_nothing() -> anyhow::Result<()> {
+    use tollgate_proto::v1 as pb;
+    let dir = tempfile::tempdir()?;
+    let n = TestNode::start(dir.path()).await?;
+    let before = remaining(&n).await?;
+    let mut edge = tollgate_proto::v1::edge_client::EdgeClient::connect(n.grpc.clone()).await?;
+    let good = pb::CheckRequest {
+        key: "tg_demo_tiny".into(),
+        model: "demo-classifier".into(),
+        model_version: "2.1.0".into(),
+        meters: vec![pb::Meter {
+            metric: "inferences".into(),
+            quantity: 1,
+        }],
+        ..Default::default()
+    };
+    let no_model = pb::CheckRequest {
+        model: String::new(),
+        ..good.clone()
+    };
+    let absurd = pb::CheckRequest {
+        meters: vec![pb::Meter {
+            metric: "inferences".into(),
+            quantity: u64::MAX,
+        }],
+        ..good.clone()
+    };
+    let many = pb::CheckRequest {
+        meters: (0..17)
+            .map(|i| pb::Meter {
+                metric: format!("m{i}"),
+                quantity: 1,
+            })
+            .collect(),
+        ..good.clone()
+    };
+    let huge = pb::CheckRequest {
+        key: "x".repeat(1024 * 1024),
+        ..good.clone()
+    };
+    for (what, req) in [
+        ("no model", no_model),
+        ("absurd", absurd),
+        ("17 meters", many),
+        ("1 MiB", huge),
+    ] {
+        let err = edge.check(req).await.err();
+        let code = err.as_ref().map(|s| s.code());
+        assert!(
+            matches!(
+                code,
+                Some(tonic::Code::InvalidArgument)
+                    | Some(tonic::Code::OutOfRange)
+                    | Some(tonic::Code::ResourceExhausted)
+            ),
+            "{what}: {err:?}"
+        );
+    }
+    assert_eq!(remaining(&n).await?, before, "bad input changed usage");
+    n.node.shutdown().await
+}
