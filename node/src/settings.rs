@@ -95,3 +95,27 @@ impl NodeSettings {
         Ok(settings)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_settings_file_parses() -> anyhow::Result<()> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/node.yaml");
+        let s = NodeSettings::from_file(&path)?;
+        assert_eq!(s.node_id, 1);
+        assert_eq!(s.usage_flush_interval_ms, DEFAULT_USAGE_FLUSH_INTERVAL_MS);
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_setting_is_an_error() {
+        let text = "node_id: 1\ngrpc_addr: 127.0.0.1:1\nhttp_addr: 127.0.0.1:2\ndata_dir: d\nadmin_token_file: t\nflush_ms: 3\n";
+        let err = serde_yaml::from_str::<NodeSettings>(text)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("flush_ms"), "{err}");
+    }
+}

@@ -709,7 +709,19 @@ fn evaluate_quotas(
                         .max(1);
                     v.throttle(ReasonCode::QuotaExceeded, rule, message, retry);
                 }
-                _ => v.deny(ReasonCode::QuotaExceeded, rule, message),
+                (OnExceed::Throttle, None) | (OnExceed::Deny, None) => {
+                    v.deny(ReasonCode::QuotaExceeded, rule, message);
+                }
+                (OnExceed::Deny, Some(reset)) => {
+                    v.deny(ReasonCode::QuotaExceeded, rule, message);
+                    // The window reset is when a retry can succeed; `finish`
+                    // keeps this hint only if quotas are all that denied.
+                    let retry = u64::try_from(reset.saturating_sub(now_ms))
+                        .unwrap_or(0)
+                        .max(1);
+                    let slot = v.decision.retry_after_ms.get_or_insert(0);
+                    *slot = (*slot).max(retry);
+                }
             }
             if v.decision.request_adjustment.is_none() {
                 v.decision.request_adjustment = Some(AdjustmentHint {
@@ -753,7 +765,16 @@ fn finish(mut v: Verdict, license: Option<&License>, pending: Vec<Pending>) -> D
     } else {
         Outcome::Allow
     };
-    if v.decision.outcome != Outcome::Throttle {
+    let only_quota_denials = v
+        .decision
+        .reasons
+        .iter()
+        .all(|r| r.code == ReasonCode::QuotaExceeded);
+    // A retry hint is honest only when waiting helps: a throttle, or a
+    // denial by windowed quotas alone (not a revoked key or a wrong model).
+    if !(v.decision.outcome == Outcome::Throttle
+        || (v.decision.outcome == Outcome::Deny && only_quota_denials))
+    {
         v.decision.retry_after_ms = None;
     }
     if v.decision.outcome != Outcome::Allow {
@@ -1241,6 +1262,8 @@ versions:
         assert_eq!(d.quotas[0].remaining, 0);
         assert_eq!(d.quotas[0].used, 5);
         assert_eq!(d.quotas[0].resets_at_ms, Some(ms("2026-03-11T00:00:00Z")));
+        let until_reset = ms("2026-03-11T00:00:00Z") - ms(NOW);
+        assert_eq!(d.retry_after_ms, u64::try_from(until_reset).ok());
         assert_eq!(d.reasons[0].rule, "quotas[daily]");
         let hint = d.request_adjustment.expect("hint");
         assert_eq!((hint.license.as_str(), hint.quota.as_str()), ("t", "daily"));
