@@ -100,6 +100,17 @@ pub async fn apply_documents(
     Ok(applied)
 }
 
+/// A document PUT to `/.../{id}` must carry that same id, so that a path
+/// typo never overwrites another object.
+fn ensure_path_id(document_id: &str, path_id: &str) -> Result<(), ApiError> {
+    if document_id == path_id {
+        return Ok(());
+    }
+    Err(ApiError::InvalidArgument(format!(
+        "id: document id `{document_id}` does not match `{path_id}` in the path"
+    )))
+}
+
 /// Creates or replaces license `id` from a YAML or JSON document.
 pub async fn put_license(
     state: &NodeState,
@@ -109,12 +120,7 @@ pub async fn put_license(
     reason: &str,
 ) -> Result<u64, ApiError> {
     let lic = license::parse_license(text).map_err(invalid)?;
-    if lic.id != id {
-        return Err(ApiError::InvalidArgument(format!(
-            "id: document id `{}` does not match `{id}` in the path",
-            lic.id
-        )));
-    }
+    ensure_path_id(&lic.id, id)?;
     write(state, actor, reason_opt(reason), ConfigOp::PutLicense(lic)).await
 }
 
@@ -127,12 +133,7 @@ pub async fn put_model(
     reason: &str,
 ) -> Result<u64, ApiError> {
     let model = license::parse_model(text).map_err(invalid)?;
-    if model.id != id {
-        return Err(ApiError::InvalidArgument(format!(
-            "id: document id `{}` does not match `{id}` in the path",
-            model.id
-        )));
-    }
+    ensure_path_id(&model.id, id)?;
     write(state, actor, reason_opt(reason), ConfigOp::PutModel(model)).await
 }
 
