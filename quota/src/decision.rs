@@ -15,7 +15,7 @@ use chrono::{DateTime, Timelike, Utc};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::license::{Environment, License, OnExceed, QuotaScope, VersionPolicy};
+use crate::license::{Environment, License, OnExceed, Quota, QuotaScope, VersionPolicy};
 use crate::request::CheckRequest;
 use crate::usage::{BucketState, CounterKey, Usage};
 
@@ -276,7 +276,7 @@ pub fn decide(
             "keys",
             "the API key is not recognised".to_string(),
         );
-        return finish(v, None, Vec::new());
+        return finish(v, None, req);
     };
     v.decision.license_id = Some(license.id.clone());
     check_status(license, now_ms, &mut v);
@@ -299,8 +299,8 @@ pub fn decide(
     check_region(license, req, &mut v);
     check_hardware(license, usage, req, &mut v);
     check_rate_limits(license, usage, now_ms, &mut v);
-    let pending = evaluate_quotas(license, usage, req, environment, now_ms, false, &mut v);
-    finish(v, Some(license), pending)
+    evaluate_quotas(license, usage, req, environment, now_ms, false, &mut v);
+    finish(v, Some(license), req)
 }
 
 /// Decides one Report (post-inference metering): the key must be known and
@@ -324,7 +324,7 @@ pub fn decide_report(
             "keys",
             "the API key is not recognised".to_string(),
         );
-        return finish(v, None, Vec::new());
+        return finish(v, None, req);
     };
     v.decision.license_id = Some(license.id.clone());
     check_status(license, now_ms, &mut v);
@@ -333,8 +333,8 @@ pub fn decide_report(
         .as_deref()
         .and_then(Environment::parse)
         .unwrap_or(Environment::Production);
-    let pending = evaluate_quotas(license, usage, req, Some(environment), now_ms, true, &mut v);
-    finish(v, Some(license), pending)
+    evaluate_quotas(license, usage, req, Some(environment), now_ms, true, &mut v);
+    finish(v, Some(license), req)
 }
 
 fn check_status(license: &License, now_ms: i64, v: &mut Verdict) {
@@ -597,6 +597,11 @@ fn check_hardware(license: &License, usage: &Usage, req: &CheckRequest, v: &mut 
 }
 
 fn check_rate_limits(license: &License, usage: &Usage, now_ms: i64, v: &mut Verdict) {
+    // Each passing limit pushes one bucket update: size the list once.
+    v.decision
+        .effects
+        .buckets
+        .reserve_exact(license.rate_limits.len());
     for rl in &license.rate_limits {
         let (per_second, burst, peak) = match &rl.schedule {
             Some(s) => {
@@ -644,15 +649,11 @@ fn check_rate_limits(license: &License, usage: &Usage, now_ms: i64, v: &mut Verd
     }
 }
 
-/// A quota this request would add to, resolved during evaluation.
-struct Pending {
-    quota_idx: usize,
-    status_idx: usize,
-    quantity: u64,
-    used_before: u64,
-    key: CounterKey,
-}
-
+/// Evaluates the quotas the request's meters touch. For each, in license
+/// order, it pushes one [`QuotaStatus`] (with `used` = the count before this
+/// request) and one tentative increment, so `decision.quotas[i]` and
+/// `effects.increments[i]` describe the same quota; `finish` relies on that
+/// instead of a side list, which saves an allocation per call.
 fn evaluate_quotas(
     license: &License,
     usage: &Usage,
@@ -661,22 +662,26 @@ fn evaluate_quotas(
     now_ms: i64,
     is_report: bool,
     v: &mut Verdict,
-) -> Vec<Pending> {
-    let mut pending = Vec::new();
+) {
     for (quota_idx, quota) in license.quotas.iter().enumerate() {
         let Some(meter) = req.meters.iter().find(|m| m.metric == quota.metric) else {
             continue;
         };
+        if v.decision.quotas.is_empty() {
+            // At most the remaining quotas match: size both lists once.
+            let upper = license.quotas.len() - quota_idx;
+            v.decision.quotas.reserve_exact(upper);
+            v.decision.effects.increments.reserve_exact(upper);
+        }
         let (scope_value, scope_label) = match quota.scope {
             QuotaScope::License => (String::new(), "license".to_string()),
             QuotaScope::Subject => {
-                let s = req.subject.clone().unwrap_or_default();
-                let label = format!("subject:{s}");
-                (s, label)
+                let s = req.subject.as_deref().unwrap_or_default();
+                (s.to_string(), labelled("subject:", s))
             }
             QuotaScope::Environment => {
                 let e = environment.map_or("production", Environment::as_str);
-                (e.to_string(), format!("environment:{e}"))
+                (e.to_string(), labelled("environment:", e))
             }
         };
         let epoch = quota.window.epoch(now_ms);
@@ -746,18 +751,20 @@ fn evaluate_quotas(
             resets_at_ms,
             scope: scope_label,
         });
-        pending.push(Pending {
-            quota_idx,
-            status_idx: v.decision.quotas.len() - 1,
-            quantity: meter.quantity,
-            used_before,
-            key,
-        });
+        v.decision.effects.increments.push((key, meter.quantity));
     }
-    pending
 }
 
-fn finish(mut v: Verdict, license: Option<&License>, pending: Vec<Pending>) -> Decision {
+/// `prefix` followed by `value`, in one exact-size allocation (no `format!`
+/// machinery on the allow path).
+fn labelled(prefix: &str, value: &str) -> String {
+    let mut out = String::with_capacity(prefix.len() + value.len());
+    out.push_str(prefix);
+    out.push_str(value);
+    out
+}
+
+fn finish(mut v: Verdict, license: Option<&License>, req: &CheckRequest) -> Decision {
     v.decision.outcome = if v.deny {
         Outcome::Deny
     } else if v.throttle {
@@ -782,59 +789,58 @@ fn finish(mut v: Verdict, license: Option<&License>, pending: Vec<Pending>) -> D
         v.decision.effects = Effects::default();
         return v.decision;
     }
-    if let Some(license) = license {
-        quota_warnings(license, &pending, &mut v.decision);
-    }
-    // Keys move into the effects rather than being cloned: the allow path
-    // is the hot one.
-    for p in pending {
-        let after = p.used_before.saturating_add(p.quantity);
-        if let Some(status) = v.decision.quotas.get_mut(p.status_idx) {
-            status.used = after;
-            status.remaining = status.limit.saturating_sub(after);
-        }
-        v.decision.effects.increments.push((p.key, p.quantity));
+    let Some(license) = license else {
+        return v.decision;
+    };
+    // The quotas `evaluate_quotas` resolved are exactly those with a meter,
+    // in license order, matching `decision.quotas` and the increments
+    // index for index.
+    let touched = license
+        .quotas
+        .iter()
+        .filter(|q| req.meters.iter().any(|m| m.metric == q.metric));
+    let decision = &mut v.decision;
+    for ((quota, status), (_, quantity)) in touched
+        .zip(decision.quotas.iter_mut())
+        .zip(decision.effects.increments.iter())
+    {
+        let used_before = status.used;
+        let after = used_before.saturating_add(*quantity);
+        quota_warnings(quota, used_before, after, &mut decision.warnings);
+        status.used = after;
+        status.remaining = status.limit.saturating_sub(after);
     }
     v.decision
 }
 
-/// Adds threshold and over-quota warnings for an allowed decision.
-fn quota_warnings(license: &License, pending: &[Pending], decision: &mut Decision) {
-    if decision.outcome != Outcome::Allow {
+/// Adds threshold and over-quota warnings for one quota of an allowed decision.
+fn quota_warnings(quota: &Quota, used_before: u64, after: u64, warnings: &mut Vec<Warning>) {
+    if after > quota.limit {
+        let mut message = String::new();
+        let _ = write!(
+            message,
+            "quota {} is over its limit: {after} of {} {}",
+            quota.id, quota.limit, quota.metric
+        );
+        warnings.push(Warning {
+            code: "over_quota".to_string(),
+            message,
+        });
         return;
     }
-    for p in pending {
-        let Some(quota) = license.quotas.get(p.quota_idx) else {
-            continue;
-        };
-        let after = p.used_before.saturating_add(p.quantity);
-        if after > quota.limit {
-            let mut message = String::new();
-            let _ = write!(
-                message,
-                "quota {} is over its limit: {after} of {} {}",
-                quota.id, quota.limit, quota.metric
-            );
-            decision.warnings.push(Warning {
-                code: "over_quota".to_string(),
-                message,
+    for t in &quota.alert_thresholds {
+        let threshold = (t * quota.limit as f64).ceil() as u64;
+        if used_before < threshold && after >= threshold {
+            warnings.push(Warning {
+                code: "threshold_crossed".to_string(),
+                message: format!(
+                    "quota {} crossed {}% ({after} of {} {})",
+                    quota.id,
+                    (t * 100.0).round(),
+                    quota.limit,
+                    quota.metric
+                ),
             });
-            continue;
-        }
-        for t in &quota.alert_thresholds {
-            let threshold = (t * quota.limit as f64).ceil() as u64;
-            if p.used_before < threshold && after >= threshold {
-                decision.warnings.push(Warning {
-                    code: "threshold_crossed".to_string(),
-                    message: format!(
-                        "quota {} crossed {}% ({after} of {} {})",
-                        quota.id,
-                        (t * 100.0).round(),
-                        quota.limit,
-                        quota.metric
-                    ),
-                });
-            }
         }
     }
 }

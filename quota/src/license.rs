@@ -689,6 +689,36 @@ pub struct GlobPattern {
     /// Source text.
     pub pattern: String,
     matcher: globset::GlobMatcher,
+    shape: GlobShape,
+}
+
+/// Region globs are almost always `*`, `eu-*` or a literal; those are plain
+/// string tests, far cheaper than globset's path candidate plus regex.
+#[derive(Clone, Copy)]
+enum GlobShape {
+    /// `*`: everything matches.
+    Any,
+    /// `prefix*` with no other metacharacter (globset's `*` also crosses `/`
+    /// by default, so this is exactly `starts_with`).
+    Prefix,
+    /// No metacharacter at all: equality.
+    Literal,
+    /// Anything else goes through the compiled matcher.
+    General,
+}
+
+impl GlobShape {
+    fn of(pattern: &str) -> Self {
+        const META: &[char] = &['*', '?', '[', ']', '{', '}', '\\', '!'];
+        if pattern == "*" {
+            return GlobShape::Any;
+        }
+        match pattern.strip_suffix('*') {
+            Some(prefix) if !prefix.contains(META) => GlobShape::Prefix,
+            _ if !pattern.contains(META) => GlobShape::Literal,
+            _ => GlobShape::General,
+        }
+    }
 }
 
 impl GlobPattern {
@@ -698,13 +728,21 @@ impl GlobPattern {
         Ok(Self {
             pattern: pattern.to_string(),
             matcher,
+            shape: GlobShape::of(pattern),
         })
     }
 
     /// Whether `text` matches.
     pub fn is_match(&self, text: &str) -> bool {
-        // `*` is the common case; skip the regex for it.
-        self.pattern == "*" || self.matcher.is_match(text)
+        match self.shape {
+            GlobShape::Any => true,
+            GlobShape::Prefix => self
+                .pattern
+                .strip_suffix('*')
+                .is_some_and(|prefix| text.starts_with(prefix)),
+            GlobShape::Literal => text == self.pattern,
+            GlobShape::General => self.matcher.is_match(text),
+        }
     }
 }
 
@@ -1280,6 +1318,50 @@ pub fn parse_model(text: &str) -> Result<Model, ValidationError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn glob_fast_paths_agree_with_globset() {
+        let patterns = [
+            "*",
+            "eu-*",
+            "eu-east-*",
+            "us-east-1",
+            "",
+            "a/b*",
+            "eu-?",
+            "e[uv]-*",
+            "{eu,us}-*",
+            "*-1",
+            "eu-**",
+            "EU-*",
+        ];
+        let texts = [
+            "",
+            "eu-",
+            "eu-west-1",
+            "eu-east-2",
+            "us-east-1",
+            "us-east-10",
+            "a/b/c",
+            "ev-1",
+            "eu-1",
+            "EU-west",
+            "xeu-1",
+        ];
+        for pattern in patterns {
+            let glob = GlobPattern::new(pattern).expect("valid glob");
+            let matcher = globset::Glob::new(pattern)
+                .expect("valid")
+                .compile_matcher();
+            for text in texts {
+                assert_eq!(
+                    glob.is_match(text),
+                    matcher.is_match(text),
+                    "{pattern:?} vs {text:?}"
+                );
+            }
+        }
+    }
 
     const BASE: &str = "apiVersion: tollgate/v1\nkind: License\nid: demo\ncustomer: Demo Corp\n";
 
