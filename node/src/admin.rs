@@ -38,6 +38,28 @@ pub struct IssuedKey {
     pub version: u64,
 }
 
+/// Applies `ops` in order to a copy of the current config and reports the
+/// first one the state machine would reject. The state machine checks again
+/// at apply time (another write may land in between), but checking here
+/// first means a bad write is refused without consuming a log entry or
+/// moving the config version, and a multi-document apply is all or nothing.
+fn precheck(state: &NodeState, ops: &[ConfigOp]) -> Result<(), ApiError> {
+    let mut trial = (*state.config()).clone();
+    for op in ops {
+        let cmd = ConfigCommand {
+            actor: String::new(),
+            reason: None,
+            at_ms: now_ms(),
+            op: op.clone(),
+        };
+        let next = trial.version + 1;
+        if let ApplyOutcome::Rejected { reason, .. } = trial.apply(&cmd, next) {
+            return Err(ApiError::Rejected(reason));
+        }
+    }
+    Ok(())
+}
+
 /// Commits one config change through Raft and returns the new version.
 pub async fn write(
     state: &NodeState,
@@ -45,6 +67,7 @@ pub async fn write(
     reason: Option<String>,
     op: ConfigOp,
 ) -> Result<u64, ApiError> {
+    precheck(state, std::slice::from_ref(&op))?;
     let cmd = ConfigCommand {
         actor: actor.to_string(),
         reason,
@@ -88,12 +111,17 @@ pub async fn apply_documents(
         Document::Model(_) => 0,
         Document::License(_) => 1,
     });
-    let mut applied = Vec::with_capacity(docs.len());
-    for doc in docs {
-        let (kind, id, op) = match doc {
+    let planned: Vec<(&'static str, String, ConfigOp)> = docs
+        .into_iter()
+        .map(|doc| match doc {
             Document::Model(m) => ("Model", m.id.clone(), ConfigOp::PutModel(m)),
             Document::License(l) => ("License", l.id.clone(), ConfigOp::PutLicense(l)),
-        };
+        })
+        .collect();
+    let ops: Vec<ConfigOp> = planned.iter().map(|(_, _, op)| op.clone()).collect();
+    precheck(state, &ops)?;
+    let mut applied = Vec::with_capacity(planned.len());
+    for (kind, id, op) in planned {
         let version = write(state, actor, reason_opt(reason), op).await?;
         applied.push(AppliedDoc { kind, id, version });
     }

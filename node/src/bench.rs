@@ -159,7 +159,7 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
                             } else {
                                 shared.denied.fetch_add(1, Ordering::Relaxed);
                             }
-                            let _ = shared.hist.lock().record(latency_us.max(1));
+                            shared.hist.lock().saturating_record(latency_us.max(1));
                         }
                         Err(_) => {
                             shared.errors.fetch_add(1, Ordering::Relaxed);
@@ -188,12 +188,13 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
         .max(Duration::from_millis(1));
     let hist = shared.hist.lock();
     let ok = shared.ok.load(Ordering::Relaxed);
+    let failed = shared.errors.load(Ordering::Relaxed);
     Ok(BenchReport {
         offered_rps: cfg.rps as f64,
         achieved_rps: ok as f64 / elapsed.as_secs_f64(),
         requests: n_measured,
-        errors: shared.errors.load(Ordering::Relaxed)
-            + n_measured.saturating_sub(ok + shared.errors.load(Ordering::Relaxed)),
+        // Failed, shed, and still unanswered after the drain deadline.
+        errors: n_measured.saturating_sub(ok).max(failed),
         p50_us: hist.value_at_quantile(0.50),
         p90_us: hist.value_at_quantile(0.90),
         p99_us: hist.value_at_quantile(0.99),

@@ -81,38 +81,15 @@ pub async fn flush(state: &NodeState, trees: &UsageTrees) -> anyhow::Result<()> 
         state.mark_persisted(seq);
         return Ok(());
     }
-    let mut ops = Vec::with_capacity(dirty.len());
-    for (key, counter) in &dirty {
-        ops.push(BatchOp::Insert {
-            key: key.to_bytes(),
-            value: serde_json::to_vec(counter)?,
-        });
-    }
-    let mut device_ops = Vec::with_capacity(dirty_devices.len());
-    for (license, ids) in &dirty_devices {
-        device_ops.push(BatchOp::Insert {
-            key: license.as_bytes().to_vec(),
-            value: serde_json::to_vec(ids)?,
-        });
-    }
-    let t = trees.clone();
-    let result = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        t.devices.apply_batch(device_ops)?;
-        t.counters.apply_batch(ops)?;
-        t.devices.flush()?;
-        t.counters.flush()?;
-        Ok(())
-    })
-    .await
-    .context("usage flush task")?;
+    let result = write_batch(trees, &dirty, &dirty_devices).await;
     match result {
         Ok(()) => {
             state.mark_persisted(seq);
             Ok(())
         }
         Err(e) => {
-            // Put the counters back as dirty so the next tick retries them:
-            // a full disk must not lose accepted usage.
+            // Put everything back as dirty so the next tick retries it: a
+            // full disk or a failed task must not lose accepted usage.
             state.with_usage(|u| {
                 for (key, counter) in dirty {
                     u.restore_dirty(key, counter);
@@ -124,6 +101,37 @@ pub async fn flush(state: &NodeState, trees: &UsageTrees) -> anyhow::Result<()> 
             Err(e)
         }
     }
+}
+
+async fn write_batch(
+    trees: &UsageTrees,
+    dirty: &[(CounterKey, GCounter)],
+    dirty_devices: &[(String, Vec<String>)],
+) -> anyhow::Result<()> {
+    let mut ops = Vec::with_capacity(dirty.len());
+    for (key, counter) in dirty {
+        ops.push(BatchOp::Insert {
+            key: key.to_bytes(),
+            value: serde_json::to_vec(counter)?,
+        });
+    }
+    let mut device_ops = Vec::with_capacity(dirty_devices.len());
+    for (license, ids) in dirty_devices {
+        device_ops.push(BatchOp::Insert {
+            key: license.as_bytes().to_vec(),
+            value: serde_json::to_vec(ids)?,
+        });
+    }
+    let t = trees.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        t.devices.apply_batch(device_ops)?;
+        t.counters.apply_batch(ops)?;
+        t.devices.flush()?;
+        t.counters.flush()?;
+        Ok(())
+    })
+    .await
+    .context("usage flush task")?
 }
 
 /// Runs the flush and GC loops until `shutdown` flips, then flushes once more.
@@ -150,8 +158,10 @@ pub async fn run(
                 let removed = state.with_usage(|u| u.gc(&config, now_ms()));
                 if !removed.is_empty() {
                     let ops = removed.iter().map(|k| BatchOp::Remove { key: k.to_bytes() }).collect();
-                    if let Err(e) = trees.counters.apply_batch(ops) {
-                        tracing::warn!(error = %e, "usage GC failed");
+                    let counters = Arc::clone(&trees.counters);
+                    let removed_ok = tokio::task::spawn_blocking(move || counters.apply_batch(ops)).await;
+                    if !matches!(removed_ok, Ok(Ok(()))) {
+                        tracing::warn!("usage GC could not delete expired counters from disk; a later GC drops them again");
                     }
                 }
             }

@@ -2,38 +2,43 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
 const DEMO_TINY: &str = r#"{"key":"tg_demo_tiny","model":"demo-classifier","model_version":"2.1.0","environment":"production","region":"local-a","meters":[{"metric":"inferences","quantity":1}]}"#;
 
-fn spawn_up(dir: &Path) -> anyhow::Result<Child> {
+/// Kills the node if the test fails before stopping it.
+struct NodeProcess(Child);
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_up(dir: &Path) -> anyhow::Result<NodeProcess> {
+    // A stale cluster.json must not be mistaken for the new node's.
+    let _ = std::fs::remove_file(dir.join("cluster.json"));
     Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(["up", "--data-dir"])
         .arg(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(NodeProcess)
         .context("spawning tollgate up")
 }
 
-/// Polls until `<dir>/cluster.json`, written after `since`, names a node
+/// Polls until a new `<dir>/cluster.json` names a node
 /// whose /healthz answers.
-async fn wait_ready(
-    dir: &Path,
-    client: &reqwest::Client,
-    since: SystemTime,
-) -> anyhow::Result<String> {
+async fn wait_ready(dir: &Path, client: &reqwest::Client) -> anyhow::Result<String> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         anyhow::ensure!(Instant::now() < deadline, "node did not become ready");
         let path = dir.join("cluster.json");
-        let fresh = std::fs::metadata(&path)
-            .and_then(|m| m.modified())
-            .map(|m| m >= since)
-            .unwrap_or(false);
-        if fresh {
+        if path.exists() {
             let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
             let http = format!(
                 "http://{}",
@@ -63,9 +68,8 @@ async fn check(client: &reqwest::Client, http: &str) -> anyhow::Result<serde_jso
 async fn usage_survives_sigkill_and_restart_and_sigint_stops_cleanly() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let client = reqwest::Client::new();
-    let started = SystemTime::now() - Duration::from_secs(1);
     let mut child = spawn_up(dir.path())?;
-    let http = wait_ready(dir.path(), &client, started).await?;
+    let http = wait_ready(dir.path(), &client).await?;
     for i in 1..=5 {
         let d = check(&client, &http).await?;
         assert_eq!(d["decision"], "allow", "check {i}: {d}");
@@ -90,12 +94,11 @@ async fn usage_survives_sigkill_and_restart_and_sigint_stops_cleanly() -> anyhow
         anyhow::ensure!(Instant::now() < deadline, "usage never flushed: {s}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    child.kill()?; // SIGKILL
-    child.wait()?;
+    child.0.kill()?; // SIGKILL
+    child.0.wait()?;
 
-    let restarted = SystemTime::now() - Duration::from_secs(1);
     let mut child = spawn_up(dir.path())?;
-    let http = wait_ready(dir.path(), &client, restarted).await?;
+    let http = wait_ready(dir.path(), &client).await?;
     let d = check(&client, &http).await?;
     assert_eq!(d["decision"], "deny", "check 7 after SIGKILL: {d}");
     assert_eq!(d["reasons"][0]["code"], "quota_exceeded");
@@ -103,16 +106,15 @@ async fn usage_survives_sigkill_and_restart_and_sigint_stops_cleanly() -> anyhow
 
     // Ctrl-C (SIGINT) stops the node cleanly.
     let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args(["-INT", &child.0.id().to_string()])
         .status()?;
     assert!(status.success());
     let deadline = Instant::now() + Duration::from_secs(20);
     let exit = loop {
-        if let Some(s) = child.try_wait()? {
+        if let Some(s) = child.0.try_wait()? {
             break s;
         }
         if Instant::now() > deadline {
-            child.kill()?;
             anyhow::bail!("node did not stop on SIGINT");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

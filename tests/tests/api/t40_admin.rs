@@ -95,3 +95,36 @@ async fn issued_key_works_and_is_never_shown_again_then_revoke_denies() -> anyho
     assert_eq!(d["reasons"][0]["code"], "license_revoked", "{d}");
     n.node.shutdown().await
 }
+
+#[tokio::test]
+async fn rejected_write_changes_nothing_and_multi_document_apply_is_all_or_nothing()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let n = TestNode::start(dir.path()).await?;
+    let before = n.version().await?;
+    // tg_demo_key already belongs to license `demo`.
+    let thief = "apiVersion: tollgate/v1\nkind: License\nid: thief\ncustomer: X\ntier: t\nstatus: active\nkeys:\n  - key: tg_demo_key\n";
+    let (s, body) = n
+        .admin(Method::PUT, "/v1/licenses/thief", Some(&n.token), thief)
+        .await?;
+    assert_eq!(s, 409, "{body}");
+    assert_eq!(n.version().await?, before, "{body}");
+
+    let fine =
+        "apiVersion: tollgate/v1\nkind: License\nid: fine\ncustomer: Y\ntier: t\nstatus: active\n";
+    let both = format!("{fine}---\n{thief}");
+    let (s, body) = n
+        .admin(Method::POST, "/v1/apply", Some(&n.token), &both)
+        .await?;
+    assert_eq!(s, 409, "{body}");
+    assert_eq!(
+        n.version().await?,
+        before,
+        "a partly applied file moved the version"
+    );
+    let (s, _) = n
+        .admin(Method::GET, "/v1/licenses/fine", Some(&n.token), "")
+        .await?;
+    assert_eq!(s, 404, "first document of a rejected file was applied");
+    n.node.shutdown().await
+}
