@@ -66,7 +66,7 @@ fn decision_response(d: &tollgate_quota::decision::Decision) -> Response {
 }
 
 async fn check(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let req = api::parse_check_json(&body, state.strict_fields)?;
+    let req = parse(&state, &body)?;
     let d = state
         .check(&req)
         .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
@@ -74,11 +74,24 @@ async fn check(State(state): State<AppState>, body: Bytes) -> Result<Response, A
 }
 
 async fn report(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let req = api::parse_check_json(&body, state.strict_fields)?;
+    let req = parse(&state, &body)?;
     let d = state
         .report(&req)
         .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
     Ok(decision_response(&d))
+}
+
+/// Parses an edge JSON body, counting a malformed one as invalid.
+fn parse(
+    state: &NodeState,
+    body: &Bytes,
+) -> Result<tollgate_quota::request::CheckRequest, ApiError> {
+    api::parse_check_json(body, state.strict_fields).inspect_err(|_| {
+        state
+            .stats
+            .n_invalid
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    })
 }
 
 fn actor(state: &NodeState, headers: &HeaderMap) -> Result<String, ApiError> {
