@@ -10,24 +10,6 @@ use tollgate_proto::v1 as pb;
 use tollgate_quota::decision::{Decision, Outcome};
 use tollgate_quota::request::{CheckRequest, Meter};
 
-/// Fields a JSON Check or Report body may carry; in strict mode any other
-/// field is rejected so that a typo never silently changes a decision.
-pub const CHECK_FIELDS: &[&str] = &[
-    "key",
-    "subject",
-    "model",
-    "model_version",
-    "feature",
-    "environment",
-    "region",
-    "hardware_id",
-    "meters",
-    "request_id",
-    "dry_run",
-    "input_hash",
-    "output_hash",
-];
-
 /// An API failure, mapped to a gRPC status or an HTTP status with a reason.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -121,6 +103,10 @@ pub struct CheckJson {
     #[serde(default)]
     #[allow(dead_code)]
     output_hash: Option<String>,
+    /// Every field not named above; in strict mode any is an error, so that
+    /// a typo never silently changes a decision.
+    #[serde(flatten)]
+    unknown: std::collections::BTreeMap<String, serde::de::IgnoredAny>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,20 +117,22 @@ struct MeterJson {
 
 /// Parses a JSON Check body; in strict mode unknown fields are an error.
 pub fn parse_check_json(body: &[u8], strict: bool) -> Result<CheckRequest, ApiError> {
-    let value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::InvalidArgument(format!("body is not valid JSON: {e}")))?;
-    let Some(obj) = value.as_object() else {
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(ApiError::InvalidArgument(
             "body must be a JSON object".into(),
         ));
-    };
-    if strict && let Some(field) = obj.keys().find(|k| !CHECK_FIELDS.contains(&k.as_str())) {
+    }
+    let json: CheckJson = serde_json::from_slice(body).map_err(|e| {
+        ApiError::InvalidArgument(match e.classify() {
+            serde_json::error::Category::Data => format!("invalid check request: {e}"),
+            _ => format!("body is not valid JSON: {e}"),
+        })
+    })?;
+    if strict && let Some(field) = json.unknown.keys().next() {
         return Err(ApiError::InvalidArgument(format!(
             "unknown field `{field}`"
         )));
     }
-    let json: CheckJson = serde_json::from_value(value)
-        .map_err(|e| ApiError::InvalidArgument(format!("invalid check request: {e}")))?;
     let mut meters = Vec::with_capacity(json.meters.len());
     for (i, m) in json.meters.into_iter().enumerate() {
         let quantity = u64::try_from(m.quantity).map_err(|_| {
