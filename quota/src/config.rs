@@ -1,10 +1,11 @@
 //! The replicated license configuration: the data consensus applies commands to.
 //!
-//! `Config` holds every license and model, plus a derived key-hash index for
-//! the hot path. `apply` is deterministic and never panics: every node that
-//! applies the same log reaches the same state. This module must not know
-//! about usage or decisions, and must not read the clock (`at_ms` in a command
-//! is recorded by the proposer, never used for validity here).
+//! `Config` holds every license and model, each license's change history
+//! (see [`crate::history`]), plus a derived key-hash index for the hot path.
+//! `apply` is deterministic and never panics: every node that applies the
+//! same log reaches the same state, history included. This module must not
+//! know about usage or decisions, and must not read the clock (`at_ms` in a
+//! command is recorded by the proposer, never used for validity here).
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -12,8 +13,15 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::history::{self, ChangeAction, ChangeRecord, HistoryError, LicenseHistory};
 use crate::keys;
 use crate::license::{License, LicenseStatus, Model, StoredKey};
+
+/// Shortest SHA-256 hex prefix [`ConfigOp::RevokeKey`] accepts as a key
+/// identifier: 8 hex characters (32 bits) make an accidental match between
+/// the few keys of one license practically impossible, and a prefix that
+/// still matches two keys is rejected as ambiguous.
+pub const MIN_KEY_HASH_PREFIX_LEN: usize = 8;
 
 /// The replicated configuration: licenses and models.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -26,6 +34,12 @@ pub struct Config {
     /// Models by id.
     #[serde(default)]
     pub models: BTreeMap<String, Arc<Model>>,
+    /// Change history by license id, kept after a license is deleted.
+    /// Replicated (snapshots carry it; older snapshots without it load with
+    /// empty history). Each entry is shared until its license changes, so
+    /// cloning the config stays cheap.
+    #[serde(default)]
+    history: BTreeMap<String, Arc<LicenseHistory>>,
     /// SHA-256 of each key -> license id. Derived; rebuilt after a snapshot.
     #[serde(skip)]
     key_index: HashMap<[u8; 32], String, BuildHasherDefault<DigestHasher>>,
@@ -96,11 +110,38 @@ pub enum ConfigOp {
     },
     /// Create or replace a model.
     PutModel(Model),
-    /// Remove a license and its keys.
+    /// Remove a license and its keys. Its history is kept.
     DeleteLicense {
         /// License id.
         id: String,
     },
+    /// Remove one key from a license, so it stops resolving at once.
+    RevokeKey {
+        /// License id.
+        license_id: String,
+        /// The key's name (`StoredKey::id`) or, when no key has that name, a
+        /// unique prefix of its SHA-256 hex of at least
+        /// [`MIN_KEY_HASH_PREFIX_LEN`] characters.
+        key_id: String,
+    },
+    /// Write back a license's content as of config version `to_version`
+    /// (from its history), with the same checks as `PutLicense`. This
+    /// restores the keys and status of that time too, including keys revoked
+    /// since. History is appended to, never rewritten.
+    RollbackLicense {
+        /// License id.
+        id: String,
+        /// The config version whose content to restore.
+        to_version: u64,
+    },
+}
+
+/// A license change `apply_op` made, for the history record.
+struct LicenseChange {
+    id: String,
+    action: ChangeAction,
+    /// The license before the change.
+    before: Option<Arc<License>>,
 }
 
 /// What applying a command did.
@@ -122,11 +163,19 @@ pub enum ApplyOutcome {
 
 impl Config {
     /// Applies `cmd` at log index `index`. Deterministic and infallible: a
-    /// command that cannot apply is `Rejected` and changes nothing else.
+    /// command that cannot apply is `Rejected` and changes nothing else (no
+    /// history record either). An applied command that touches a license
+    /// appends one [`ChangeRecord`] to that license's history.
     pub fn apply(&mut self, cmd: &ConfigCommand, index: u64) -> ApplyOutcome {
+        let previous_version = self.version;
         self.version = index;
-        match self.apply_op(&cmd.op) {
-            Ok(()) => ApplyOutcome::Applied { version: index },
+        match self.apply_op(&cmd.op, previous_version) {
+            Ok(change) => {
+                if let Some(change) = change {
+                    self.record(cmd, index, change);
+                }
+                ApplyOutcome::Applied { version: index }
+            }
             Err(reason) => ApplyOutcome::Rejected {
                 version: index,
                 reason,
@@ -134,42 +183,37 @@ impl Config {
         }
     }
 
-    fn apply_op(&mut self, op: &ConfigOp) -> Result<(), String> {
+    /// Applies `op` on a config last changed at `previous_version`; returns
+    /// the license change to record, if any. Must check everything before
+    /// changing anything.
+    fn apply_op(
+        &mut self,
+        op: &ConfigOp,
+        previous_version: u64,
+    ) -> Result<Option<LicenseChange>, String> {
         match op {
             ConfigOp::PutLicense(license) => {
-                // Commands arrive from the log, possibly written by an older
-                // or hostile proposer: validate again rather than trust it.
-                license
-                    .validate()
-                    .map_err(|e| format!("invalid license: {e}"))?;
-                for key in &license.keys {
-                    let hash = keys::decode_hash(&key.sha256)
-                        .ok_or_else(|| "invalid key hash".to_string())?;
-                    if let Some(owner) = self.key_index.get(&hash)
-                        && owner != &license.id
-                    {
-                        return Err(format!("a key is already used by license {owner:?}"));
-                    }
-                }
-                self.remove_keys_of(&license.id);
-                for key in &license.keys {
-                    if let Some(hash) = keys::decode_hash(&key.sha256) {
-                        self.key_index.insert(hash, license.id.clone());
-                    }
-                }
-                self.licenses
-                    .insert(license.id.clone(), Arc::new(license.clone()));
-                Ok(())
+                let before = self.put_license(Arc::new(license.clone()))?;
+                Ok(Some(LicenseChange {
+                    id: license.id.clone(),
+                    action: ChangeAction::Put,
+                    before,
+                }))
             }
             ConfigOp::RevokeLicense { id, reason } => {
                 let license = self
                     .licenses
                     .get_mut(id)
                     .ok_or_else(|| format!("unknown license {id:?}"))?;
+                let before = Arc::clone(license);
                 Arc::make_mut(license).status = LicenseStatus::Revoked {
                     reason: Some(reason.clone()),
                 };
-                Ok(())
+                Ok(Some(LicenseChange {
+                    id: id.clone(),
+                    action: ChangeAction::Revoke,
+                    before: Some(before),
+                }))
             }
             ConfigOp::AddKey { license_id, key } => {
                 let hash = keys::decode_hash(&key.sha256.to_ascii_lowercase())
@@ -177,21 +221,29 @@ impl Config {
                 let Some(license) = self.licenses.get_mut(license_id) else {
                     return Err(format!("unknown license {license_id:?}"));
                 };
+                let before = Arc::clone(license);
+                let change = Some(LicenseChange {
+                    id: license_id.clone(),
+                    action: ChangeAction::AddKey,
+                    before: Some(Arc::clone(&before)),
+                });
                 match self.key_index.get(&hash) {
-                    Some(owner) if owner == license_id => return Ok(()),
+                    // Already there: applied, and recorded (with an empty
+                    // diff) so the audit trail shows every applied command.
+                    Some(owner) if owner == license_id => return Ok(change),
                     Some(owner) => return Err(format!("key is already used by license {owner:?}")),
                     None => {}
                 }
                 let mut stored = key.clone();
                 stored.sha256 = hex::encode(hash);
-                let mut updated = License::clone(license);
+                let mut updated = License::clone(&before);
                 updated.keys.push(stored);
                 updated
                     .validate()
                     .map_err(|e| format!("invalid key: {e}"))?;
                 *license = Arc::new(updated);
                 self.key_index.insert(hash, license_id.clone());
-                Ok(())
+                Ok(change)
             }
             ConfigOp::PutModel(model) => {
                 model
@@ -199,16 +251,120 @@ impl Config {
                     .map_err(|e| format!("invalid model: {e}"))?;
                 self.models
                     .insert(model.id.clone(), Arc::new(model.clone()));
-                Ok(())
+                Ok(None)
             }
             ConfigOp::DeleteLicense { id } => {
-                if self.licenses.remove(id).is_none() {
-                    return Err(format!("unknown license {id:?}"));
-                }
                 self.remove_keys_of(id);
-                Ok(())
+                let Some(before) = self.licenses.remove(id) else {
+                    return Err(format!("unknown license {id:?}"));
+                };
+                Ok(Some(LicenseChange {
+                    id: id.clone(),
+                    action: ChangeAction::Delete,
+                    before: Some(before),
+                }))
+            }
+            ConfigOp::RevokeKey { license_id, key_id } => {
+                let Some(license) = self.licenses.get(license_id) else {
+                    return Err(format!("unknown license {license_id:?}"));
+                };
+                let before = Arc::clone(license);
+                let key_idx = find_key(&before.keys, key_id)
+                    .map_err(|e| format!("license {license_id:?}: {e}"))?;
+                let mut updated = License::clone(&before);
+                let removed = updated.keys.remove(key_idx);
+                updated
+                    .validate()
+                    .map_err(|e| format!("invalid license without the key: {e}"))?;
+                if let Some(hash) = keys::decode_hash(&removed.sha256.to_ascii_lowercase())
+                    && self
+                        .key_index
+                        .get(&hash)
+                        .is_some_and(|owner| owner == license_id)
+                {
+                    self.key_index.remove(&hash);
+                }
+                self.licenses.insert(license_id.clone(), Arc::new(updated));
+                Ok(Some(LicenseChange {
+                    id: license_id.clone(),
+                    action: ChangeAction::RevokeKey,
+                    before: Some(before),
+                }))
+            }
+            ConfigOp::RollbackLicense { id, to_version } => {
+                // `to_version` must already have been applied when this
+                // command was proposed: the current index is not a version
+                // one can name content of.
+                let document = history::as_of(
+                    self.history.get(id).map(|h| &**h),
+                    id,
+                    *to_version,
+                    previous_version,
+                )
+                .map_err(|e| format!("cannot roll back: {e}"))?;
+                let before = self.put_license(document)?;
+                Ok(Some(LicenseChange {
+                    id: id.clone(),
+                    action: ChangeAction::Rollback {
+                        to_version: *to_version,
+                    },
+                    before,
+                }))
             }
         }
+    }
+
+    /// Creates or replaces `license` after validating it and checking that
+    /// no other license owns one of its keys; returns the license it replaced.
+    fn put_license(&mut self, license: Arc<License>) -> Result<Option<Arc<License>>, String> {
+        // Commands arrive from the log, possibly written by an older or
+        // hostile proposer, and history may predate today's rules: validate
+        // again rather than trust either.
+        license
+            .validate()
+            .map_err(|e| format!("invalid license: {e}"))?;
+        for key in &license.keys {
+            let hash =
+                keys::decode_hash(&key.sha256).ok_or_else(|| "invalid key hash".to_string())?;
+            if let Some(owner) = self.key_index.get(&hash)
+                && owner != &license.id
+            {
+                return Err(format!("a key is already used by license {owner:?}"));
+            }
+        }
+        self.remove_keys_of(&license.id);
+        for key in &license.keys {
+            if let Some(hash) = keys::decode_hash(&key.sha256) {
+                self.key_index.insert(hash, license.id.clone());
+            }
+        }
+        Ok(self.licenses.insert(license.id.clone(), license))
+    }
+
+    /// Appends the history record of an applied license change.
+    fn record(&mut self, cmd: &ConfigCommand, index: u64, change: LicenseChange) {
+        let after = self.licenses.get(&change.id).cloned();
+        let diff = history::diff_licenses(change.before.as_deref(), after.as_deref());
+        let record = ChangeRecord {
+            version: index,
+            actor: cmd.actor.clone(),
+            at_ms: cmd.at_ms,
+            reason: cmd.reason.clone(),
+            action: change.action,
+            diff,
+            document: after,
+        };
+        let entry = self.history.entry(change.id).or_insert_with(|| {
+            // A license that exists without history predates history
+            // keeping (an older snapshot): its earlier content is unknown.
+            Arc::new(LicenseHistory {
+                records: Vec::new(),
+                truncated: change.before.is_some(),
+            })
+        });
+        // Copies this license's records only if a published config still
+        // shares them.
+        Arc::make_mut(entry).push(record);
     }
 
     fn remove_keys_of(&mut self, license_id: &str) {
@@ -270,6 +426,68 @@ impl Config {
     /// The model with `id`.
     pub fn model(&self, id: &str) -> Option<&Arc<Model>> {
         self.models.get(id)
+    }
+
+    /// The retained change records of license `id`, oldest first; empty if
+    /// none. Deleted licenses keep theirs.
+    pub fn license_history(&self, id: &str) -> &[ChangeRecord] {
+        self.history
+            .get(id)
+            .map_or(&[][..], |h| h.records.as_slice())
+    }
+
+    /// The retained history of license `id`, with whether older changes
+    /// were dropped.
+    pub fn history(&self, id: &str) -> Option<&LicenseHistory> {
+        self.history.get(id).map(|h| &**h)
+    }
+
+    /// Ids of every license with recorded history, deleted ones included.
+    pub fn history_license_ids(&self) -> impl Iterator<Item = &str> {
+        self.history.keys().map(String::as_str)
+    }
+
+    /// License `id` as it was at config version `version`: the document of
+    /// its latest change at or before `version`.
+    pub fn license_as_of(&self, id: &str, version: u64) -> Result<Arc<License>, HistoryError> {
+        history::as_of(self.history(id), id, version, self.version)
+    }
+}
+
+/// The index of the key `key_id` names in `keys`: by `StoredKey::id`, else
+/// by a unique SHA-256 hex prefix of at least [`MIN_KEY_HASH_PREFIX_LEN`].
+fn find_key(keys: &[StoredKey], key_id: &str) -> Result<usize, String> {
+    let mut named = keys
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| k.id.as_deref() == Some(key_id))
+        .map(|(idx, _)| idx);
+    match (named.next(), named.next()) {
+        (Some(idx), None) => return Ok(idx),
+        (Some(_), Some(_)) => {
+            return Err(format!(
+                "several keys are named {key_id:?}; name the key by a prefix of its sha256"
+            ));
+        }
+        (None, _) => {}
+    }
+    let prefix = key_id.to_ascii_lowercase();
+    if prefix.len() < MIN_KEY_HASH_PREFIX_LEN || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "no key named {key_id:?} (a sha256 prefix must be at least {MIN_KEY_HASH_PREFIX_LEN} hex characters)"
+        ));
+    }
+    let mut hashed = keys
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| k.sha256.to_ascii_lowercase().starts_with(&prefix))
+        .map(|(idx, _)| idx);
+    match (hashed.next(), hashed.next()) {
+        (Some(idx), None) => Ok(idx),
+        (Some(_), Some(_)) => Err(format!(
+            "sha256 prefix {key_id:?} matches several keys; give more characters"
+        )),
+        (None, _) => Err(format!("no key named or hashed {key_id:?}")),
     }
 }
 
@@ -367,5 +585,661 @@ mod tests {
         let json = serde_json::to_string(&c).unwrap();
         let back: ConfigCommand = serde_json::from_str(&json).unwrap();
         assert_eq!(back, c);
+    }
+
+    use crate::history::{Change, DiffEntry, MAX_HISTORY_PER_LICENSE};
+    use serde_json::{Value, json};
+
+    fn by(actor: &str, reason: Option<&str>, at_ms: i64, op: ConfigOp) -> ConfigCommand {
+        ConfigCommand {
+            actor: actor.into(),
+            reason: reason.map(str::to_string),
+            at_ms,
+            op,
+        }
+    }
+
+    /// A license with one named key and one quota of `limit`.
+    fn lic_quota(id: &str, key: &str, limit: u64) -> License {
+        parse_license(&format!(
+            "apiVersion: tollgate/v1\nkind: License\nid: {id}\ncustomer: C\nkeys: [{{id: main, key: {key}}}]\nquotas: [{{id: q, metric: inferences, limit: {limit}, window: day}}]\n"
+        ))
+        .unwrap()
+    }
+
+    fn applied(c: &mut Config, cmd: &ConfigCommand, index: u64) {
+        let out = c.apply(cmd, index);
+        assert_eq!(out, ApplyOutcome::Applied { version: index }, "{cmd:?}");
+    }
+
+    fn rejected(c: &mut Config, cmd: &ConfigCommand, index: u64) -> String {
+        match c.apply(cmd, index) {
+            ApplyOutcome::Rejected { version, reason } => {
+                assert_eq!(version, index);
+                reason
+            }
+            other => panic!("expected a rejection of {cmd:?}, got {other:?}"),
+        }
+    }
+
+    fn diff_json(diff: &[DiffEntry]) -> Value {
+        serde_json::to_value(diff).unwrap()
+    }
+
+    fn add_key(license_id: &str, name: &str, plain: &str) -> ConfigOp {
+        ConfigOp::AddKey {
+            license_id: license_id.into(),
+            key: StoredKey {
+                id: Some(name.into()),
+                sha256: keys::hash_key(plain),
+            },
+        }
+    }
+
+    fn revoke_key(license_id: &str, key_id: &str) -> ConfigOp {
+        ConfigOp::RevokeKey {
+            license_id: license_id.into(),
+            key_id: key_id.into(),
+        }
+    }
+
+    fn rollback(id: &str, to_version: u64) -> ConfigOp {
+        ConfigOp::RollbackLicense {
+            id: id.into(),
+            to_version,
+        }
+    }
+
+    #[test]
+    fn history_records_every_applied_change() {
+        let mut c = Config::default();
+        let steps = [
+            by(
+                "alice",
+                Some("new customer"),
+                100,
+                ConfigOp::PutLicense(lic_quota("a", "ka", 5)),
+            ),
+            by(
+                "bob",
+                Some("upsell"),
+                200,
+                ConfigOp::PutLicense(lic_quota("a", "ka", 10)),
+            ),
+            by(
+                "carol",
+                None,
+                300,
+                ConfigOp::RevokeLicense {
+                    id: "a".into(),
+                    reason: "fraud".into(),
+                },
+            ),
+            by("dave", Some("ci"), 400, add_key("a", "ci", "kb")),
+            by("erin", Some("leaked"), 500, revoke_key("a", "ci")),
+            by(
+                "frank",
+                Some("churn"),
+                600,
+                ConfigOp::DeleteLicense { id: "a".into() },
+            ),
+        ];
+        for (idx, step) in steps.iter().enumerate() {
+            applied(&mut c, step, idx as u64 + 1);
+        }
+        let history = c.license_history("a");
+        assert_eq!(history.len(), steps.len());
+        for (idx, (record, step)) in history.iter().zip(&steps).enumerate() {
+            assert_eq!(record.version, idx as u64 + 1);
+            assert_eq!(record.actor, step.actor);
+            assert_eq!(record.reason, step.reason);
+            assert_eq!(record.at_ms, step.at_ms);
+        }
+        let actions: Vec<_> = history.iter().map(|r| r.action.clone()).collect();
+        assert_eq!(
+            actions,
+            [
+                ChangeAction::Put,
+                ChangeAction::Put,
+                ChangeAction::Revoke,
+                ChangeAction::AddKey,
+                ChangeAction::RevokeKey,
+                ChangeAction::Delete,
+            ]
+        );
+
+        // Creation lists every top-level field as added.
+        let created: Vec<_> = history[0].diff.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            created,
+            [
+                "apiVersion",
+                "customer",
+                "features",
+                "hardware",
+                "id",
+                "keys",
+                "kind",
+                "models",
+                "quotas",
+                "rate_limits",
+                "status",
+                "tier"
+            ]
+        );
+        assert!(
+            history[0]
+                .diff
+                .iter()
+                .all(|e| matches!(e.change, Change::Added { .. }))
+        );
+        assert_eq!(
+            diff_json(&history[1].diff),
+            json!([{"path": "quotas[0].limit", "op": "changed", "old": 5, "new": 10}])
+        );
+        assert_eq!(
+            diff_json(&history[2].diff),
+            json!([{"path": "status", "op": "changed", "old": "active",
+                    "new": {"revoked": {"reason": "fraud"}}}])
+        );
+        let kb = keys::hash_key("kb");
+        assert_eq!(
+            diff_json(&history[3].diff),
+            json!([{"path": "keys[1]", "op": "added", "new": {"id": "ci", "sha256": kb}}])
+        );
+        assert_eq!(
+            diff_json(&history[4].diff),
+            json!([{"path": "keys[1]", "op": "removed", "old": {"id": "ci", "sha256": kb}}])
+        );
+        assert!(
+            history[5]
+                .diff
+                .iter()
+                .all(|e| matches!(e.change, Change::Removed { .. }))
+        );
+        assert_eq!(history[5].diff.len(), history[0].diff.len());
+
+        // Documents are the license after each change, none after delete.
+        assert_eq!(history[1].document.as_ref().unwrap().quotas[0].limit, 10);
+        assert_eq!(history[3].document.as_ref().unwrap().keys.len(), 2);
+        assert_eq!(history[4].document.as_ref().unwrap().keys.len(), 1);
+        assert!(history[5].document.is_none());
+        assert!(c.license("a").is_none());
+
+        // Only key hashes ever reach a record.
+        let text = serde_json::to_string(history).unwrap();
+        assert!(
+            !text.contains("\"ka\"") && !text.contains("\"kb\""),
+            "{text}"
+        );
+        assert!(text.contains(&keys::hash_key("ka")));
+    }
+
+    #[test]
+    fn rejected_commands_record_nothing() {
+        let mut c = Config::default();
+        applied(&mut c, &cmd(ConfigOp::PutLicense(lic("a", "ka"))), 1);
+        applied(&mut c, &cmd(ConfigOp::PutModel(model("m"))), 2);
+        let before = c.license_history("a").to_vec();
+        assert_eq!(before.len(), 1, "models have no license history");
+        let mut invalid = lic("a", "kz");
+        invalid.customer.clear();
+        let rejections = [
+            ConfigOp::PutLicense(lic("b", "ka")),
+            ConfigOp::PutLicense(invalid),
+            ConfigOp::RevokeLicense {
+                id: "nope".into(),
+                reason: "x".into(),
+            },
+            add_key("nope", "ci", "kc"),
+            add_key("a", "BAD", "kc"),
+            revoke_key("a", "missing"),
+            revoke_key("nope", "main"),
+            rollback("a", 99),
+            rollback("b", 1),
+            ConfigOp::DeleteLicense { id: "nope".into() },
+        ];
+        for (idx, op) in rejections.into_iter().enumerate() {
+            rejected(&mut c, &cmd(op), idx as u64 + 3);
+        }
+        assert_eq!(c.license_history("a"), before.as_slice());
+        assert_eq!(c.history_license_ids().collect::<Vec<_>>(), ["a"]);
+        assert!(c.license_history("b").is_empty());
+        assert!(c.license_history("nope").is_empty());
+    }
+
+    fn model(id: &str) -> Model {
+        match crate::license::parse_documents(&format!(
+            "apiVersion: tollgate/v1\nkind: Model\nid: {id}\nversions: [{{version: 1.0.0, released: 2025-03-01}}]\n"
+        ))
+        .unwrap()
+        .pop()
+        {
+            Some(crate::license::Document::Model(m)) => m,
+            other => panic!("not a model: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn history_is_capped_and_says_so() {
+        let mut c = Config::default();
+        let n_changes = MAX_HISTORY_PER_LICENSE as u64 + 10;
+        for index in 1..=n_changes {
+            applied(
+                &mut c,
+                &cmd(ConfigOp::PutLicense(lic_quota("a", "ka", index))),
+                index,
+            );
+        }
+        let history = c.license_history("a");
+        assert_eq!(history.len(), MAX_HISTORY_PER_LICENSE);
+        assert_eq!(history[0].version, 11);
+        assert_eq!(history.last().unwrap().version, n_changes);
+        assert!(c.history("a").unwrap().truncated);
+        assert_eq!(c.license_as_of("a", 11).unwrap().quotas[0].limit, 11);
+        let err = c.license_as_of("a", 10).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "version 10 is older than the retained history of license \"a\" (oldest retained: 11)"
+        );
+        let reason = rejected(&mut c, &cmd(rollback("a", 3)), n_changes + 1);
+        assert!(
+            reason.contains("older than the retained history"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn license_as_of_cases() {
+        let mut c = Config::default();
+        c.bump_version(1);
+        applied(
+            &mut c,
+            &cmd(ConfigOp::PutLicense(lic_quota("a", "ka", 5))),
+            3,
+        );
+        applied(
+            &mut c,
+            &cmd(ConfigOp::PutLicense(lic_quota("a", "ka", 6))),
+            5,
+        );
+        applied(&mut c, &cmd(ConfigOp::DeleteLicense { id: "a".into() }), 7);
+        applied(
+            &mut c,
+            &cmd(ConfigOp::PutLicense(lic_quota("a", "ka", 8))),
+            9,
+        );
+        c.bump_version(10);
+        let limit_at = |c: &Config, version| {
+            c.license_as_of("a", version)
+                .map(|l| l.quotas[0].limit)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(limit_at(&c, 3), Ok(5));
+        assert_eq!(limit_at(&c, 4), Ok(5));
+        assert_eq!(limit_at(&c, 5), Ok(6));
+        assert_eq!(limit_at(&c, 9), Ok(8));
+        assert_eq!(limit_at(&c, 10), Ok(8));
+        assert_eq!(
+            limit_at(&c, 2),
+            Err("license \"a\" did not exist yet at version 2".into())
+        );
+        assert_eq!(
+            limit_at(&c, 8),
+            Err("license \"a\" was deleted at version 7 (at or before version 8)".into())
+        );
+        assert_eq!(
+            limit_at(&c, 11),
+            Err("version 11 is in the future (current: 10)".into())
+        );
+        assert_eq!(
+            c.license_as_of("b", 5).unwrap_err().to_string(),
+            "license \"b\" has no recorded history"
+        );
+        // The document at the current version is the current license itself.
+        assert!(Arc::ptr_eq(
+            &c.license_as_of("a", 10).unwrap(),
+            c.license("a").unwrap()
+        ));
+    }
+
+    #[test]
+    fn license_from_before_history_keeping() {
+        // A snapshot written before history existed has no `history` field.
+        let mut old = Config::default();
+        applied(
+            &mut old,
+            &cmd(ConfigOp::PutLicense(lic_quota("a", "ka", 5))),
+            1,
+        );
+        let mut snapshot = serde_json::to_value(&old).unwrap();
+        snapshot.as_object_mut().unwrap().remove("history");
+        let mut c: Config = serde_json::from_value(snapshot).unwrap();
+        c.rebuild_indexes();
+        assert!(c.license_history("a").is_empty());
+        assert!(c.license_as_of("a", 1).is_err());
+        applied(
+            &mut c,
+            &cmd(ConfigOp::PutLicense(lic_quota("a", "ka", 6))),
+            2,
+        );
+        // The first record diffs against the license that was there...
+        assert_eq!(
+            diff_json(&c.license_history("a")[0].diff),
+            json!([{"path": "quotas[0].limit", "op": "changed", "old": 5, "new": 6}])
+        );
+        // ...and earlier versions are unknown rather than "did not exist".
+        assert_eq!(
+            c.license_as_of("a", 1).unwrap_err(),
+            HistoryError::OlderThanRetained {
+                id: "a".into(),
+                version: 1,
+                oldest_retained: 2,
+            }
+        );
+    }
+
+    #[test]
+    fn rollback_restores_content_and_appends() {
+        let mut c = Config::default();
+        applied(
+            &mut c,
+            &cmd(ConfigOp::PutLicense(lic_quota("a", "ka", 5))),
+            1,
+        );
+        applied(
+            &mut c,
+            &cmd(ConfigOp::PutLicense(lic_quota("a", "ka", 10))),
+            2,
+        );
+        applied(&mut c, &cmd(add_key("a", "ci", "kb")), 3);
+        applied(
+            &mut c,
+            &cmd(ConfigOp::RevokeLicense {
+                id: "a".into(),
+                reason: "fraud".into(),
+            }),
+            4,
+        );
+        let at_1 = c.license_as_of("a", 1).unwrap();
+        let before = c.license_history("a").to_vec();
+
+        applied(&mut c, &by("ops", Some("undo"), 50, rollback("a", 1)), 5);
+        let current = c.license("a").unwrap();
+        assert_eq!(**current, *at_1);
+        assert_eq!(**current, lic_quota("a", "ka", 5));
+        // Keys follow the restored content: kb was added after version 1.
+        assert_eq!(c.license_by_key("ka").unwrap().id, "a");
+        assert!(c.license_by_key("kb").is_none());
+
+        let history = c.license_history("a");
+        assert_eq!(history.len(), before.len() + 1);
+        assert_eq!(&history[..before.len()], before.as_slice());
+        let last = history.last().unwrap();
+        assert_eq!(last.action, ChangeAction::Rollback { to_version: 1 });
+        assert_eq!(
+            (last.version, last.actor.as_str(), last.at_ms),
+            (5, "ops", 50)
+        );
+        assert_eq!(last.reason.as_deref(), Some("undo"));
+        assert_eq!(last.document.as_deref(), Some(&*at_1));
+        let paths: Vec<_> = last.diff.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["keys[1]", "quotas[0].limit", "status"]);
+
+        // Rolling back to the revoked state restores that too.
+        applied(&mut c, &cmd(rollback("a", 4)), 6);
+        assert_eq!(c.license("a").unwrap().status.label(), "revoked");
+        assert_eq!(c.license_by_key("kb").unwrap().id, "a");
+        assert_eq!(**c.license("a").unwrap(), *c.license_as_of("a", 4).unwrap());
+    }
+
+    #[test]
+    fn rollback_recreates_a_deleted_license() {
+        let mut c = Config::default();
+        applied(
+            &mut c,
+            &cmd(ConfigOp::PutLicense(lic_quota("a", "ka", 5))),
+            1,
+        );
+        applied(&mut c, &cmd(ConfigOp::DeleteLicense { id: "a".into() }), 2);
+        assert!(c.license_by_key("ka").is_none());
+        applied(&mut c, &cmd(rollback("a", 1)), 3);
+        assert_eq!(**c.license("a").unwrap(), lic_quota("a", "ka", 5));
+        assert_eq!(c.license_by_key("ka").unwrap().id, "a");
+        let record = c.license_history("a").last().unwrap();
+        assert!(
+            record
+                .diff
+                .iter()
+                .all(|e| matches!(e.change, Change::Added { .. }))
+        );
+    }
+
+    #[test]
+    fn rollback_rejections() {
+        let mut c = Config::default();
+        c.bump_version(2);
+        applied(
+            &mut c,
+            &cmd(ConfigOp::PutLicense(lic_quota("a", "ka", 5))),
+            3,
+        );
+        applied(&mut c, &cmd(ConfigOp::DeleteLicense { id: "a".into() }), 4);
+        let check = |c: &mut Config, op: ConfigOp, index: u64, expected: &str| {
+            let n_records = c.license_history("a").len();
+            assert_eq!(rejected(c, &cmd(op), index), expected);
+            assert_eq!(c.license_history("a").len(), n_records);
+        };
+        check(
+            &mut c,
+            rollback("a", 2),
+            5,
+            "cannot roll back: license \"a\" did not exist yet at version 2",
+        );
+        // The command's own index is not yet a version with content.
+        check(
+            &mut c,
+            rollback("a", 6),
+            6,
+            "cannot roll back: version 6 is in the future (current: 5)",
+        );
+        check(
+            &mut c,
+            rollback("a", 4),
+            7,
+            "cannot roll back: license \"a\" was deleted at version 4 (at or before version 4)",
+        );
+        check(
+            &mut c,
+            rollback("zz", 1),
+            8,
+            "cannot roll back: license \"zz\" has no recorded history",
+        );
+        // The restored keys must not belong to another license by now.
+        applied(&mut c, &cmd(ConfigOp::PutLicense(lic("b", "ka"))), 9);
+        check(
+            &mut c,
+            rollback("a", 3),
+            10,
+            "a key is already used by license \"b\"",
+        );
+        assert!(c.license("a").is_none());
+    }
+
+    #[test]
+    fn revoke_key_by_name_or_hash_prefix() {
+        let mut c = Config::default();
+        applied(
+            &mut c,
+            &cmd(ConfigOp::PutLicense(lic_quota("a", "ka", 5))),
+            1,
+        );
+        applied(&mut c, &cmd(add_key("a", "ci", "kb")), 2);
+        applied(
+            &mut c,
+            &cmd(ConfigOp::AddKey {
+                license_id: "a".into(),
+                key: StoredKey {
+                    id: None,
+                    sha256: keys::hash_key("kc"),
+                },
+            }),
+            3,
+        );
+        applied(&mut c, &cmd(revoke_key("a", "ci")), 4);
+        assert!(c.license_by_key("kb").is_none());
+        assert!(c.license_by_key_hash(&keys::hash_key("kb")).is_none());
+        assert_eq!(c.license_by_key("ka").unwrap().id, "a");
+
+        // An unnamed key goes by a prefix of its hash, in either case.
+        let kc_prefix = keys::hash_key("kc")[..8].to_ascii_uppercase();
+        applied(&mut c, &cmd(revoke_key("a", &kc_prefix)), 5);
+        assert!(c.license_by_key("kc").is_none());
+        assert_eq!(c.license("a").unwrap().keys.len(), 1);
+
+        let short = &keys::hash_key("ka")[..7];
+        let mut check = |key_id: &str, expected: String| {
+            assert_eq!(rejected(&mut c, &cmd(revoke_key("a", key_id)), 9), expected);
+        };
+        check(
+            short,
+            format!(
+                "license \"a\": no key named {short:?} (a sha256 prefix must be at least 8 hex characters)"
+            ),
+        );
+        check("ci", "license \"a\": no key named \"ci\" (a sha256 prefix must be at least 8 hex characters)".into());
+        check(
+            "deadbeef00",
+            "license \"a\": no key named or hashed \"deadbeef00\"".into(),
+        );
+        assert_eq!(
+            rejected(&mut c, &cmd(revoke_key("zz", "ci")), 10),
+            "unknown license \"zz\""
+        );
+        // The last key can go too: a license without keys is valid.
+        applied(&mut c, &cmd(revoke_key("a", "main")), 11);
+        assert!(c.license_by_key("ka").is_none());
+        assert!(c.license("a").unwrap().keys.is_empty());
+    }
+
+    #[test]
+    fn revoke_key_rejects_ambiguity() {
+        let mut c = Config::default();
+        let mut license = lic("a", "ka");
+        // Two keys with one name, and two hashes sharing a long prefix.
+        license.keys = vec![
+            StoredKey {
+                id: Some("dup".into()),
+                sha256: format!("{}{}", "ab".repeat(8), "0".repeat(48)),
+            },
+            StoredKey {
+                id: Some("dup".into()),
+                sha256: format!("{}{}", "ab".repeat(8), "1".repeat(48)),
+            },
+        ];
+        applied(&mut c, &cmd(ConfigOp::PutLicense(license)), 1);
+        assert_eq!(
+            rejected(&mut c, &cmd(revoke_key("a", "dup")), 2),
+            "license \"a\": several keys are named \"dup\"; name the key by a prefix of its sha256"
+        );
+        assert_eq!(
+            rejected(&mut c, &cmd(revoke_key("a", "abababab")), 3),
+            "license \"a\": sha256 prefix \"abababab\" matches several keys; give more characters"
+        );
+        applied(
+            &mut c,
+            &cmd(revoke_key("a", &format!("{}1", "ab".repeat(8)))),
+            4,
+        );
+        assert_eq!(c.license("a").unwrap().keys.len(), 1);
+    }
+
+    #[test]
+    fn snapshot_keeps_history() {
+        let mut c = Config::default();
+        applied(
+            &mut c,
+            &by(
+                "alice",
+                Some("new"),
+                7,
+                ConfigOp::PutLicense(lic_quota("a", "ka", 5)),
+            ),
+            1,
+        );
+        applied(
+            &mut c,
+            &cmd(ConfigOp::PutLicense(lic_quota("a", "ka", 6))),
+            2,
+        );
+        applied(&mut c, &cmd(add_key("a", "ci", "kb")), 3);
+        applied(&mut c, &cmd(revoke_key("a", "ci")), 4);
+        applied(&mut c, &cmd(ConfigOp::PutLicense(lic("b", "kx"))), 5);
+        applied(&mut c, &cmd(ConfigOp::DeleteLicense { id: "b".into() }), 6);
+        let json = serde_json::to_string(&c).unwrap();
+        let mut restored: Config = serde_json::from_str(&json).unwrap();
+        restored.rebuild_indexes();
+        for id in ["a", "b"] {
+            assert_eq!(restored.license_history(id), c.license_history(id));
+            assert_eq!(restored.history(id), c.history(id));
+        }
+        assert_eq!(restored.license_as_of("a", 1).unwrap().quotas[0].limit, 5);
+        assert!(restored.license_as_of("b", 6).is_err());
+        assert!(restored.license_by_key("kb").is_none());
+        assert!(restored.license_by_key("kx").is_none());
+        // The restored config keeps applying with history.
+        applied(&mut restored, &cmd(rollback("a", 1)), 7);
+        assert_eq!(**restored.license("a").unwrap(), lic_quota("a", "ka", 5));
+        assert_eq!(restored.license_history("a").len(), 5);
+    }
+
+    #[test]
+    fn clones_share_untouched_history() {
+        let mut c = Config::default();
+        applied(&mut c, &cmd(ConfigOp::PutLicense(lic("a", "ka"))), 1);
+        applied(&mut c, &cmd(ConfigOp::PutLicense(lic("b", "kb"))), 2);
+        let published = c.clone();
+        applied(
+            &mut c,
+            &cmd(revoke_key("a", &keys::hash_key("ka")[..12])),
+            3,
+        );
+        assert!(Arc::ptr_eq(&c.history["b"], &published.history["b"]));
+        assert!(!Arc::ptr_eq(&c.history["a"], &published.history["a"]));
+        assert_eq!(published.license_history("a").len(), 1);
+        assert_eq!(c.license_history("a").len(), 2);
+    }
+
+    #[test]
+    fn every_op_round_trips_through_json_and_messagepack() {
+        let ops = [
+            ConfigOp::PutLicense(lic_quota("a", "ka", 5)),
+            ConfigOp::RevokeLicense {
+                id: "a".into(),
+                reason: "fraud".into(),
+            },
+            add_key("a", "ci", "kb"),
+            ConfigOp::PutModel(model("m")),
+            ConfigOp::DeleteLicense { id: "a".into() },
+            revoke_key("a", "ci"),
+            rollback("a", 7),
+        ];
+        for op in ops {
+            let command = by("ops", Some("why"), 1_780_000_000_000, op);
+            let json = serde_json::to_vec(&command).unwrap();
+            let back: ConfigCommand = serde_json::from_slice(&json).unwrap();
+            assert_eq!(back, command);
+            let packed = rmp_serde::to_vec_named(&command).unwrap();
+            let back: ConfigCommand = rmp_serde::from_slice(&packed).unwrap();
+            assert_eq!(back, command);
+        }
+        assert_eq!(
+            serde_json::to_value(rollback("a", 7)).unwrap(),
+            json!({"RollbackLicense": {"id": "a", "to_version": 7}})
+        );
+        assert_eq!(
+            serde_json::to_value(revoke_key("a", "ci")).unwrap(),
+            json!({"RevokeKey": {"license_id": "a", "key_id": "ci"}})
+        );
     }
 }

@@ -1,8 +1,10 @@
 //! Tollgate's domain core, sans-I/O.
 //!
 //! This crate owns the license document schema and its validation, the model
-//! registry, the replicated configuration state machine's data, the request
-//! signals, the decision function and the usage counters. It performs no I/O,
+//! registry, the replicated configuration state machine's data and its change
+//! history (decision records with structural diffs, point-in-time lookup and
+//! rollback), the request signals, the decision function and the usage
+//! counters. It performs no I/O,
 //! spawns no tasks and never reads the clock: time and randomness are
 //! arguments. That is what keeps it fast, property-testable and simulable.
 //!
@@ -10,9 +12,17 @@
 //! [`usage::Usage::check`] (which is [`decision::decide`] followed by
 //! [`usage::Usage::commit`]), then periodically [`usage::Usage::take_dirty`]
 //! to persist and gossip changed counters.
+//!
+//! On the admin path: [`config::Config::apply`] takes one
+//! [`config::ConfigCommand`] at a log index and appends a
+//! [`history::ChangeRecord`] for every applied license change;
+//! [`config::Config::license_history`] and [`config::Config::license_as_of`]
+//! read that history back, and [`config::ConfigOp::RollbackLicense`] writes
+//! an earlier version back through the log.
 
 pub mod config;
 pub mod decision;
+pub mod history;
 pub mod keys;
 pub mod license;
 pub mod request;
