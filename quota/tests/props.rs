@@ -1,8 +1,11 @@
-//! Property tests: CRDT laws, dry runs change nothing, multi-meter atomicity.
+//! Property tests: CRDT laws, dry runs change nothing, multi-meter atomicity,
+//! config diffs describe exactly the change between two values.
 
 use proptest::prelude::*;
+use serde_json::{Map, Value};
 use tollgate_quota::config::{Config, ConfigCommand, ConfigOp};
 use tollgate_quota::decision::{Outcome, decide};
+use tollgate_quota::history::{Change, DiffEntry, diff_values};
 use tollgate_quota::license::parse_license;
 use tollgate_quota::request::{CheckRequest, Meter};
 use tollgate_quota::usage::{CounterKey, GCounter, Usage, Window};
@@ -63,7 +66,156 @@ fn key(quota: &str, window: Window) -> CounterKey {
     }
 }
 
+/// JSON values from a small alphabet, so two draws often share structure.
+/// Keys include `.`, `[`, `"` and the empty string to exercise path quoting.
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        (0i64..3).prop_map(Value::from),
+        Just(Value::from(0.5)),
+        "[xy]{0,1}".prop_map(Value::String),
+    ];
+    leaf.prop_recursive(4, 32, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            proptest::collection::btree_map("[ab.\\[\"]{0,2}", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect::<Map<_, _>>())),
+        ]
+    })
+}
+
+/// One step of a diff path.
+#[derive(Debug)]
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+/// Parses a diff path (`a.b[2]["x.y"]`) back into steps.
+fn parse_path(path: &str) -> Vec<Step> {
+    let mut steps = Vec::new();
+    let mut rest = path;
+    while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix('[') {
+            if after.starts_with('"') {
+                let mut stream = serde_json::Deserializer::from_str(after).into_iter::<String>();
+                let key = stream.next().expect("a key").expect("a JSON string");
+                let used = stream.byte_offset();
+                steps.push(Step::Key(key));
+                rest = after[used..].strip_prefix(']').expect("closing bracket");
+            } else {
+                let (digits, tail) = after.split_once(']').expect("closing bracket");
+                steps.push(Step::Index(digits.parse().expect("an index")));
+                rest = tail;
+            }
+        } else {
+            let plain = rest.strip_prefix('.').unwrap_or(rest);
+            let end = plain.find(['.', '[']).unwrap_or(plain.len());
+            steps.push(Step::Key(plain[..end].to_string()));
+            rest = &plain[end..];
+        }
+    }
+    steps
+}
+
+fn lookup<'v>(value: &'v Value, steps: &[Step]) -> Option<&'v Value> {
+    steps.iter().try_fold(value, |v, step| match step {
+        Step::Key(key) => v.as_object()?.get(key),
+        Step::Index(idx) => v.as_array()?.get(*idx),
+    })
+}
+
+/// Applies `diff` to `base`. Array tails are added and removed in index
+/// order, so a removal truncates and an addition appends.
+fn patch(base: &Value, diff: &[DiffEntry]) -> Value {
+    let mut out = base.clone();
+    for entry in diff {
+        let steps = parse_path(&entry.path);
+        let Some((last, parents)) = steps.split_last() else {
+            match &entry.change {
+                Change::Changed { new, .. } => out = new.clone(),
+                other => panic!("{other:?} at the root"),
+            }
+            continue;
+        };
+        let mut parent = &mut out;
+        for step in parents {
+            parent = match step {
+                Step::Key(key) => parent.get_mut(key.as_str()).expect("parent key"),
+                Step::Index(idx) => parent.get_mut(*idx).expect("parent index"),
+            };
+        }
+        match (&entry.change, last, parent) {
+            (Change::Removed { .. }, Step::Key(key), Value::Object(map)) => {
+                map.remove(key);
+            }
+            (Change::Removed { .. }, Step::Index(idx), Value::Array(items)) => items.truncate(*idx),
+            (
+                Change::Added { new } | Change::Changed { new, .. },
+                Step::Key(key),
+                Value::Object(map),
+            ) => {
+                map.insert(key.clone(), new.clone());
+            }
+            (Change::Added { new }, Step::Index(idx), Value::Array(items)) => {
+                assert_eq!(*idx, items.len(), "additions come in index order");
+                items.push(new.clone());
+            }
+            (Change::Changed { new, .. }, Step::Index(idx), Value::Array(items)) => {
+                items[*idx] = new.clone();
+            }
+            (change, step, parent) => panic!("{change:?} at {step:?} of {parent}"),
+        }
+    }
+    out
+}
+
 proptest! {
+    #[test]
+    fn diff_of_a_value_with_itself_is_empty(a in json_value()) {
+        prop_assert!(diff_values(&a, &a).is_empty());
+    }
+
+    #[test]
+    fn diff_is_empty_exactly_when_equal(a in json_value(), b in json_value()) {
+        prop_assert_eq!(diff_values(&a, &b).is_empty(), a == b);
+    }
+
+    #[test]
+    fn diff_names_values_where_they_are(a in json_value(), b in json_value()) {
+        for entry in diff_values(&a, &b) {
+            let steps = parse_path(&entry.path);
+            let (old, new) = (lookup(&a, &steps), lookup(&b, &steps));
+            match &entry.change {
+                Change::Added { new: added } => {
+                    prop_assert_eq!(old, None);
+                    prop_assert_eq!(new, Some(added));
+                }
+                Change::Removed { old: removed } => {
+                    prop_assert_eq!(old, Some(removed));
+                    prop_assert_eq!(new, None);
+                }
+                Change::Changed { old: before, new: after } => {
+                    prop_assert_eq!(old, Some(before));
+                    prop_assert_eq!(new, Some(after));
+                    prop_assert_ne!(before, after);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn patching_with_the_diff_gives_the_new_value(a in json_value(), b in json_value()) {
+        let diff = diff_values(&a, &b);
+        prop_assert_eq!(patch(&a, &diff), b.clone());
+        // The reverse diff undoes it, and round trips through JSON.
+        let reverse = diff_values(&b, &a);
+        let text = serde_json::to_string(&reverse).expect("serializes");
+        let reverse: Vec<DiffEntry> = serde_json::from_str(&text).expect("deserializes");
+        prop_assert_eq!(patch(&b, &reverse), a);
+    }
+
     #[test]
     fn merge_is_commutative(a in counter(), b in counter()) {
         prop_assert_eq!(merged(&a, &b), merged(&b, &a));
