@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/tollgate/v1/edge.proto",
         "proto/tollgate/v1/admin.proto",
+        "proto/tollgate/v1/raft.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
