@@ -56,16 +56,51 @@ pub enum WriteError {
         /// The current leader's addresses, if known.
         leader: Option<NodeInfo>,
     },
-    /// The write was not committed in time, usually because no quorum is
-    /// reachable. Its outcome is unknown: it may still be applied later, so
+    /// The write was not committed in time for a reason other than a lost
+    /// quorum (a slow disk, an overloaded leader, a lost answer from the
+    /// leader). Its outcome is unknown: it may still be applied later, so
     /// callers must re-read the config before retrying a non-idempotent
     /// change.
-    #[error(
-        "write not committed within {after_ms} ms (no quorum reachable?); it may still apply later"
-    )]
+    #[error("write not committed within {after_ms} ms; it may still apply later")]
     Timeout {
         /// The timeout that elapsed.
         after_ms: u64,
+    },
+    /// No leader can reach a majority of the voters: this node is a leader
+    /// cut off from the majority, or no leader was found or elected in
+    /// time. Refused before proposing, nothing was written; when a
+    /// leader's proposal timed out this way, it is not committed now and
+    /// commits later only if the majority comes back while this node still
+    /// leads.
+    #[error("no quorum: {detail} ({voters} voters)")]
+    NoQuorum {
+        /// Voters in the current membership.
+        voters: usize,
+        /// What was observed.
+        detail: String,
+    },
+    /// A membership change was refused and retrying will not help (the id
+    /// is a member at another address, the last voter cannot be removed).
+    #[error("membership change refused: {reason}")]
+    MembershipRejected {
+        /// Why.
+        reason: String,
+    },
+    /// Another membership change is still in progress; retry shortly.
+    #[error("membership change in progress: {detail}")]
+    MembershipBusy {
+        /// What is in progress.
+        detail: String,
+    },
+    /// The leader (or the member asked) could not be reached or refused the
+    /// transport (wrong cluster token, malformed answer). The request was
+    /// not delivered, or its answer was lost.
+    #[error("cannot reach {target}: {detail}")]
+    Transport {
+        /// Whom this node tried to ask (`node N at host:port`).
+        target: String,
+        /// Why it failed.
+        detail: String,
     },
     /// Raft is shut down or stopped on an unrecoverable error.
     #[error("raft is not running: {0}")]

@@ -26,6 +26,10 @@ pub struct NodeInfo {
     pub grpc_addr: String,
     /// Address of the HTTP/JSON API, `host:port`.
     pub http_addr: String,
+    /// Address of the usage gossip transport, `host:port`. Reserved: empty
+    /// until gossip exists; absent in membership written before it.
+    #[serde(default)]
+    pub gossip_addr: String,
 }
 
 openraft::declare_raft_types!(
