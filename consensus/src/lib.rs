@@ -1,31 +1,50 @@
 //! Raft-replicated license config for Tollgate: openraft over a small
-//! storage trait (sled in production, in-memory for tests and simulation).
+//! storage trait (sled in production, in-memory for tests and simulation),
+//! with a gRPC transport between cluster members.
 //!
 //! This crate owns the openraft type config ([`types`]), the log store
 //! ([`log_store`]), the state machine and its snapshots
-//! ([`state_machine`]), the storage engines ([`storage`]), the Raft network
-//! ([`network`]) and the facade the node runs ([`ConsensusNode`]). It
-//! replicates and applies `tollgate_quota::config::ConfigCommand`s and
-//! publishes each applied `Config` through an `ArcSwap`; it must not know
-//! about the decision hot path or usage counters (the node may store those in
-//! a [`storage::Tree`], but their meaning is not ours).
+//! ([`state_machine`]), the storage engines ([`storage`]), the Raft
+//! transport — its wire encoding ([`wire`]), client ([`grpc_network`]) and
+//! server ([`raft_service`]) — and the facade the node runs
+//! ([`ConsensusNode`]): starting, forming and joining a cluster, writes
+//! forwarded to the leader, membership changes and metrics. It replicates
+//! and applies `tollgate_quota::config::ConfigCommand`s and publishes each
+//! applied `Config` through an `ArcSwap`; it must not know about the
+//! decision hot path or usage counters (the node may store those in a
+//! [`storage::Tree`], but their meaning is not ours), and it never binds a
+//! socket: the caller serves [`raft_server`] on a listener it owns.
 //!
-//! Typical use: [`ConsensusNode::start`], then
-//! [`ConsensusNode::initialize_single`] (idempotent), then
-//! [`ConsensusNode::write`] on the leader and
-//! `ConsensusNode::config().load()` anywhere.
+//! Typical use, single node: [`ConsensusNode::start`] with [`NoNetwork`],
+//! then [`ConsensusNode::initialize_single`] (idempotent), then
+//! [`ConsensusNode::write`] and `ConsensusNode::config().load()` anywhere.
+//!
+//! A cluster: on every node [`ConsensusNode::start_grpc`] and serve
+//! [`raft_server`] on its `raft_addr`; on one node
+//! [`ConsensusNode::initialize`] with the founding members (or, for a node
+//! added later, [`ConsensusNode::join_cluster`] against any member); then
+//! [`ConsensusNode::write_forwarded`] on any node.
 
 pub mod codec;
 pub mod error;
+pub mod grpc_network;
 pub mod log_store;
 pub mod network;
 pub mod node;
+pub mod raft_service;
 pub mod state_machine;
 pub mod storage;
 pub mod types;
+pub mod wire;
 
 pub use error::{ConsensusError, WriteError};
+pub use grpc_network::{
+    CallError, GrpcNetwork, MAX_RAFT_MESSAGE_BYTES, PeerClient, SNAPSHOT_CHUNK_BYTES,
+    TransportError, TransportSettings,
+};
 pub use network::NoNetwork;
-pub use node::{ConsensusMetrics, ConsensusNode, RaftSettings};
+pub use node::{ConsensusMetrics, ConsensusNode, Member, RaftSettings};
+pub use raft_service::{RaftService, raft_server};
 pub use storage::{BatchOp, MemStorage, SledStorage, Storage, StorageError, Tree};
 pub use types::{NodeId, NodeInfo, TypeConfig};
+pub use wire::WireError;

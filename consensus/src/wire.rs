@@ -262,7 +262,10 @@ mod tests {
             serde_json::to_value(&request).expect("json")
         );
         let EntryPayload::Normal(cmd) = &back.entries[0].payload else {
-            panic!("first entry is not a command: {:?}", back.entries[0].payload);
+            panic!(
+                "first entry is not a command: {:?}",
+                back.entries[0].payload
+            );
         };
         assert_eq!(cmd, &license_command());
     }
