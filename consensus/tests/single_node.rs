@@ -34,6 +34,7 @@ fn info() -> NodeInfo {
         raft_addr: "127.0.0.1:1".to_string(),
         grpc_addr: "127.0.0.1:2".to_string(),
         http_addr: "127.0.0.1:3".to_string(),
+        ..NodeInfo::default()
     }
 }
 
