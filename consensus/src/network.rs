@@ -1,9 +1,10 @@
 //! A Raft network that reaches nobody, for single-node clusters.
 //!
-//! This module owns [`NoNetwork`], the stand-in transport used until the
-//! gRPC transport exists. It must not pretend to deliver anything: every RPC
-//! fails as unreachable, so a misconfigured multi-node cluster fails loudly
-//! (no elections succeed) instead of silently.
+//! This module owns [`NoNetwork`], the transport of a node that is alone by
+//! design (single-node deployments, tests); clusters use
+//! [`crate::grpc_network::GrpcNetwork`]. It must not pretend to deliver
+//! anything: every RPC fails as unreachable, so a misconfigured multi-node
+//! cluster fails loudly (no elections succeed) instead of silently.
 
 use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
