@@ -74,11 +74,20 @@ pub async fn write(
         at_ms: now_ms(),
         op,
     };
-    match state.consensus.write(cmd).await {
+    // Any node takes admin writes: a follower forwards to the leader.
+    match state.consensus.write_forwarded(cmd).await {
         Ok(ApplyOutcome::Applied { version }) => Ok(version),
         Ok(ApplyOutcome::Rejected { reason, .. }) => Err(ApiError::Rejected(reason)),
-        Err(e @ WriteError::Fatal(_)) => Err(ApiError::Internal(e.to_string())),
-        Err(e) => Err(ApiError::Unavailable(e.to_string())),
+        Err(e) => Err(write_error(e)),
+    }
+}
+
+fn write_error(e: WriteError) -> ApiError {
+    match e {
+        WriteError::Fatal(_) => ApiError::Internal(e.to_string()),
+        WriteError::NoQuorum { .. } => ApiError::NoQuorum(e.to_string()),
+        WriteError::MembershipRejected { .. } => ApiError::Rejected(e.to_string()),
+        _ => ApiError::Unavailable(e.to_string()),
     }
 }
 
@@ -245,4 +254,182 @@ pub fn summary(l: &License) -> tollgate_proto::v1::LicenseSummary {
         n_keys: u32::try_from(l.keys.len()).unwrap_or(u32::MAX),
         n_quotas: u32::try_from(l.quotas.len()).unwrap_or(u32::MAX),
     }
+}
+
+/// The recorded changes of license `id`, oldest first, as JSON records
+/// (version, actor, time, reason, action, diff; without the full document),
+/// and the config version they were read at.
+pub fn history(state: &NodeState, id: &str) -> Result<(serde_json::Value, u64), ApiError> {
+    let config = state.config();
+    let records = config.license_history(id);
+    if records.is_empty() {
+        return Err(ApiError::NotFound(format!("license `{id}` has no history")));
+    }
+    let mut out = Vec::with_capacity(records.len());
+    for r in records {
+        let mut v = serde_json::to_value(r).map_err(|e| ApiError::Internal(e.to_string()))?;
+        if let Some(obj) = v.as_object_mut() {
+            obj.remove("document");
+            if let Some(at) = chrono::DateTime::from_timestamp_millis(r.at_ms) {
+                obj.insert(
+                    "at".to_string(),
+                    serde_json::Value::String(
+                        at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                    ),
+                );
+            }
+        }
+        out.push(v);
+    }
+    Ok((serde_json::Value::Array(out), config.version))
+}
+
+/// Writes license `id` as it was at config version `to_version` back as a
+/// new version. History is appended to, never rewritten.
+pub async fn rollback(
+    state: &NodeState,
+    actor: &str,
+    id: &str,
+    to_version: u64,
+    reason: &str,
+) -> Result<u64, ApiError> {
+    let why = reason_opt(reason).unwrap_or_else(|| format!("rollback to version {to_version}"));
+    write(
+        state,
+        actor,
+        Some(why),
+        ConfigOp::RollbackLicense {
+            id: id.to_string(),
+            to_version,
+        },
+    )
+    .await
+}
+
+/// Removes key `key_id` (its name, or a prefix of its hash) from license
+/// `license_id`.
+pub async fn revoke_key(
+    state: &NodeState,
+    actor: &str,
+    license_id: &str,
+    key_id: &str,
+    reason: &str,
+) -> Result<u64, ApiError> {
+    get_license(state, license_id)?;
+    if key_id.trim().is_empty() {
+        return Err(ApiError::InvalidArgument(
+            "key_id: must not be empty".into(),
+        ));
+    }
+    write(
+        state,
+        actor,
+        reason_opt(reason),
+        ConfigOp::RevokeKey {
+            license_id: license_id.to_string(),
+            key_id: key_id.trim().to_string(),
+        },
+    )
+    .await
+}
+
+/// How long `cluster_status` waits for each member's answer.
+const PEER_STATUS_TIMEOUT_MS: u64 = 1_000;
+
+/// Every member's view: role, term, applied index and lag behind the
+/// leader's log. Members that do not answer are listed as unreachable.
+pub async fn cluster_status(state: &NodeState) -> serde_json::Value {
+    let consensus = &state.consensus;
+    let local = consensus.metrics();
+    let members = consensus.members();
+    let mut set = tokio::task::JoinSet::new();
+    for m in &members {
+        if m.id == state.node_id {
+            continue;
+        }
+        let c = Arc::clone(consensus);
+        let (id, info) = (m.id, m.info.clone());
+        set.spawn(async move {
+            let r = tokio::time::timeout(
+                std::time::Duration::from_millis(PEER_STATUS_TIMEOUT_MS),
+                c.peer_status(&info),
+            )
+            .await;
+            let r = match r {
+                Ok(Ok(m)) => Ok(m),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer within {PEER_STATUS_TIMEOUT_MS} ms")),
+            };
+            (id, r)
+        });
+    }
+    let mut views = std::collections::BTreeMap::new();
+    views.insert(state.node_id, Ok(local.clone()));
+    while let Some(joined) = set.join_next().await {
+        if let Ok((id, r)) = joined {
+            views.insert(id, r);
+        }
+    }
+    let leader_log = local
+        .leader
+        .and_then(|l| views.get(&l))
+        .and_then(|v| v.as_ref().ok())
+        .and_then(|m| m.last_log_index);
+    let nodes: Vec<serde_json::Value> = members
+        .iter()
+        .map(|m| {
+            let mut node = serde_json::json!({
+                "id": m.id,
+                "region": m.info.region,
+                "voter": m.voter,
+                "raft_addr": m.info.raft_addr,
+                "grpc_addr": m.info.grpc_addr,
+                "http_addr": m.info.http_addr,
+                "leader": local.leader == Some(m.id),
+            });
+            match views.get(&m.id) {
+                Some(Ok(v)) => {
+                    let applied = v.last_applied_index.unwrap_or(0);
+                    node["reachable"] = true.into();
+                    node["state"] = v.state.clone().into();
+                    node["term"] = v.term.into();
+                    node["applied_index"] = applied.into();
+                    node["lag"] = leader_log.map(|l| l.saturating_sub(applied)).into();
+                }
+                Some(Err(e)) => {
+                    node["reachable"] = false.into();
+                    node["error"] = e.clone().into();
+                }
+                None => node["reachable"] = false.into(),
+            }
+            node
+        })
+        .collect();
+    serde_json::json!({
+        "node_id": state.node_id,
+        "leader": local.leader,
+        "term": local.term,
+        "config_version": state.config().version,
+        "nodes": nodes,
+    })
+}
+
+/// Removes node `node_id` from the cluster membership.
+pub async fn remove_node(
+    state: &NodeState,
+    actor: &str,
+    node_id: u64,
+    reason: &str,
+) -> Result<u64, ApiError> {
+    if !state.consensus.members().iter().any(|m| m.id == node_id) {
+        return Err(ApiError::NotFound(format!(
+            "node {node_id} is not a member"
+        )));
+    }
+    tracing::info!(node_id, actor, reason, "removing node from the cluster");
+    state
+        .consensus
+        .remove_node(node_id)
+        .await
+        .map_err(write_error)
 }

@@ -25,6 +25,10 @@ pub enum ApiError {
     /// The cluster cannot commit writes right now (no leader or no quorum).
     #[error("{0}")]
     Unavailable(String),
+    /// Fewer than a majority of the voters are reachable, so no write can
+    /// commit; decisions still answer from local state.
+    #[error("{0}")]
+    NoQuorum(String),
     /// The state machine refused the change.
     #[error("{0}")]
     Rejected(String),
@@ -41,6 +45,7 @@ impl ApiError {
             ApiError::Unauthenticated => "unauthenticated",
             ApiError::NotFound(_) => "not_found",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::NoQuorum(_) => "no_quorum",
             ApiError::Rejected(_) => "failed_precondition",
             ApiError::Internal(_) => "internal",
         }
@@ -52,7 +57,7 @@ impl ApiError {
             ApiError::InvalidArgument(_) => 400,
             ApiError::Unauthenticated => 401,
             ApiError::NotFound(_) => 404,
-            ApiError::Unavailable(_) => 503,
+            ApiError::Unavailable(_) | ApiError::NoQuorum(_) => 503,
             ApiError::Rejected(_) => 409,
             ApiError::Internal(_) => 500,
         }
@@ -66,7 +71,7 @@ impl From<ApiError> for tonic::Status {
             ApiError::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
             ApiError::Unauthenticated => tonic::Status::unauthenticated(msg),
             ApiError::NotFound(_) => tonic::Status::not_found(msg),
-            ApiError::Unavailable(_) => tonic::Status::unavailable(msg),
+            ApiError::Unavailable(_) | ApiError::NoQuorum(_) => tonic::Status::unavailable(msg),
             ApiError::Rejected(_) => tonic::Status::failed_precondition(msg),
             ApiError::Internal(_) => tonic::Status::internal(msg),
         }

@@ -35,10 +35,11 @@ impl Target {
         ClusterFile::read(&self.data_dir).ok()
     }
 
-    /// The gRPC URI to call.
-    pub fn uri(&self) -> anyhow::Result<String> {
+    /// The gRPC URIs to try, in order: `--addr`, else every node of
+    /// cluster.json (so the CLI still works when a node is down).
+    pub fn uris(&self) -> anyhow::Result<Vec<String>> {
         if let Some(a) = &self.addr {
-            return Ok(endpoint_uri(a));
+            return Ok(vec![endpoint_uri(a)]);
         }
         let cluster = self.cluster().with_context(|| {
             format!(
@@ -46,11 +47,12 @@ impl Target {
                 self.data_dir.join("cluster.json").display()
             )
         })?;
-        let node = cluster
+        anyhow::ensure!(!cluster.nodes.is_empty(), "cluster.json lists no nodes");
+        Ok(cluster
             .nodes
-            .first()
-            .context("cluster.json lists no nodes")?;
-        Ok(endpoint_uri(&node.grpc_addr))
+            .iter()
+            .map(|n| endpoint_uri(&n.grpc_addr))
+            .collect())
     }
 
     /// The admin token to send.
@@ -65,14 +67,22 @@ impl Target {
     }
 
     async fn channel(&self) -> anyhow::Result<Channel> {
-        let uri = self.uri()?;
-        Endpoint::from_shared(uri.clone())?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
-            .connect()
-            .await
-            .with_context(|| format!("connecting to {uri}"))
+        let uris = self.uris()?;
+        let mut last_err = None;
+        for uri in uris {
+            let connected = Endpoint::from_shared(uri.clone())?
+                .tcp_nodelay(true)
+                .connect_timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(30))
+                .connect()
+                .await
+                .with_context(|| format!("connecting to {uri}"));
+            match connected {
+                Ok(c) => return Ok(c),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no node to connect to")))
     }
 
     /// An edge client.
@@ -177,4 +187,86 @@ pub async fn check(
         edge.check(req).await
     };
     Ok(proto_to_json(&resp.map_err(status_err)?.into_inner()))
+}
+
+fn text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "-".to_string(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Renders `cluster status` JSON as a table, one row per member.
+pub fn render_cluster(v: &serde_json::Value) -> String {
+    let mut out = format!(
+        "leader {}  term {}  config version {}\n\n",
+        text(&v["leader"]),
+        text(&v["term"]),
+        text(&v["config_version"])
+    );
+    out.push_str(&format!(
+        "{:<5} {:<10} {:<10} {:<6} {:<6} {:>8} {:>6}  {:<22} {}\n",
+        "ID", "REGION", "STATE", "VOTER", "TERM", "APPLIED", "LAG", "RAFT", "GRPC"
+    ));
+    for n in v["nodes"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let state = if n["reachable"] == serde_json::Value::Bool(false) {
+            "down".to_string()
+        } else {
+            text(&n["state"])
+        };
+        out.push_str(&format!(
+            "{:<5} {:<10} {:<10} {:<6} {:<6} {:>8} {:>6}  {:<22} {}\n",
+            text(&n["id"]),
+            text(&n["region"]),
+            state,
+            if n["voter"] == serde_json::Value::Bool(true) {
+                "yes"
+            } else {
+                "no"
+            },
+            text(&n["term"]),
+            text(&n["applied_index"]),
+            text(&n["lag"]),
+            text(&n["raft_addr"]),
+            text(&n["grpc_addr"]),
+        ));
+        if let Some(e) = n["error"].as_str() {
+            out.push_str(&format!("      ({e})\n"));
+        }
+    }
+    out
+}
+
+/// Renders `license history` JSON: one block per change with its diff.
+pub fn render_history(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    for r in v.as_array().map(Vec::as_slice).unwrap_or_default() {
+        let kind = text(&r["action"]["kind"]).replace('_', " ");
+        let action = match r["action"]["to_version"].as_u64() {
+            Some(v) => format!("{kind} to version {v}"),
+            None => kind,
+        };
+        out.push_str(&format!(
+            "version {}  {}  by {}  {}\n  reason: {}\n",
+            text(&r["version"]),
+            text(&r["at"]),
+            text(&r["actor"]),
+            action,
+            r["reason"].as_str().unwrap_or("(none given)")
+        ));
+        for d in r["diff"].as_array().map(Vec::as_slice).unwrap_or_default() {
+            let path = d["path"]
+                .as_str()
+                .filter(|p| !p.is_empty())
+                .unwrap_or("(document)");
+            match d["op"].as_str().unwrap_or("") {
+                "added" => out.push_str(&format!("  + {path}: {}\n", d["new"])),
+                "removed" => out.push_str(&format!("  - {path}: {}\n", d["old"])),
+                _ => out.push_str(&format!("  ~ {path}: {} -> {}\n", d["old"], d["new"])),
+            }
+        }
+        out.push('\n');
+    }
+    out
 }

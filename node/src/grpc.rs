@@ -185,4 +185,58 @@ impl Admin for AdminService {
             status_json: self.state.status_json().to_string(),
         }))
     }
+
+    async fn license_history(
+        &self,
+        req: Request<pb::LicenseHistoryRequest>,
+    ) -> Result<Response<pb::LicenseHistoryResponse>, Status> {
+        self.actor(&req)?;
+        let (records, version) = admin::history(&self.state, &req.into_inner().id)?;
+        Ok(Response::new(pb::LicenseHistoryResponse {
+            history_json: records.to_string(),
+            version,
+        }))
+    }
+
+    async fn rollback_license(
+        &self,
+        req: Request<pb::RollbackLicenseRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        let actor = self.actor(&req)?;
+        let r = req.into_inner();
+        let version = admin::rollback(&self.state, &actor, &r.id, r.to_version, &r.reason).await?;
+        Ok(Response::new(pb::WriteResponse { version }))
+    }
+
+    async fn revoke_key(
+        &self,
+        req: Request<pb::RevokeKeyRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        let actor = self.actor(&req)?;
+        let r = req.into_inner();
+        let version =
+            admin::revoke_key(&self.state, &actor, &r.license_id, &r.key_id, &r.reason).await?;
+        Ok(Response::new(pb::WriteResponse { version }))
+    }
+
+    async fn cluster_status(
+        &self,
+        req: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        self.actor(&req)?;
+        let cluster = admin::cluster_status(&self.state).await;
+        Ok(Response::new(pb::ClusterStatusResponse {
+            cluster_json: cluster.to_string(),
+        }))
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        let actor = self.actor(&req)?;
+        let r = req.into_inner();
+        let version = admin::remove_node(&self.state, &actor, r.node_id, &r.reason).await?;
+        Ok(Response::new(pb::WriteResponse { version }))
+    }
 }

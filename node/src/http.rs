@@ -14,7 +14,7 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use serde::Deserialize;
 
 use crate::admin;
@@ -34,6 +34,11 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/v1/licenses/{id}", put(put_license).get(get_license))
         .route("/v1/licenses/{id}/revoke", post(revoke))
         .route("/v1/licenses/{id}/keys", post(issue_key))
+        .route("/v1/licenses/{id}/keys/{key_id}/revoke", post(revoke_key))
+        .route("/v1/licenses/{id}/history", get(history))
+        .route("/v1/licenses/{id}/rollback", post(rollback))
+        .route("/v1/cluster", get(cluster))
+        .route("/v1/cluster/nodes/{node_id}", delete(remove_node))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", put(put_model))
         .route("/v1/status", get(status))
@@ -191,6 +196,19 @@ struct ActionBody {
     reason: String,
     #[serde(default)]
     name: String,
+    #[serde(default)]
+    to_version: Option<u64>,
+}
+
+impl ActionBody {
+    /// The body's reason, else `?reason=` or the reason header.
+    fn reason_or(self, query: &HashMap<String, String>, headers: &HeaderMap) -> String {
+        if self.reason.is_empty() {
+            reason(query, headers)
+        } else {
+            self.reason
+        }
+    }
 }
 
 fn action_body(body: &Bytes) -> Result<ActionBody, ApiError> {
@@ -209,12 +227,7 @@ async fn revoke(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let actor = actor(&state, &headers)?;
-    let b = action_body(&body)?;
-    let why = if b.reason.is_empty() {
-        reason(&q, &headers)
-    } else {
-        b.reason
-    };
+    let why = action_body(&body)?.reason_or(&q, &headers);
     let version = admin::revoke(&state, &actor, &id, &why).await?;
     Ok(
         axum::Json(serde_json::json!({"id": id, "status": "revoked", "version": version}))
@@ -231,12 +244,9 @@ async fn issue_key(
 ) -> Result<Response, ApiError> {
     let actor = actor(&state, &headers)?;
     let b = action_body(&body)?;
-    let why = if b.reason.is_empty() {
-        reason(&q, &headers)
-    } else {
-        b.reason
-    };
-    let k = admin::issue_key(&state, &actor, &id, &b.name, &why).await?;
+    let name = b.name.clone();
+    let why = b.reason_or(&q, &headers);
+    let k = admin::issue_key(&state, &actor, &id, &name, &why).await?;
     Ok(axum::Json(serde_json::json!({
         "license": id, "key": k.key, "key_id": k.key_id, "version": k.version,
         "note": "store this key now: it is not shown again",
@@ -278,4 +288,70 @@ async fn put_model(
 
 async fn status(State(state): State<AppState>) -> Response {
     axum::Json(state.status_json()).into_response()
+}
+
+async fn revoke_key(
+    State(state): State<AppState>,
+    Path((id, key_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let actor = actor(&state, &headers)?;
+    let why = action_body(&body)?.reason_or(&q, &headers);
+    let version = admin::revoke_key(&state, &actor, &id, &key_id, &why).await?;
+    Ok(axum::Json(
+        serde_json::json!({"license": id, "key_id": key_id, "status": "revoked", "version": version}),
+    )
+    .into_response())
+}
+
+async fn history(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    actor(&state, &headers)?;
+    let (records, version) = admin::history(&state, &id)?;
+    Ok(
+        axum::Json(serde_json::json!({"license": id, "history": records, "version": version}))
+            .into_response(),
+    )
+}
+
+async fn rollback(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let actor = actor(&state, &headers)?;
+    let b = action_body(&body)?;
+    let to_version = b
+        .to_version
+        .or_else(|| q.get("to_version").and_then(|v| v.parse().ok()))
+        .ok_or_else(|| ApiError::InvalidArgument("to_version: required".into()))?;
+    let why = b.reason_or(&q, &headers);
+    let version = admin::rollback(&state, &actor, &id, to_version, &why).await?;
+    Ok(
+        axum::Json(serde_json::json!({"id": id, "rolled_back_to": to_version, "version": version}))
+            .into_response(),
+    )
+}
+
+async fn cluster(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    actor(&state, &headers)?;
+    Ok(axum::Json(admin::cluster_status(&state).await).into_response())
+}
+
+async fn remove_node(
+    State(state): State<AppState>,
+    Path(node_id): Path<u64>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let actor = actor(&state, &headers)?;
+    let version = admin::remove_node(&state, &actor, node_id, &reason(&q, &headers)).await?;
+    Ok(axum::Json(serde_json::json!({"removed": node_id, "version": version})).into_response())
 }

@@ -12,6 +12,7 @@ pub mod client;
 pub mod grpc;
 pub mod http;
 pub mod persist;
+pub mod revocation_bench;
 pub mod server;
 pub mod settings;
 pub mod state;

@@ -53,16 +53,27 @@ impl TargetArgs {
 enum Command {
     /// Run one node from a settings file.
     Serve(ServeArgs),
-    /// Start the embedded default: a local node with the demo licenses.
+    /// Start the embedded default: a local cluster with the demo licenses.
     Up {
-        /// Where state lives; a second `up` on the same dir keeps it.
+        /// Where state lives; a second `up` on the same dir restarts the
+        /// same cluster.
         #[arg(long, default_value = "tollgate-data")]
         data_dir: PathBuf,
+        /// How many nodes a new local cluster has (regions local-a, local-b, ...).
+        #[arg(long, default_value_t = up::DEFAULT_NODES)]
+        nodes: usize,
     },
-    /// Apply, read, list and revoke licenses; issue keys.
+    /// Apply, read, list, revoke and roll back licenses; issue and revoke keys.
     License {
         #[command(subcommand)]
         command: LicenseCommand,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Inspect the Raft cluster and change its membership.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
         #[command(flatten)]
         target: TargetArgs,
     },
@@ -109,6 +120,32 @@ struct ServeArgs {
     /// Override the data dir.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Override the Raft transport address.
+    #[arg(long)]
+    raft_addr: Option<SocketAddr>,
+    /// Join an existing cluster through any member's Raft address (used
+    /// when the data dir is new; the node is added as a learner, then
+    /// promoted to voter once it has caught up).
+    #[arg(long)]
+    join: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Every member: leader, term, applied index, lag, region.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a node from the Raft membership.
+    RemoveNode {
+        /// Node id.
+        id: u64,
+        /// Why (logged).
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -118,8 +155,8 @@ enum LicenseCommand {
         /// The file.
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
-        /// Why (kept with the change).
-        #[arg(long, default_value = "")]
+        /// Why (kept with the change in the license history).
+        #[arg(long)]
         reason: String,
     },
     /// Print one license as JSON (keys appear only as hashes).
@@ -137,8 +174,8 @@ enum LicenseCommand {
     Revoke {
         /// License id.
         id: String,
-        /// Why.
-        #[arg(long, default_value = "")]
+        /// Why (kept with the change).
+        #[arg(long)]
         reason: String,
     },
     /// Issue a new API key for a license; the key is shown once.
@@ -148,8 +185,38 @@ enum LicenseCommand {
         /// A name for the key.
         #[arg(long, default_value = "")]
         name: String,
-        /// Why.
-        #[arg(long, default_value = "")]
+        /// Why (kept with the change).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Revoke one key of a license (by its name or hash prefix).
+    RevokeKey {
+        /// License id.
+        id: String,
+        /// The key's name, or at least 8 leading hex characters of its hash.
+        key_id: String,
+        /// Why (kept with the change).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Every recorded change of a license: version, actor, time, reason, diff.
+    History {
+        /// License id.
+        id: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the license as it was at config version VERSION back as a new
+    /// version (history is kept).
+    Rollback {
+        /// License id.
+        id: String,
+        /// The config version to go back to (see `license history`).
+        #[arg(long = "to")]
+        to_version: u64,
+        /// Why (kept with the change).
+        #[arg(long)]
         reason: String,
     },
 }
@@ -233,11 +300,34 @@ impl SignalArgs {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    /// Open-loop Check load against one node.
+    Load,
+    /// Issue a key, revoke it on the leader, time until every node denies it.
+    Revocation,
+}
+
 #[derive(Args)]
 struct BenchArgs {
-    /// gRPC address of the node.
+    /// What to measure.
+    #[arg(long, value_enum, default_value = "load")]
+    scenario: Scenario,
+    /// gRPC address of the node (load); default: the first node of cluster.json.
     #[arg(long, env = "TOLLGATE_ADDR")]
-    addr: String,
+    addr: Option<String>,
+    /// Admin token (revocation); default: cluster.json's token file.
+    #[arg(long, env = "TOLLGATE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Data dir whose cluster.json names the nodes and the token file.
+    #[arg(long = "cluster-dir", default_value = client::DEFAULT_DATA_DIR)]
+    cluster_dir: PathBuf,
+    /// Revocations to measure (revocation).
+    #[arg(long, default_value_t = 100)]
+    count: usize,
+    /// License the revocation scenario issues its keys on.
+    #[arg(long, default_value = "demo")]
+    license: String,
     /// Offered requests per second.
     #[arg(long, default_value_t = 10_000)]
     rps: u64,
@@ -309,6 +399,12 @@ async fn main() -> anyhow::Result<()> {
             if let Some(v) = args.data_dir {
                 s.data_dir = v;
             }
+            if let Some(v) = args.raft_addr {
+                s.raft_addr = Some(v);
+            }
+            if let Some(v) = args.join {
+                s.join = Some(v);
+            }
             let seed = match &s.seed_documents {
                 Some(p) => Some(
                     std::fs::read_to_string(p)
@@ -318,23 +414,38 @@ async fn main() -> anyhow::Result<()> {
             };
             let node = server::start(s, seed).await?;
             println!(
-                "serving: gRPC {} HTTP http://{}",
-                node.grpc_addr, node.http_addr
+                "serving: gRPC {} HTTP http://{} Raft {}",
+                node.grpc_addr, node.http_addr, node.raft_addr
             );
             wait_for_signal().await;
             node.shutdown().await?;
         }
-        Command::Up { data_dir } => {
+        Command::Up { data_dir, nodes } => {
             init_tracing();
-            let (node, cluster) = up::start(&data_dir).await?;
+            let (nodes, cluster) = up::start(&data_dir, nodes).await?;
             let shown = data_dir.canonicalize().unwrap_or(data_dir);
             println!("{}", up::banner(&cluster, &shown));
             wait_for_signal().await;
             println!("stopping...");
-            node.shutdown().await?;
+            let mut stopping = tokio::task::JoinSet::new();
+            for node in nodes {
+                stopping.spawn(node.shutdown());
+            }
+            let mut failed = None;
+            while let Some(r) = stopping.join_next().await {
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => failed = failed.or(Some(e)),
+                    Err(e) => failed = failed.or(Some(anyhow::anyhow!("shutdown panicked: {e}"))),
+                }
+            }
+            if let Some(e) = failed {
+                return Err(e.context("stopping nodes"));
+            }
             println!("stopped cleanly");
         }
         Command::License { command, target } => license(command, &target.target()).await?,
+        Command::Cluster { command, target } => cluster(command, &target.target()).await?,
         Command::Check { signals, target } => {
             let d = client::check(&target.target(), signals.request()?, false).await?;
             print_decision(&d, signals.json)?;
@@ -353,9 +464,32 @@ async fn main() -> anyhow::Result<()> {
             let v: serde_json::Value = serde_json::from_str(&s.status_json)?;
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
+        Command::Bench(args) if args.scenario == Scenario::Revocation => {
+            let target = Target {
+                addr: args.addr.clone(),
+                token: args.token.clone(),
+                data_dir: args.cluster_dir.clone(),
+            };
+            let report =
+                tollgate_node::revocation_bench::run(&target, &args.license, args.count).await?;
+            println!("{}", serde_json::to_string(&report)?);
+        }
         Command::Bench(args) => {
+            let target = Target {
+                addr: args.addr.clone(),
+                token: None,
+                data_dir: args.cluster_dir.clone(),
+            };
+            let addr = match args.addr {
+                Some(a) => a,
+                None => target
+                    .uris()?
+                    .into_iter()
+                    .next()
+                    .context("no node to benchmark")?,
+            };
             let cfg = BenchConfig {
-                addr: args.addr,
+                addr,
                 rps: args.rps,
                 duration: Duration::from_secs_f64(args.duration),
                 warmup: Duration::from_secs_f64(args.warmup),
@@ -469,6 +603,93 @@ async fn license(cmd: LicenseCommand, target: &Target) -> anyhow::Result<()> {
             println!(
                 "key {} for license {id} (version {}):\n{}\nStore it now: it is not shown again.",
                 r.key_id, r.version, r.key
+            );
+        }
+        LicenseCommand::RevokeKey { id, key_id, reason } => {
+            let r = admin
+                .revoke_key(authed(
+                    pb::RevokeKeyRequest {
+                        license_id: id.clone(),
+                        key_id: key_id.clone(),
+                        reason,
+                    },
+                    &h,
+                ))
+                .await
+                .map_err(status_err)?;
+            println!(
+                "revoked key {key_id} of {id} at version {}",
+                r.into_inner().version
+            );
+        }
+        LicenseCommand::History { id, json } => {
+            let r = admin
+                .license_history(authed(pb::LicenseHistoryRequest { id }, &h))
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let v: serde_json::Value = serde_json::from_str(&r.history_json)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", client::render_history(&v));
+            }
+        }
+        LicenseCommand::Rollback {
+            id,
+            to_version,
+            reason,
+        } => {
+            let r = admin
+                .rollback_license(authed(
+                    pb::RollbackLicenseRequest {
+                        id: id.clone(),
+                        to_version,
+                        reason,
+                    },
+                    &h,
+                ))
+                .await
+                .map_err(status_err)?;
+            println!(
+                "rolled {id} back to its version-{to_version} content as version {}",
+                r.into_inner().version
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn cluster(cmd: ClusterCommand, target: &Target) -> anyhow::Result<()> {
+    let (mut admin, h) = target.admin().await?;
+    match cmd {
+        ClusterCommand::Status { json } => {
+            let r = admin
+                .cluster_status(authed(pb::ClusterStatusRequest {}, &h))
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let v: serde_json::Value = serde_json::from_str(&r.cluster_json)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", client::render_cluster(&v));
+            }
+        }
+        ClusterCommand::RemoveNode { id, reason } => {
+            let r = admin
+                .remove_node(authed(
+                    pb::RemoveNodeRequest {
+                        node_id: id,
+                        reason,
+                    },
+                    &h,
+                ))
+                .await
+                .map_err(status_err)?;
+            println!(
+                "removed node {id} (membership log index {})",
+                r.into_inner().version
             );
         }
     }

@@ -4,7 +4,9 @@
 //! Listeners and shutdown come from the caller (`start_with_listeners`), so
 //! tests and the embedded default can bind port 0 and stop nodes cleanly.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,18 +17,21 @@ use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tollgate_consensus::storage::{SledStorage, Storage};
-use tollgate_consensus::{ConsensusNode, NoNetwork, NodeInfo, RaftSettings};
+use tollgate_consensus::{ConsensusNode, NodeInfo, RaftSettings, TransportSettings};
 use tollgate_proto::v1::admin_server::AdminServer;
 use tollgate_proto::v1::edge_server::EdgeServer;
 
 use crate::admin;
 use crate::grpc::{AdminService, EdgeService};
 use crate::persist;
-use crate::settings::{MAX_BODY_BYTES, NodeSettings};
+use crate::settings::{MAX_BODY_BYTES, MemberSettings, NodeSettings};
 use crate::state::NodeState;
 
-/// How long a starting node waits for its Raft leader.
+/// How long `start` waits for a Raft leader before it serves anyway (and
+/// applies seed documents later, in the background).
 pub const LEADER_WAIT_MS: u64 = 10_000;
+/// How long a new node keeps asking to be added to the cluster.
+pub const JOIN_TIMEOUT_MS: u64 = 60_000;
 
 /// A node that is serving.
 pub struct RunningNode {
@@ -36,6 +41,8 @@ pub struct RunningNode {
     pub grpc_addr: SocketAddr,
     /// Where HTTP listens.
     pub http_addr: SocketAddr,
+    /// Where the Raft transport listens.
+    pub raft_addr: SocketAddr,
     shutdown_tx: watch::Sender<bool>,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
 }
@@ -69,45 +76,115 @@ impl RunningNode {
     }
 }
 
+/// Reads a token file (one line, not empty).
+fn read_token_file(path: &Path) -> anyhow::Result<String> {
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("reading token file {}", path.display()))?;
+    let token = token.trim().to_string();
+    anyhow::ensure!(!token.is_empty(), "token file {} is empty", path.display());
+    Ok(token)
+}
+
 /// Reads the admin token file (one line).
 pub fn read_admin_token(settings: &NodeSettings) -> anyhow::Result<String> {
-    let token = std::fs::read_to_string(&settings.admin_token_file).with_context(|| {
-        format!(
-            "reading admin token file {}",
-            settings.admin_token_file.display()
-        )
-    })?;
-    let token = token.trim().to_string();
-    anyhow::ensure!(
-        !token.is_empty(),
-        "admin token file {} is empty",
-        settings.admin_token_file.display()
-    );
-    Ok(token)
+    read_token_file(&settings.admin_token_file)
+}
+
+/// Every admin token with the actor name it is recorded under.
+fn read_admin_tokens(settings: &NodeSettings) -> anyhow::Result<Vec<(String, String)>> {
+    let mut tokens = vec![(
+        settings.admin_token_name.clone(),
+        read_admin_token(settings)?,
+    )];
+    for t in &settings.admin_tokens {
+        anyhow::ensure!(
+            !t.name.trim().is_empty(),
+            "admin_tokens: a token file ({}) has an empty name",
+            t.file.display()
+        );
+        tokens.push((t.name.clone(), read_token_file(&t.file)?));
+    }
+    Ok(tokens)
+}
+
+/// The sockets a node serves on, bound by the caller.
+pub struct Listeners {
+    /// Edge and admin gRPC.
+    pub grpc: TcpListener,
+    /// HTTP/JSON.
+    pub http: TcpListener,
+    /// Raft transport.
+    pub raft: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses in `settings`.
+    pub async fn bind(settings: &NodeSettings) -> anyhow::Result<Self> {
+        let bind = |addr: SocketAddr, what: &'static str| async move {
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {what} address {addr}"))
+        };
+        Ok(Self {
+            grpc: bind(settings.grpc_addr, "gRPC").await?,
+            http: bind(settings.http_addr, "HTTP").await?,
+            raft: bind(settings.raft_addr(), "Raft").await?,
+        })
+    }
+
+    /// Binds three ephemeral loopback ports (tests).
+    pub async fn ephemeral() -> anyhow::Result<Self> {
+        Ok(Self {
+            grpc: TcpListener::bind("127.0.0.1:0").await?,
+            http: TcpListener::bind("127.0.0.1:0").await?,
+            raft: TcpListener::bind("127.0.0.1:0").await?,
+        })
+    }
 }
 
 /// Binds the configured addresses and starts the node.
 pub async fn start(settings: NodeSettings, seed: Option<String>) -> anyhow::Result<RunningNode> {
-    let grpc = TcpListener::bind(settings.grpc_addr)
-        .await
-        .with_context(|| format!("binding gRPC address {}", settings.grpc_addr))?;
-    let http = TcpListener::bind(settings.http_addr)
-        .await
-        .with_context(|| format!("binding HTTP address {}", settings.http_addr))?;
-    start_with_listeners(settings, grpc, http, seed).await
+    let listeners = Listeners::bind(&settings).await?;
+    start_with_listeners(settings, listeners, seed).await
+}
+
+fn member_info(m: &MemberSettings) -> NodeInfo {
+    NodeInfo {
+        region: m.region.clone(),
+        raft_addr: m.raft_addr.to_string(),
+        grpc_addr: m.grpc_addr.to_string(),
+        http_addr: m.http_addr.to_string(),
+        gossip_addr: m.gossip_addr.map(|a| a.to_string()).unwrap_or_default(),
+    }
+}
+
+/// Nagle's algorithm would add up to 40 ms to small responses; a decision
+/// (or a Raft heartbeat) is a few hundred bytes and latency is the product.
+fn nodelay_incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    TcpListenerStream::new(listener).map(|s| {
+        if let Ok(s) = &s {
+            let _ = s.set_nodelay(true);
+        }
+        s
+    })
 }
 
 /// Starts the node on listeners the caller bound. `seed` holds documents
-/// applied when the config is still empty (first start).
+/// applied when the config is still empty (first start of a bootstrapping
+/// node), once a leader is known.
 pub async fn start_with_listeners(
     settings: NodeSettings,
-    grpc: TcpListener,
-    http: TcpListener,
+    listeners: Listeners,
     seed: Option<String>,
 ) -> anyhow::Result<RunningNode> {
+    let Listeners { grpc, http, raft } = listeners;
     let grpc_addr = grpc.local_addr()?;
     let http_addr = http.local_addr()?;
-    let token = read_admin_token(&settings)?;
+    let raft_addr = raft.local_addr()?;
+    let tokens = read_admin_tokens(&settings)?;
+    let cluster_token = read_token_file(settings.cluster_token_file())?;
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
     let storage: Arc<dyn Storage> = Arc::new(
@@ -117,57 +194,113 @@ pub async fn start_with_listeners(
 
     let info = NodeInfo {
         region: settings.region.clone(),
-        raft_addr: grpc_addr.to_string(),
+        raft_addr: raft_addr.to_string(),
         grpc_addr: grpc_addr.to_string(),
         http_addr: http_addr.to_string(),
+        gossip_addr: settings
+            .gossip_addr
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
     };
     let raft_settings = RaftSettings {
+        heartbeat_interval_ms: settings.raft.heartbeat_interval_ms,
+        election_timeout_min_ms: settings.raft.election_timeout_min_ms,
+        election_timeout_max_ms: settings.raft.election_timeout_max_ms,
+        write_timeout_ms: settings.raft.write_timeout_ms,
         snapshot_after_entries: settings.snapshot_after_entries,
+        max_in_snapshot_log_to_keep: settings.snapshot_keep_entries,
         ..RaftSettings::default()
     };
-    let consensus = ConsensusNode::start(
-        settings.node_id,
-        info,
-        Arc::clone(&storage),
-        NoNetwork,
-        &raft_settings,
-    )
-    .await
-    .context("starting raft")?;
-    if settings.bootstrap {
-        consensus
-            .initialize_single()
-            .await
-            .context("initializing single-node cluster")?;
-    }
-    consensus
-        .wait_for_leader(Duration::from_millis(LEADER_WAIT_MS))
+    let consensus = Arc::new(
+        ConsensusNode::start_grpc(
+            settings.node_id,
+            info.clone(),
+            Arc::clone(&storage),
+            &raft_settings,
+            &TransportSettings::default(),
+            &cluster_token,
+        )
         .await
-        .context("waiting for a raft leader")?;
+        .context("starting raft")?,
+    );
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    // The Raft transport serves first: joining and elections need it.
+    let raft_svc = tollgate_consensus::raft_server(Arc::clone(&consensus), &cluster_token);
+    let mut rx = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(raft_svc)
+            .serve_with_incoming_shutdown(nodelay_incoming(raft), async move {
+                let _ = rx.changed().await;
+            })
+            .await
+            .context("Raft server")
+    }));
+
+    let initialized = consensus
+        .raft()
+        .is_initialized()
+        .await
+        .context("reading raft state")?;
+    if !initialized {
+        if let Some(seed_addr) = &settings.join {
+            tracing::info!(node_id = settings.node_id, member = %seed_addr, "joining cluster");
+            ConsensusNode::join_cluster(
+                seed_addr,
+                &cluster_token,
+                settings.node_id,
+                info.clone(),
+                Duration::from_millis(JOIN_TIMEOUT_MS),
+            )
+            .await
+            .with_context(|| format!("joining the cluster through {seed_addr}"))?;
+        } else if settings.bootstrap {
+            let mut members: BTreeMap<u64, NodeInfo> = settings
+                .initial_members
+                .iter()
+                .map(|m| (m.id, member_info(m)))
+                .collect();
+            // This node's own record uses the addresses it actually bound.
+            members.insert(settings.node_id, info.clone());
+            consensus
+                .initialize(members)
+                .await
+                .context("initializing the cluster")?;
+        }
+    }
 
     let usage = persist::restore(storage.as_ref(), settings.node_id)?;
     let state = Arc::new(NodeState::new(
         settings.node_id,
         settings.region.clone(),
-        consensus,
+        Arc::clone(&consensus),
         usage,
-        &token,
+        &tokens,
         settings.strict_fields,
     ));
 
-    if let Some(text) = seed {
-        let config = state.config();
-        if config.licenses.is_empty() && config.models.is_empty() {
-            let applied =
-                admin::apply_documents(&state, "bootstrap", &text, "seed documents at first start")
-                    .await
-                    .map_err(|e| anyhow::anyhow!("applying seed documents: {e}"))?;
-            tracing::info!(n_documents = applied.len(), "applied seed documents");
+    // Seed documents go in once a leader exists. Wait for that here, so a
+    // caller of `start` sees the seeded config; if the cluster is not up yet
+    // (other members still starting), keep waiting in the background.
+    if let Some(text) = seed.filter(|_| settings.bootstrap && settings.join.is_none()) {
+        let mut seeding = tokio::spawn(seed_when_ready(
+            Arc::clone(&state),
+            text,
+            shutdown_rx.clone(),
+        ));
+        match tokio::time::timeout(Duration::from_millis(LEADER_WAIT_MS), &mut seeding).await {
+            Ok(joined) => joined.context("seeding task")??,
+            Err(_) => {
+                tracing::warn!(
+                    "no raft leader yet; seed documents will be applied once one is elected"
+                );
+                tasks.push(seeding);
+            }
         }
     }
-
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let mut tasks = Vec::new();
 
     tasks.push(tokio::spawn(persist::run(
         Arc::clone(&state),
@@ -180,20 +313,12 @@ pub async fn start_with_listeners(
         .max_decoding_message_size(MAX_BODY_BYTES);
     let admin_svc = AdminServer::new(AdminService::new(Arc::clone(&state)))
         .max_decoding_message_size(MAX_BODY_BYTES);
-    // Nagle's algorithm would add up to 40 ms to small responses; a decision
-    // is a few hundred bytes and latency is the product.
-    let incoming = TcpListenerStream::new(grpc).map(|s| {
-        if let Ok(s) = &s {
-            let _ = s.set_nodelay(true);
-        }
-        s
-    });
     let mut rx = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(edge)
             .add_service(admin_svc)
-            .serve_with_incoming_shutdown(incoming, async move {
+            .serve_with_incoming_shutdown(nodelay_incoming(grpc), async move {
                 let _ = rx.changed().await;
             })
             .await
@@ -211,12 +336,47 @@ pub async fn start_with_listeners(
             .context("HTTP server")
     }));
 
-    tracing::info!(node_id = settings.node_id, %grpc_addr, %http_addr, "node serving");
+    tracing::info!(node_id = settings.node_id, %grpc_addr, %http_addr, %raft_addr, "node serving");
     Ok(RunningNode {
         state,
         grpc_addr,
         http_addr,
+        raft_addr,
         shutdown_tx,
         tasks,
     })
+}
+
+/// Waits for a leader, then applies `text` if the config is still empty.
+/// Ends early, doing nothing, when the node shuts down.
+async fn seed_when_ready(
+    state: Arc<NodeState>,
+    text: String,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let wait = state
+            .consensus
+            .wait_for_leader(Duration::from_millis(LEADER_WAIT_MS));
+        tokio::select! {
+            r = wait => match r {
+                Ok(_) => break,
+                Err(e) => tracing::debug!(error = %e, "still waiting for a raft leader"),
+            },
+            _ = shutdown.changed() => return Ok(()),
+        }
+    }
+    let config = state.config();
+    if !config.licenses.is_empty() || !config.models.is_empty() {
+        return Ok(());
+    }
+    let applied =
+        admin::apply_documents(&state, "bootstrap", &text, "seed documents at first start")
+            .await
+            .map_err(|e| anyhow::anyhow!("applying seed documents: {e}"))?;
+    tracing::info!(n_documents = applied.len(), "applied seed documents");
+    Ok(())
 }

@@ -48,6 +48,110 @@ pub struct NodeSettings {
     /// Raft log entries between snapshots.
     #[serde(default = "default_snapshot_after")]
     pub snapshot_after_entries: u64,
+    /// Log entries kept below the latest snapshot, so a follower that lags
+    /// by fewer entries catches up from the log rather than a snapshot.
+    #[serde(default = "default_snapshot_keep")]
+    pub snapshot_keep_entries: u64,
+    /// Raft transport listen address. Peers reach this node here, and the
+    /// address is replicated in the membership, so it must stay stable.
+    /// Default: the gRPC address with its port + 100 (7400 -> 7500).
+    #[serde(default)]
+    pub raft_addr: Option<SocketAddr>,
+    /// Gossip (QUIC) address, registered in the membership; reserved.
+    #[serde(default)]
+    pub gossip_addr: Option<SocketAddr>,
+    /// Raft timing.
+    #[serde(default)]
+    pub raft: RaftTiming,
+    /// The members a bootstrapping node forms the cluster with (itself
+    /// included). Empty: a one-node cluster of this node. Used only when
+    /// `bootstrap` is set and the data dir is new.
+    #[serde(default)]
+    pub initial_members: Vec<MemberSettings>,
+    /// Raft address of any member of an existing cluster to join when the
+    /// data dir is new (`serve --join`). Implies `bootstrap: false`.
+    #[serde(default)]
+    pub join: Option<String>,
+    /// The name recorded as the actor of changes made with the token in
+    /// `admin_token_file`.
+    #[serde(default = "default_token_name")]
+    pub admin_token_name: String,
+    /// More admin tokens, each with its own name for the change history.
+    #[serde(default)]
+    pub admin_tokens: Vec<NamedTokenFile>,
+    /// File holding the secret nodes present to each other on the Raft
+    /// port. Every member needs the same one. Default: `admin_token_file`.
+    #[serde(default)]
+    pub cluster_token_file: Option<PathBuf>,
+}
+
+/// Raft timing of one node. Every member should use the same values.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftTiming {
+    /// Leader heartbeat interval (ms).
+    pub heartbeat_interval_ms: u64,
+    /// Lower bound of the randomized election timeout (ms).
+    pub election_timeout_min_ms: u64,
+    /// Upper bound of the randomized election timeout (ms).
+    pub election_timeout_max_ms: u64,
+    /// How long an admin write may take before it fails (ms).
+    pub write_timeout_ms: u64,
+}
+
+impl Default for RaftTiming {
+    /// Values for regions a WAN apart: heartbeats well inside the election
+    /// timeout, elections slow enough to ride out cross-region jitter.
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_ms: 250,
+            election_timeout_min_ms: 1_000,
+            election_timeout_max_ms: 2_000,
+            write_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl RaftTiming {
+    /// Values for nodes on one host or one LAN (the embedded default):
+    /// a dead leader is replaced in well under a second.
+    pub fn local() -> Self {
+        Self {
+            heartbeat_interval_ms: 50,
+            election_timeout_min_ms: 300,
+            election_timeout_max_ms: 600,
+            write_timeout_ms: 3_000,
+        }
+    }
+}
+
+/// One member of the initial cluster.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MemberSettings {
+    /// Node id.
+    pub id: u64,
+    /// Region label.
+    pub region: String,
+    /// Raft transport address.
+    pub raft_addr: SocketAddr,
+    /// Edge/admin gRPC address.
+    pub grpc_addr: SocketAddr,
+    /// HTTP address.
+    pub http_addr: SocketAddr,
+    /// Gossip address (reserved).
+    #[serde(default)]
+    pub gossip_addr: Option<SocketAddr>,
+}
+
+/// An extra admin token and the name changes made with it are recorded under.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NamedTokenFile {
+    /// Actor name, e.g. `ci-pipeline` or `alice`.
+    pub name: String,
+    /// File holding the token (one line).
+    pub file: PathBuf,
 }
 
 fn default_region() -> String {
@@ -61,6 +165,17 @@ fn default_flush() -> u64 {
 }
 fn default_snapshot_after() -> u64 {
     1000
+}
+fn default_snapshot_keep() -> u64 {
+    100
+}
+fn default_token_name() -> String {
+    "admin".to_string()
+}
+
+/// The Raft address used when none is configured: the gRPC port + 100.
+pub fn default_raft_addr(grpc_addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(grpc_addr.ip(), grpc_addr.port().wrapping_add(100))
 }
 
 impl NodeSettings {
@@ -83,7 +198,29 @@ impl NodeSettings {
             usage_flush_interval_ms: DEFAULT_USAGE_FLUSH_INTERVAL_MS,
             strict_fields: true,
             snapshot_after_entries: default_snapshot_after(),
+            snapshot_keep_entries: default_snapshot_keep(),
+            raft_addr: None,
+            gossip_addr: None,
+            raft: RaftTiming::default(),
+            initial_members: Vec::new(),
+            join: None,
+            admin_token_name: default_token_name(),
+            admin_tokens: Vec::new(),
+            cluster_token_file: None,
         }
+    }
+
+    /// The Raft address: configured, or derived from the gRPC address.
+    pub fn raft_addr(&self) -> SocketAddr {
+        self.raft_addr
+            .unwrap_or_else(|| default_raft_addr(self.grpc_addr))
+    }
+
+    /// The file holding the cluster secret.
+    pub fn cluster_token_file(&self) -> &Path {
+        self.cluster_token_file
+            .as_deref()
+            .unwrap_or(&self.admin_token_file)
     }
 
     /// Reads settings from a YAML (or JSON) file.

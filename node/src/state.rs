@@ -40,11 +40,13 @@ pub struct NodeState {
     pub node_id: u64,
     /// This node's region label.
     pub region: String,
-    /// The Raft handle for admin writes and metrics.
-    pub consensus: ConsensusNode,
+    /// The Raft handle for admin writes and metrics (shared with the Raft
+    /// transport server).
+    pub consensus: Arc<ConsensusNode>,
     config: Arc<ArcSwap<Config>>,
     usage: Mutex<Usage>,
-    admin_token_sha256: [u8; 32],
+    // SHA-256 of each admin token with the actor name it records.
+    admin_tokens: Vec<([u8; 32], String)>,
     /// Whether the edge HTTP API rejects unknown JSON fields.
     pub strict_fields: bool,
     /// Decision counters.
@@ -64,12 +66,14 @@ pub fn now_ms() -> i64 {
 
 impl NodeState {
     /// Builds the state around a started consensus node.
+    /// `admin_tokens` pairs each actor name with its plain token; only the
+    /// tokens' hashes are kept.
     pub fn new(
         node_id: u64,
         region: String,
-        consensus: ConsensusNode,
+        consensus: Arc<ConsensusNode>,
         usage: Usage,
-        admin_token: &str,
+        admin_tokens: &[(String, String)],
         strict_fields: bool,
     ) -> Self {
         let config = consensus.config();
@@ -79,7 +83,10 @@ impl NodeState {
             consensus,
             config,
             usage: Mutex::new(usage),
-            admin_token_sha256: Sha256::digest(admin_token.trim().as_bytes()).into(),
+            admin_tokens: admin_tokens
+                .iter()
+                .map(|(name, token)| (Sha256::digest(token.trim().as_bytes()).into(), name.clone()))
+                .collect(),
             strict_fields,
             stats: Stats::default(),
             usage_seq: AtomicU64::new(0),
@@ -160,12 +167,16 @@ impl NodeState {
         self.usage_persisted_seq.load(Ordering::Acquire) < self.usage_seq()
     }
 
-    /// Checks a bearer token against the admin token; returns the actor name.
+    /// Checks a bearer token against the admin tokens; returns the name of
+    /// the matching token, which is recorded as the actor of changes.
     pub fn authorize_admin(&self, authorization: Option<&str>) -> Option<String> {
         let token = authorization?.trim().strip_prefix("Bearer ")?.trim();
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         // Comparing digests keeps the comparison's timing unrelated to the token.
-        (digest == self.admin_token_sha256).then(|| "admin".to_string())
+        self.admin_tokens
+            .iter()
+            .find(|(hash, _)| *hash == digest)
+            .map(|(_, name)| name.clone())
     }
 
     /// A JSON status document for operators.
@@ -178,14 +189,7 @@ impl NodeState {
             "policy_version": config.version,
             "n_licenses": config.licenses.len(),
             "n_models": config.models.len(),
-            "raft": {
-                "term": m.term,
-                "leader": m.leader,
-                "is_leader": m.is_leader,
-                "last_log_index": m.last_log_index,
-                "last_applied": m.last_applied_index,
-                "snapshot_index": m.snapshot_index,
-            },
+            "raft": serde_json::to_value(&m).unwrap_or_default(),
             "usage": {
                 "seq": self.usage_seq(),
                 "persisted_seq": self.usage_persisted_seq.load(Ordering::Acquire),

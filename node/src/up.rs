@@ -1,6 +1,9 @@
-//! The embedded default: `tollgate up` starts a local node with the demo
-//! models and licenses, writes `<data-dir>/cluster.json` for tools, and
-//! prints how to talk to it.
+//! The embedded default: `tollgate up` starts a local Raft cluster (three
+//! nodes by default, regions `local-a`, `local-b`, ...) in one process, on
+//! loopback, with the demo models and licenses; writes
+//! `<data-dir>/cluster.json` for tools; and prints how to talk to it. `up`
+//! on a data dir that already holds a cluster restarts that cluster, on the
+//! same addresses.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -10,8 +13,8 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
-use crate::server::{self, RunningNode};
-use crate::settings::NodeSettings;
+use crate::server::{self, Listeners, RunningNode};
+use crate::settings::{MemberSettings, NodeSettings, RaftTiming};
 
 /// The demo documents applied at first start (models and two licenses).
 pub const QUICKSTART_YAML: &str = include_str!("../../examples/quickstart.yaml");
@@ -20,6 +23,12 @@ pub const QUICKSTART_YAML: &str = include_str!("../../examples/quickstart.yaml")
 pub const DEFAULT_GRPC_PORT: u16 = 7400;
 /// Preferred HTTP port of the first local node.
 pub const DEFAULT_HTTP_PORT: u16 = 7480;
+/// Preferred Raft port of the first local node.
+pub const DEFAULT_RAFT_PORT: u16 = 7500;
+/// Nodes `up` starts unless told otherwise.
+pub const DEFAULT_NODES: usize = 3;
+/// Most nodes `up` starts (each takes three ports after the defaults).
+pub const MAX_LOCAL_NODES: usize = 9;
 
 /// `<data-dir>/cluster.json`: how tools and scripts find a running cluster.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -41,6 +50,9 @@ pub struct ClusterNode {
     pub grpc_addr: String,
     /// HTTP address (host:port).
     pub http_addr: String,
+    /// Raft transport address (host:port); older files lack it.
+    #[serde(default)]
+    pub raft_addr: Option<String>,
 }
 
 impl ClusterFile {
@@ -91,58 +103,184 @@ async fn bind_preferring(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     }
 }
 
-/// Starts the embedded default in `data_dir` and returns the running node.
-pub async fn start(data_dir: &Path) -> anyhow::Result<(RunningNode, ClusterFile)> {
+/// Binds exactly `addr`: a restarted cluster's Raft addresses are in its
+/// replicated membership and cannot move.
+async fn bind_exact(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| {
+        format!("binding {what} address {addr} recorded in cluster.json (is another `up` running?)")
+    })
+}
+
+/// The region label of the `i`-th local node: local-a, local-b, ...
+pub fn local_region(i: usize) -> String {
+    let letter = char::from(b'a' + u8::try_from(i % 26).unwrap_or(0));
+    format!("local-{letter}")
+}
+
+/// One local node to start: its id, region and bound sockets.
+struct Planned {
+    id: u64,
+    region: String,
+    listeners: Listeners,
+}
+
+async fn plan_new(n: usize) -> anyhow::Result<Vec<Planned>> {
+    let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+    let mut planned = Vec::with_capacity(n);
+    for i in 0..n {
+        let offset = u16::try_from(i).context("too many nodes")?;
+        let port = |base: u16| SocketAddr::new(loopback, base + offset);
+        planned.push(Planned {
+            id: u64::from(offset) + 1,
+            region: local_region(i),
+            listeners: Listeners {
+                grpc: bind_preferring(port(DEFAULT_GRPC_PORT)).await?,
+                http: bind_preferring(port(DEFAULT_HTTP_PORT)).await?,
+                raft: bind_preferring(port(DEFAULT_RAFT_PORT)).await?,
+            },
+        });
+    }
+    Ok(planned)
+}
+
+async fn plan_restart(previous: &ClusterFile) -> anyhow::Result<Vec<Planned>> {
+    let mut planned = Vec::with_capacity(previous.nodes.len());
+    for n in &previous.nodes {
+        let grpc: SocketAddr = n.grpc_addr.parse().context("cluster.json grpc_addr")?;
+        let http: SocketAddr = n.http_addr.parse().context("cluster.json http_addr")?;
+        let raft: SocketAddr = match &n.raft_addr {
+            Some(a) => a.parse().context("cluster.json raft_addr")?,
+            None => crate::settings::default_raft_addr(grpc),
+        };
+        planned.push(Planned {
+            id: n.id,
+            region: n.region.clone(),
+            listeners: Listeners {
+                // Tools may have the edge addresses, but they can move.
+                grpc: bind_preferring(grpc).await?,
+                http: bind_preferring(http).await?,
+                raft: bind_exact(raft, "Raft").await?,
+            },
+        });
+    }
+    Ok(planned)
+}
+
+/// Starts the embedded default in `data_dir`: `n_nodes` local nodes on a
+/// new data dir, or the cluster recorded in its `cluster.json`.
+pub async fn start(
+    data_dir: &Path,
+    n_nodes: usize,
+) -> anyhow::Result<(Vec<RunningNode>, ClusterFile)> {
+    anyhow::ensure!(
+        (1..=MAX_LOCAL_NODES).contains(&n_nodes),
+        "--nodes must be between 1 and {MAX_LOCAL_NODES}"
+    );
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let data_dir = data_dir.canonicalize()?;
     let token_file = data_dir.join("admin.token");
     ensure_admin_token(&token_file)?;
 
-    let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
     let previous = ClusterFile::read(&data_dir).ok();
-    let (grpc, http) = match previous.as_ref().and_then(|c| c.nodes.first()) {
-        // A restart keeps the addresses tools already know.
-        Some(n) => {
-            let g: SocketAddr = n.grpc_addr.parse().context("cluster.json grpc_addr")?;
-            let h: SocketAddr = n.http_addr.parse().context("cluster.json http_addr")?;
-            (bind_preferring(g).await?, bind_preferring(h).await?)
+    let planned = match &previous {
+        Some(p) if !p.nodes.is_empty() => {
+            if p.nodes.len() != n_nodes {
+                tracing::warn!(
+                    recorded = p.nodes.len(),
+                    requested = n_nodes,
+                    "restarting the cluster recorded in cluster.json; --nodes applies to new data dirs only"
+                );
+            }
+            plan_restart(p).await?
         }
-        None => (
-            bind_preferring(SocketAddr::new(loopback, DEFAULT_GRPC_PORT)).await?,
-            bind_preferring(SocketAddr::new(loopback, DEFAULT_HTTP_PORT)).await?,
-        ),
+        _ => plan_new(n_nodes).await?,
     };
-    let mut settings = NodeSettings::local(1, &data_dir, grpc.local_addr()?, http.local_addr()?);
-    settings.admin_token_file = token_file.clone();
-    let node = server::start_with_listeners(
-        settings.clone(),
-        grpc,
-        http,
-        Some(QUICKSTART_YAML.to_string()),
-    )
-    .await?;
+
+    let mut members = Vec::with_capacity(planned.len());
+    for p in &planned {
+        members.push(MemberSettings {
+            id: p.id,
+            region: p.region.clone(),
+            raft_addr: p.listeners.raft.local_addr()?,
+            grpc_addr: p.listeners.grpc.local_addr()?,
+            http_addr: p.listeners.http.local_addr()?,
+            gossip_addr: None,
+        });
+    }
+    let first_id = planned.first().map(|p| p.id);
+    let mut starting = Vec::with_capacity(planned.len());
+    for (p, m) in planned.into_iter().zip(&members) {
+        let mut settings = NodeSettings::local(p.id, &data_dir, m.grpc_addr, m.http_addr);
+        settings.region = p.region;
+        settings.raft_addr = Some(m.raft_addr);
+        settings.admin_token_file = token_file.clone();
+        settings.raft = RaftTiming::local();
+        // The first node forms the cluster with all of them; the others
+        // wait to hear from it.
+        let is_first = Some(p.id) == first_id;
+        settings.bootstrap = is_first;
+        settings.initial_members = if is_first {
+            members.clone()
+        } else {
+            Vec::new()
+        };
+        let seed = is_first.then(|| QUICKSTART_YAML.to_string());
+        // All nodes start at once: the first one waits for a quorum.
+        starting.push(tokio::spawn(server::start_with_listeners(
+            settings,
+            p.listeners,
+            seed,
+        )));
+    }
+    let mut nodes = Vec::with_capacity(starting.len());
+    let mut first_err = None;
+    for handle in starting {
+        match handle.await {
+            Ok(Ok(node)) => nodes.push(node),
+            Ok(Err(e)) => first_err = first_err.or(Some(e)),
+            Err(e) => first_err = first_err.or(Some(anyhow::anyhow!("node start panicked: {e}"))),
+        }
+    }
+    if let Some(e) = first_err {
+        for node in nodes {
+            let _ = node.shutdown().await;
+        }
+        return Err(e);
+    }
     let cluster = ClusterFile {
-        nodes: vec![ClusterNode {
-            id: settings.node_id,
-            region: settings.region.clone(),
-            grpc_addr: node.grpc_addr.to_string(),
-            http_addr: node.http_addr.to_string(),
-        }],
+        nodes: nodes
+            .iter()
+            .zip(&members)
+            .map(|(node, m)| ClusterNode {
+                id: m.id,
+                region: m.region.clone(),
+                grpc_addr: node.grpc_addr.to_string(),
+                http_addr: node.http_addr.to_string(),
+                raft_addr: Some(node.raft_addr.to_string()),
+            })
+            .collect(),
         admin_token_file: token_file,
     };
     cluster.write(&data_dir)?;
-    Ok((node, cluster))
+    Ok((nodes, cluster))
 }
 
-/// What `up` prints once the node serves.
+/// What `up` prints once the nodes serve.
 pub fn banner(cluster: &ClusterFile, data_dir: &Path) -> String {
     let mut out = String::new();
-    out.push_str("Tollgate is up (embedded default: 1 node, demo licenses).\n\n");
+    let n = cluster.nodes.len();
+    out.push_str(&format!(
+        "Tollgate is up (embedded default: {n}-node local cluster, demo licenses).\n\n"
+    ));
     for n in &cluster.nodes {
         out.push_str(&format!(
-            "  node {} [{}]  gRPC {}  HTTP http://{}\n",
-            n.id, n.region, n.grpc_addr, n.http_addr
+            "  node {} [{}]  gRPC {}  HTTP http://{}  Raft {}\n",
+            n.id,
+            n.region,
+            n.grpc_addr,
+            n.http_addr,
+            n.raft_addr.as_deref().unwrap_or("-")
         ));
     }
     out.push_str(&format!(
@@ -161,7 +299,10 @@ pub fn banner(cluster: &ClusterFile, data_dir: &Path) -> String {
             "  tollgate check --addr {} --key tg_demo_key --model demo-classifier --version 2.1.0 --environment production --region local-a\n",
             n.grpc_addr
         ));
+        out.push_str("  tollgate cluster status\n");
     }
-    out.push_str("\nCtrl-C stops the node; `up` again on the same data dir keeps its state.\n");
+    out.push_str(
+        "\nCtrl-C stops every node; `up` again on the same data dir restarts the same cluster.\n",
+    );
     out
 }

@@ -1,4 +1,5 @@
-//! The `tollgate` binary as a real process: `up`, SIGKILL, `up` again.
+//! The `tollgate` binary as a real process: `up` (a 3-node local cluster in
+//! one process), SIGKILL, `up` again.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -19,8 +20,8 @@ impl Drop for NodeProcess {
 }
 
 fn spawn_up(dir: &Path) -> anyhow::Result<NodeProcess> {
-    // A stale cluster.json must not be mistaken for the new node's.
-    let _ = std::fs::remove_file(dir.join("cluster.json"));
+    // A restart reads cluster.json for the cluster's addresses; readiness
+    // is a /healthz answer, which a killed process cannot give.
     Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(["up", "--data-dir"])
         .arg(dir)

@@ -1,12 +1,13 @@
 //! Shared helpers for Tollgate's cross-crate tests: start a real node on
 //! loopback ports chosen by the OS, talk to it over HTTP and gRPC.
 
+pub mod cluster;
+
 use std::path::Path;
 
 use anyhow::Context;
-use tokio::net::TcpListener;
-use tollgate_node::server::{self, RunningNode};
-use tollgate_node::settings::NodeSettings;
+use tollgate_node::server::{self, Listeners, RunningNode};
+use tollgate_node::settings::{NodeSettings, RaftTiming};
 use tollgate_node::up::{QUICKSTART_YAML, ensure_admin_token};
 
 /// A node under test and what a client needs to reach it.
@@ -28,22 +29,55 @@ impl TestNode {
     pub async fn start(dir: &Path) -> anyhow::Result<Self> {
         let token_file = dir.join("admin.token");
         ensure_admin_token(&token_file)?;
-        let grpc = TcpListener::bind("127.0.0.1:0").await?;
-        let http = TcpListener::bind("127.0.0.1:0").await?;
-        let mut settings = NodeSettings::local(1, dir, grpc.local_addr()?, http.local_addr()?);
+        let listeners = Listeners::ephemeral().await?;
+        let mut settings = NodeSettings::local(
+            1,
+            dir,
+            listeners.grpc.local_addr()?,
+            listeners.http.local_addr()?,
+        );
         settings.admin_token_file = token_file.clone();
+        settings.raft = RaftTiming::local();
         let node =
-            server::start_with_listeners(settings, grpc, http, Some(QUICKSTART_YAML.to_string()))
+            server::start_with_listeners(settings, listeners, Some(QUICKSTART_YAML.to_string()))
                 .await
                 .context("starting node")?;
         let token = std::fs::read_to_string(&token_file)?.trim().to_string();
-        Ok(Self {
+        Ok(Self::around(node, token))
+    }
+
+    /// Wraps a running node.
+    pub fn around(node: RunningNode, token: String) -> Self {
+        Self {
             http: format!("http://{}", node.http_addr),
             grpc: format!("http://{}", node.grpc_addr),
             node,
             token,
             client: reqwest::Client::new(),
-        })
+        }
+    }
+
+    /// Sends an admin request with this node's token.
+    pub async fn admin_ok(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &str,
+    ) -> anyhow::Result<serde_json::Value> {
+        let (status, v) = self.admin(method, path, Some(&self.token), body).await?;
+        anyhow::ensure!(status == 200, "{path}: HTTP {status}: {v}");
+        Ok(v)
+    }
+
+    /// The node's `/v1/status` document.
+    pub async fn status(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(self
+            .client
+            .get(format!("{}/v1/status", self.http))
+            .send()
+            .await?
+            .json()
+            .await?)
     }
 
     /// POSTs a JSON body to `path` and returns (status, JSON body).

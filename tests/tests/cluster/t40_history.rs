@@ -1,0 +1,95 @@
+use reqwest::Method;
+use tollgate_tests::cluster::TestCluster;
+
+fn doc(limit: u64) -> String {
+    format!(
+        r#"{{"apiVersion":"tollgate/v1","kind":"License","id":"hist","customer":"Hist","keys":[{{"key":"tg_hist_key","id":"main"}}],"quotas":[{{"id":"daily","metric":"inferences","limit":{limit},"window":"day"}}]}}"#
+    )
+}
+
+#[tokio::test]
+async fn history_records_actor_reason_and_diff_and_rollback_appends_the_old_content()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = TestCluster::start(dir.path(), 3, |_| {}).await?;
+    let node = cluster.node(cluster.follower().await?)?;
+
+    let v1 = node
+        .admin_ok(
+            Method::PUT,
+            "/v1/licenses/hist?reason=signed%20contract",
+            &doc(100),
+        )
+        .await?["version"]
+        .as_u64()
+        .unwrap_or(0);
+    let v2 = node
+        .admin_ok(Method::PUT, "/v1/licenses/hist?reason=upsell", &doc(500))
+        .await?["version"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(v2 > v1);
+
+    let h = node
+        .admin_ok(Method::GET, "/v1/licenses/hist/history", "")
+        .await?;
+    let records = h["history"].as_array().cloned().unwrap_or_default();
+    assert_eq!(records.len(), 2, "{h}");
+    assert_eq!(records[0]["version"], v1);
+    assert_eq!(records[0]["actor"], "admin");
+    assert_eq!(records[0]["reason"], "signed contract");
+    assert!(
+        records[0]["at"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{h}"
+    );
+    assert_eq!(records[1]["reason"], "upsell");
+    let diff = records[1]["diff"].as_array().cloned().unwrap_or_default();
+    assert_eq!(diff.len(), 1, "only the limit changed: {h}");
+    assert_eq!(diff[0]["path"], "quotas[0].limit");
+    assert_eq!(diff[0]["old"], 100);
+    assert_eq!(diff[0]["new"], 500);
+    // No full documents (with key hashes) in the listing.
+    assert!(records.iter().all(|r| r.get("document").is_none()), "{h}");
+
+    let r = node
+        .admin_ok(
+            Method::POST,
+            "/v1/licenses/hist/rollback",
+            &format!(r#"{{"to_version":{v1},"reason":"upsell cancelled"}}"#),
+        )
+        .await?;
+    let v3 = r["version"].as_u64().unwrap_or(0);
+    assert!(v3 > v2, "{r}");
+    cluster.wait_version(v3).await?;
+
+    // Every node now serves content equal to version v1's.
+    for i in cluster.running() {
+        let now = cluster
+            .node(i)?
+            .admin_ok(Method::GET, "/v1/licenses/hist", "")
+            .await?;
+        assert_eq!(now["license"]["quotas"][0]["limit"], 100, "node {i}: {now}");
+    }
+    let h = node
+        .admin_ok(Method::GET, "/v1/licenses/hist/history", "")
+        .await?;
+    let records = h["history"].as_array().cloned().unwrap_or_default();
+    assert_eq!(records.len(), 3, "history is appended, not rewritten: {h}");
+    assert_eq!(records[2]["version"], v3);
+    assert_eq!(records[2]["reason"], "upsell cancelled");
+    assert_eq!(records[2]["diff"][0]["old"], 500);
+    assert_eq!(records[2]["diff"][0]["new"], 100);
+
+    // A rollback to a version before the license existed changes nothing.
+    let (status, body) = node
+        .admin(
+            Method::POST,
+            "/v1/licenses/hist/rollback",
+            Some(cluster.token()),
+            r#"{"to_version":1,"reason":"x"}"#,
+        )
+        .await?;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(node.version().await?, v3);
+    Ok(())
+}
