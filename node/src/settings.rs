@@ -247,6 +247,26 @@ mod tests {
     }
 
     #[test]
+    fn example_cluster_settings_agree_on_the_members() -> anyhow::Result<()> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cluster");
+        let nodes: Vec<NodeSettings> = (1..=3)
+            .map(|i| NodeSettings::from_file(&dir.join(format!("node-{i}.yaml"))))
+            .collect::<anyhow::Result<_>>()?;
+        let members = &nodes[0].initial_members;
+        assert_eq!(members.len(), 3);
+        for (n, m) in nodes.iter().zip(members) {
+            assert_eq!(n.node_id, m.id);
+            assert_eq!(n.region, m.region);
+            assert_eq!(n.raft_addr(), m.raft_addr);
+            assert_eq!(n.grpc_addr, m.grpc_addr);
+            assert_eq!(n.http_addr, m.http_addr);
+            assert_eq!(n.raft, nodes[0].raft, "every member uses the same timing");
+        }
+        assert!(nodes[0].bootstrap && !nodes[1].bootstrap && !nodes[2].bootstrap);
+        Ok(())
+    }
+
+    #[test]
     fn unknown_setting_is_an_error() {
         let text = "node_id: 1\ngrpc_addr: 127.0.0.1:1\nhttp_addr: 127.0.0.1:2\ndata_dir: d\nadmin_token_file: t\nflush_ms: 3\n";
         let err = serde_yaml::from_str::<NodeSettings>(text)
