@@ -229,10 +229,31 @@ impl ProcCluster {
         Ok((status, body))
     }
 
-    /// Kills the leader and measures, from the kill, how long until a
-    /// license write through a surviving follower commits. Restarts the
-    /// killed node afterwards and waits until it has caught up.
-    pub async fn failover_once(&mut self, round: usize) -> anyhow::Result<Duration> {
+    /// The first leader other than `old` that node `i` reports.
+    async fn new_leader_seen(
+        &self,
+        i: usize,
+        old: u64,
+        since: Instant,
+    ) -> anyhow::Result<Duration> {
+        loop {
+            let leader = self
+                .status(i)
+                .await
+                .and_then(|s| s["raft"]["leader"].as_u64());
+            if leader.is_some_and(|l| l != old) {
+                return Ok(since.elapsed());
+            }
+            anyhow::ensure!(since.elapsed() < WAIT, "no new leader seen by node {i}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Kills the leader and measures, from the kill, how long until the
+    /// surviving follower knows a new leader and how long until a license
+    /// write through it commits. Restarts the killed node afterwards and
+    /// waits until it has caught up.
+    pub async fn failover_once(&mut self, round: usize) -> anyhow::Result<Failover> {
         let leader = self.leader().await?;
         let follower = self
             .running()
@@ -241,21 +262,39 @@ impl ProcCluster {
             .context("no follower")?;
         self.kill(leader)?;
         let killed_at = Instant::now();
-        let version = loop {
-            let (status, body) = self
-                .put_license(follower, &format!("failover-{round}"), "failover")
-                .await?;
-            if status == 200 {
-                break body["version"].as_u64().unwrap_or(0);
+        let old = self.nodes[leader].id;
+        let write = async {
+            loop {
+                let (status, body) = self
+                    .put_license(follower, &format!("failover-{round}"), "failover")
+                    .await?;
+                if status == 200 {
+                    return anyhow::Ok((
+                        killed_at.elapsed(),
+                        body["version"].as_u64().unwrap_or(0),
+                    ));
+                }
+                anyhow::ensure!(
+                    killed_at.elapsed() < WAIT,
+                    "no commit after the leader died: {status} {body}"
+                );
             }
-            anyhow::ensure!(
-                killed_at.elapsed() < WAIT,
-                "no commit after the leader died: {status} {body}"
-            );
         };
-        let took = killed_at.elapsed();
+        let (elected, written) =
+            tokio::join!(self.new_leader_seen(follower, old, killed_at), write);
+        let (committed, version) = written?;
+        let elected = elected?;
         self.spawn(leader)?;
         self.wait_version(version).await?;
-        Ok(took)
+        Ok(Failover { elected, committed })
     }
+}
+
+/// One failover's timings, from the SIGKILL of the leader.
+#[derive(Clone, Copy, Debug)]
+pub struct Failover {
+    /// Until the surviving follower reported a new leader.
+    pub elected: Duration,
+    /// Until a write through that follower committed.
+    pub committed: Duration,
 }

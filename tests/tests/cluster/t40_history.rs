@@ -1,4 +1,5 @@
 use reqwest::Method;
+use tollgate_node::settings::NodeSettings;
 use tollgate_tests::cluster::TestCluster;
 
 fn doc(limit: u64) -> String {
@@ -91,5 +92,55 @@ async fn history_records_actor_reason_and_diff_and_rollback_appends_the_old_cont
         .await?;
     assert_eq!(status, 409, "{body}");
     assert_eq!(node.version().await?, v3);
+    Ok(())
+}
+
+/// A second admin token named `alice`, next to the admin token file.
+fn with_alice(s: &mut NodeSettings) {
+    s.admin_tokens
+        .push(tollgate_node::settings::NamedTokenFile {
+            name: "alice".to_string(),
+            file: s.admin_token_file.with_file_name("alice.token"),
+        });
+}
+
+#[tokio::test]
+async fn the_actor_is_the_name_of_the_token_that_made_the_change() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("alice.token"), "tga_alice_secret\n")?;
+    let cluster = TestCluster::start(dir.path(), 3, with_alice).await?;
+    let node = cluster.node(cluster.follower().await?)?;
+    let (status, body) = node
+        .admin(
+            Method::POST,
+            "/v1/licenses/demo/revoke",
+            Some("tga_alice_secret"),
+            r#"{"reason":"payment failed"}"#,
+        )
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    let h = node
+        .admin_ok(Method::GET, "/v1/licenses/demo/history", "")
+        .await?;
+    let last = h["history"]
+        .as_array()
+        .and_then(|r| r.last())
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(last["actor"], "alice", "{h}");
+    assert_eq!(last["reason"], "payment failed", "{h}");
+    assert_eq!(last["action"]["kind"], "revoke", "{h}");
+    // The seed documents were applied by the bootstrap, not by a token.
+    assert_eq!(h["history"][0]["actor"], "bootstrap", "{h}");
+    // A token nobody configured is refused.
+    let (status, _) = node
+        .admin(
+            Method::GET,
+            "/v1/licenses/demo/history",
+            Some("tga_mallory"),
+            "",
+        )
+        .await?;
+    assert_eq!(status, 401);
     Ok(())
 }
