@@ -218,6 +218,7 @@ mod tests {
         let yaml = "apiVersion: tollgate/v1\nkind: License\nid: a\ncustomer: C\nkeys: [{key: k}]\n";
         let license = parse_license(yaml).expect("test license parses");
         ConfigCommand {
+            request_id: None,
             actor: "test".to_string(),
             reason: Some("round trip".to_string()),
             at_ms: 1_700_000_000_000,

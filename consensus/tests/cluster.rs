@@ -36,6 +36,7 @@ fn put_cmd(i: usize) -> ConfigCommand {
     );
     let license = parse_license(&yaml).expect("test license parses");
     ConfigCommand {
+        request_id: None,
         actor: "test".to_string(),
         reason: None,
         at_ms: 0,

@@ -16,6 +16,54 @@ use tollgate_quota::license::{self, Document, License, StoredKey};
 use crate::api::ApiError;
 use crate::state::{NodeState, now_ms};
 
+/// Who makes an admin call: the name of the token it presented, and the
+/// idempotency key it sent (or one drawn for this call), which the state
+/// machine uses to apply the write at most once across retries.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The admin token's name, recorded as the actor of changes.
+    pub actor: String,
+    /// Idempotency key for the write this call makes.
+    pub request_id: String,
+}
+
+/// Longest idempotency key accepted.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
+
+impl Caller {
+    /// A caller with `actor` and the client's idempotency key, if it sent
+    /// a valid one; otherwise a fresh random key for this call.
+    pub fn new(actor: String, idempotency_key: Option<&str>) -> Result<Self, ApiError> {
+        let request_id = match idempotency_key.map(str::trim) {
+            Some(k) if !k.is_empty() => {
+                if k.len() > MAX_IDEMPOTENCY_KEY_BYTES || !k.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(ApiError::InvalidArgument(format!(
+                        "idempotency key: at most {MAX_IDEMPOTENCY_KEY_BYTES} printable ASCII characters"
+                    )));
+                }
+                // Scoped by actor, so two tokens cannot collide on a key.
+                format!("{actor}/{k}")
+            }
+            _ => {
+                let mut random = [0u8; 16];
+                rand::rngs::OsRng.fill_bytes(&mut random);
+                format!("{actor}/~{}", hex::encode(random))
+            }
+        };
+        Ok(Self { actor, request_id })
+    }
+
+    /// The bootstrap caller that applies seed documents.
+    pub fn bootstrap() -> Self {
+        let mut random = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut random);
+        Self {
+            actor: "bootstrap".to_string(),
+            request_id: format!("bootstrap/~{}", hex::encode(random)),
+        }
+    }
+}
+
 /// One document applied by `apply_documents`.
 #[derive(Debug, Clone, Serialize)]
 pub struct AppliedDoc {
@@ -47,6 +95,7 @@ fn precheck(state: &NodeState, ops: &[ConfigOp]) -> Result<(), ApiError> {
     let mut trial = (*state.config()).clone();
     for op in ops {
         let cmd = ConfigCommand {
+            request_id: None,
             actor: String::new(),
             reason: None,
             at_ms: now_ms(),
@@ -63,13 +112,14 @@ fn precheck(state: &NodeState, ops: &[ConfigOp]) -> Result<(), ApiError> {
 /// Commits one config change through Raft and returns the new version.
 pub async fn write(
     state: &NodeState,
-    actor: &str,
+    caller: &Caller,
     reason: Option<String>,
     op: ConfigOp,
 ) -> Result<u64, ApiError> {
     precheck(state, std::slice::from_ref(&op))?;
     let cmd = ConfigCommand {
-        actor: actor.to_string(),
+        request_id: Some(caller.request_id.clone()),
+        actor: caller.actor.clone(),
         reason,
         at_ms: now_ms(),
         op,
@@ -85,6 +135,11 @@ pub async fn write(
 fn write_error(e: WriteError) -> ApiError {
     match e {
         WriteError::Fatal(_) => ApiError::Internal(e.to_string()),
+        WriteError::Timeout { .. } | WriteError::Transport { .. } => {
+            ApiError::OutcomeUnknown(format!(
+                "{e}; the write may still apply: retry with the same Idempotency-Key, or read the config before retrying"
+            ))
+        }
         WriteError::NoQuorum { .. } => ApiError::NoQuorum(e.to_string()),
         WriteError::MembershipRejected { .. } => ApiError::Rejected(e.to_string()),
         _ => ApiError::Unavailable(e.to_string()),
@@ -108,9 +163,42 @@ fn reason_opt(reason: &str) -> Option<String> {
 /// licenses may refer to them. All documents are validated before any write.
 pub async fn apply_documents(
     state: &NodeState,
-    actor: &str,
+    caller: &Caller,
     text: &str,
     reason: &str,
+) -> Result<Vec<AppliedDoc>, ApiError> {
+    apply_batch(state, caller, text, reason, false).await
+}
+
+/// Applies seed documents: only to a config that never held anything, as
+/// checked by the state machine, so a node that lost its data dir and
+/// proposes them again changes nothing. Returns whether they were applied.
+pub async fn apply_seed(state: &NodeState, text: &str) -> Result<bool, ApiError> {
+    match apply_batch(
+        state,
+        &Caller::bootstrap(),
+        text,
+        "seed documents at first start",
+        true,
+    )
+    .await
+    {
+        Ok(_) => Ok(true),
+        Err(ApiError::Rejected(reason)) => {
+            tracing::info!(%reason, "seed documents not applied");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// All documents of `text` as one config version, all or nothing.
+async fn apply_batch(
+    state: &NodeState,
+    caller: &Caller,
+    text: &str,
+    reason: &str,
+    only_if_empty: bool,
 ) -> Result<Vec<AppliedDoc>, ApiError> {
     let mut docs = license::parse_documents(text).map_err(invalid)?;
     if docs.is_empty() {
@@ -128,13 +216,12 @@ pub async fn apply_documents(
         })
         .collect();
     let ops: Vec<ConfigOp> = planned.iter().map(|(_, _, op)| op.clone()).collect();
-    precheck(state, &ops)?;
-    let mut applied = Vec::with_capacity(planned.len());
-    for (kind, id, op) in planned {
-        let version = write(state, actor, reason_opt(reason), op).await?;
-        applied.push(AppliedDoc { kind, id, version });
-    }
-    Ok(applied)
+    let batch = ConfigOp::Batch { ops, only_if_empty };
+    let version = write(state, caller, reason_opt(reason), batch).await?;
+    Ok(planned
+        .into_iter()
+        .map(|(kind, id, _)| AppliedDoc { kind, id, version })
+        .collect())
 }
 
 /// A document PUT to `/.../{id}` must carry that same id, so that a path
@@ -151,27 +238,27 @@ fn ensure_path_id(document_id: &str, path_id: &str) -> Result<(), ApiError> {
 /// Creates or replaces license `id` from a YAML or JSON document.
 pub async fn put_license(
     state: &NodeState,
-    actor: &str,
+    caller: &Caller,
     id: &str,
     text: &str,
     reason: &str,
 ) -> Result<u64, ApiError> {
     let lic = license::parse_license(text).map_err(invalid)?;
     ensure_path_id(&lic.id, id)?;
-    write(state, actor, reason_opt(reason), ConfigOp::PutLicense(lic)).await
+    write(state, caller, reason_opt(reason), ConfigOp::PutLicense(lic)).await
 }
 
 /// Creates or replaces model `id` from a YAML or JSON document.
 pub async fn put_model(
     state: &NodeState,
-    actor: &str,
+    caller: &Caller,
     id: &str,
     text: &str,
     reason: &str,
 ) -> Result<u64, ApiError> {
     let model = license::parse_model(text).map_err(invalid)?;
     ensure_path_id(&model.id, id)?;
-    write(state, actor, reason_opt(reason), ConfigOp::PutModel(model)).await
+    write(state, caller, reason_opt(reason), ConfigOp::PutModel(model)).await
 }
 
 /// Reads license `id` from the local applied config.
@@ -187,7 +274,7 @@ pub fn get_license(state: &NodeState, id: &str) -> Result<(Arc<License>, u64), A
 /// Revokes license `id`: every later Check with its keys is denied.
 pub async fn revoke(
     state: &NodeState,
-    actor: &str,
+    caller: &Caller,
     id: &str,
     reason: &str,
 ) -> Result<u64, ApiError> {
@@ -195,7 +282,7 @@ pub async fn revoke(
     let why = reason_opt(reason).unwrap_or_else(|| "revoked by an administrator".to_string());
     write(
         state,
-        actor,
+        caller,
         Some(why.clone()),
         ConfigOp::RevokeLicense {
             id: id.to_string(),
@@ -208,7 +295,7 @@ pub async fn revoke(
 /// Issues a new API key for license `id`; only its hash is stored.
 pub async fn issue_key(
     state: &NodeState,
-    actor: &str,
+    caller: &Caller,
     id: &str,
     name: &str,
     reason: &str,
@@ -218,6 +305,7 @@ pub async fn issue_key(
     rand::rngs::OsRng.fill_bytes(&mut random);
     let key = keys::generate_key(random);
     let sha256 = keys::hash_key(&key);
+    let sha256_hex = sha256.clone();
     let key_id = if name.trim().is_empty() {
         format!("key-{}", &sha256[..8])
     } else {
@@ -229,7 +317,7 @@ pub async fn issue_key(
     };
     let version = write(
         state,
-        actor,
+        caller,
         reason_opt(reason),
         ConfigOp::AddKey {
             license_id: id.to_string(),
@@ -237,6 +325,18 @@ pub async fn issue_key(
         },
     )
     .await?;
+    // A retried request (same idempotency key) is not applied again, and
+    // the key drawn for the retry was never stored: refuse to show it.
+    let stored = state
+        .config()
+        .license(id)
+        .is_some_and(|l| l.keys.iter().any(|k| k.sha256 == sha256_hex));
+    if !stored {
+        return Err(ApiError::Rejected(
+            "this idempotency key already issued a key; it was shown then and cannot be shown again"
+                .to_string(),
+        ));
+    }
     Ok(IssuedKey {
         key,
         key_id,
@@ -288,7 +388,7 @@ pub fn history(state: &NodeState, id: &str) -> Result<(serde_json::Value, u64), 
 /// new version. History is appended to, never rewritten.
 pub async fn rollback(
     state: &NodeState,
-    actor: &str,
+    caller: &Caller,
     id: &str,
     to_version: u64,
     reason: &str,
@@ -296,7 +396,7 @@ pub async fn rollback(
     let why = reason_opt(reason).unwrap_or_else(|| format!("rollback to version {to_version}"));
     write(
         state,
-        actor,
+        caller,
         Some(why),
         ConfigOp::RollbackLicense {
             id: id.to_string(),
@@ -310,7 +410,7 @@ pub async fn rollback(
 /// `license_id`.
 pub async fn revoke_key(
     state: &NodeState,
-    actor: &str,
+    caller: &Caller,
     license_id: &str,
     key_id: &str,
     reason: &str,
@@ -323,7 +423,7 @@ pub async fn revoke_key(
     }
     write(
         state,
-        actor,
+        caller,
         reason_opt(reason),
         ConfigOp::RevokeKey {
             license_id: license_id.to_string(),
@@ -417,7 +517,7 @@ pub async fn cluster_status(state: &NodeState) -> serde_json::Value {
 /// Removes node `node_id` from the cluster membership.
 pub async fn remove_node(
     state: &NodeState,
-    actor: &str,
+    caller: &Caller,
     node_id: u64,
     reason: &str,
 ) -> Result<u64, ApiError> {
@@ -426,7 +526,7 @@ pub async fn remove_node(
             "node {node_id} is not a member"
         )));
     }
-    tracing::info!(node_id, actor, reason, "removing node from the cluster");
+    tracing::info!(node_id, actor = %caller.actor, reason, "removing node from the cluster");
     state
         .consensus
         .remove_node(node_id)

@@ -29,6 +29,10 @@ pub enum ApiError {
     /// commit; decisions still answer from local state.
     #[error("{0}")]
     NoQuorum(String),
+    /// The write was proposed but its outcome is unknown (timeout, or the
+    /// answer was lost); it may still apply.
+    #[error("{0}")]
+    OutcomeUnknown(String),
     /// The state machine refused the change.
     #[error("{0}")]
     Rejected(String),
@@ -46,6 +50,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::NoQuorum(_) => "no_quorum",
+            ApiError::OutcomeUnknown(_) => "outcome_unknown",
             ApiError::Rejected(_) => "failed_precondition",
             ApiError::Internal(_) => "internal",
         }
@@ -58,6 +63,7 @@ impl ApiError {
             ApiError::Unauthenticated => 401,
             ApiError::NotFound(_) => 404,
             ApiError::Unavailable(_) | ApiError::NoQuorum(_) => 503,
+            ApiError::OutcomeUnknown(_) => 504,
             ApiError::Rejected(_) => 409,
             ApiError::Internal(_) => 500,
         }
@@ -72,6 +78,7 @@ impl From<ApiError> for tonic::Status {
             ApiError::Unauthenticated => tonic::Status::unauthenticated(msg),
             ApiError::NotFound(_) => tonic::Status::not_found(msg),
             ApiError::Unavailable(_) | ApiError::NoQuorum(_) => tonic::Status::unavailable(msg),
+            ApiError::OutcomeUnknown(_) => tonic::Status::deadline_exceeded(msg),
             ApiError::Rejected(_) => tonic::Status::failed_precondition(msg),
             ApiError::Internal(_) => tonic::Status::internal(msg),
         }

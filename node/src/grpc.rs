@@ -66,14 +66,25 @@ impl AdminService {
         Self { state }
     }
 
-    fn actor<T>(&self, req: &Request<T>) -> Result<String, Status> {
+    /// The authenticated caller, with the `idempotency-key` metadata if sent.
+    fn actor<T>(&self, req: &Request<T>) -> Result<admin::Caller, Status> {
         let header = req
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        self.state
+        let name = self
+            .state
             .authorize_admin(header)
-            .ok_or_else(|| ApiError::Unauthenticated.into())
+            .ok_or_else(|| Status::from(ApiError::Unauthenticated))?;
+        let key = match req.metadata().get("idempotency-key") {
+            Some(v) => Some(v.to_str().map_err(|_| {
+                Status::from(ApiError::InvalidArgument(
+                    "idempotency key: not printable ASCII".into(),
+                ))
+            })?),
+            None => None,
+        };
+        Ok(admin::Caller::new(name, key)?)
     }
 }
 

@@ -99,11 +99,21 @@ fn parse(
     })
 }
 
-fn actor(state: &NodeState, headers: &HeaderMap) -> Result<String, ApiError> {
+/// The authenticated caller, with the `Idempotency-Key` header if sent.
+fn actor(state: &NodeState, headers: &HeaderMap) -> Result<admin::Caller, ApiError> {
     let auth = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    state.authorize_admin(auth).ok_or(ApiError::Unauthenticated)
+    let name = state
+        .authorize_admin(auth)
+        .ok_or(ApiError::Unauthenticated)?;
+    let key = match headers.get("idempotency-key") {
+        Some(v) => Some(v.to_str().map_err(|_| {
+            ApiError::InvalidArgument("idempotency key: not printable ASCII".into())
+        })?),
+        None => None,
+    };
+    admin::Caller::new(name, key)
 }
 
 fn body_text(body: &Bytes) -> Result<&str, ApiError> {

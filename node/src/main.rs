@@ -325,8 +325,9 @@ struct BenchArgs {
     /// Revocations to measure (revocation).
     #[arg(long, default_value_t = 100)]
     count: usize,
-    /// License the revocation scenario issues its keys on.
-    #[arg(long, default_value = "demo")]
+    /// License the revocation scenario issues its keys on (the default one
+    /// is created if missing).
+    #[arg(long, default_value = tollgate_node::revocation_bench::BENCH_LICENSE)]
     license: String,
     /// Offered requests per second.
     #[arg(long, default_value_t = 10_000)]

@@ -6,8 +6,9 @@
 //! sends dry-run Checks with it back to back. A node's propagation time is
 //! from just before the revoke call until its first Check that no longer
 //! resolves the key; the round's figure is the slowest node's. Dry runs
-//! consume nothing, and revoked keys are removed, so the license is left
-//! as it was (apart from its history).
+//! consume nothing and revoked keys are removed. Each round adds two records
+//! to the license's history, so by default the bench uses a license of its
+//! own (`revocation-bench`, created if missing) rather than a real one.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -21,6 +22,44 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::bench::endpoint_uri;
 use crate::client::{Target, authed, status_err};
+
+/// The license the bench creates and uses unless told otherwise.
+pub const BENCH_LICENSE: &str = "revocation-bench";
+
+/// Creates [`BENCH_LICENSE`] (demo-classifier 2.x, no quotas) if missing.
+async fn ensure_bench_license(
+    admin: &mut AdminClient<Channel>,
+    header: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+) -> anyhow::Result<()> {
+    let exists = admin
+        .get_license(authed(
+            pb::GetLicenseRequest {
+                id: BENCH_LICENSE.to_string(),
+            },
+            header,
+        ))
+        .await;
+    match exists {
+        Ok(_) => return Ok(()),
+        Err(s) if s.code() == tonic::Code::NotFound => {}
+        Err(s) => return Err(status_err(s)),
+    }
+    let document = format!(
+        "apiVersion: tollgate/v1\nkind: License\nid: {BENCH_LICENSE}\ncustomer: Revocation benchmark\nmodels:\n  - {{ model: demo-classifier, versions: {{ major: 2 }} }}\n"
+    );
+    admin
+        .put_license(authed(
+            pb::PutLicenseRequest {
+                id: BENCH_LICENSE.to_string(),
+                document,
+                reason: "revocation benchmark license".into(),
+            },
+            header,
+        ))
+        .await
+        .map_err(status_err)?;
+    Ok(())
+}
 
 /// How long one round may wait for a key to appear or disappear everywhere.
 const ROUND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -195,6 +234,9 @@ pub async fn run(target: &Target, license: &str, count: usize) -> anyhow::Result
     }
     let leader_addr = leader_addr.context("the leader is not in the member list")?;
     let mut admin = AdminClient::new(connect(&leader_addr).await?);
+    if license == BENCH_LICENSE {
+        ensure_bench_license(&mut admin, &header).await?;
+    }
 
     let mut all_nodes = Vec::with_capacity(count);
     let mut revoke_calls = Vec::with_capacity(count);

@@ -240,36 +240,17 @@ pub async fn start_with_listeners(
             .context("Raft server")
     }));
 
-    let initialized = consensus
-        .raft()
-        .is_initialized()
-        .await
-        .context("reading raft state")?;
-    if !initialized {
-        if let Some(seed_addr) = &settings.join {
-            tracing::info!(node_id = settings.node_id, member = %seed_addr, "joining cluster");
-            ConsensusNode::join_cluster(
-                seed_addr,
-                &cluster_token,
-                settings.node_id,
-                info.clone(),
-                Duration::from_millis(JOIN_TIMEOUT_MS),
-            )
-            .await
-            .with_context(|| format!("joining the cluster through {seed_addr}"))?;
-        } else if settings.bootstrap {
-            let mut members: BTreeMap<u64, NodeInfo> = settings
-                .initial_members
-                .iter()
-                .map(|m| (m.id, member_info(m)))
-                .collect();
-            // This node's own record uses the addresses it actually bound.
-            members.insert(settings.node_id, info.clone());
-            consensus
-                .initialize(members)
-                .await
-                .context("initializing the cluster")?;
+    if let Err(e) = form_or_join(&consensus, &settings, &info, &cluster_token).await {
+        // Leave nothing running: the caller may retry on the same ports
+        // and data dir.
+        let _ = shutdown_tx.send(true);
+        for t in tasks {
+            let _ = t.await;
         }
+        if let Err(stop) = consensus.shutdown().await {
+            tracing::warn!(error = %stop, "raft did not stop cleanly after a failed start");
+        }
+        return Err(e);
     }
 
     let usage = persist::restore(storage.as_ref(), settings.node_id)?;
@@ -347,6 +328,91 @@ pub async fn start_with_listeners(
     })
 }
 
+/// Forms the cluster (`bootstrap`), joins one (`join`), or, when the data
+/// dir already holds Raft state, checks that this node's recorded Raft
+/// address is the one it serves on: peers reach it at the replicated one.
+async fn form_or_join(
+    consensus: &ConsensusNode,
+    settings: &NodeSettings,
+    info: &NodeInfo,
+    cluster_token: &str,
+) -> anyhow::Result<()> {
+    let raft_addr: SocketAddr = info.raft_addr.parse().context("raft address")?;
+    anyhow::ensure!(
+        !raft_addr.ip().is_unspecified() && raft_addr.port() != 0,
+        "raft_addr {raft_addr}: peers need a concrete address and port to reach this node"
+    );
+    let initialized = consensus
+        .raft()
+        .is_initialized()
+        .await
+        .context("reading raft state")?;
+    if initialized {
+        let members = consensus.members();
+        if let Some(me) = members.iter().find(|m| m.id == settings.node_id)
+            && me.info.raft_addr != info.raft_addr
+        {
+            if members.len() == 1 {
+                // Alone, nobody needs to reach it; a node joining later
+                // would be told the recorded address, though.
+                tracing::warn!(
+                    recorded = %me.info.raft_addr,
+                    serving = %info.raft_addr,
+                    "this one-node cluster recorded another Raft address; set raft_addr to keep it stable"
+                );
+                return Ok(());
+            }
+            anyhow::bail!(
+                "this node is a member at Raft address {}, but serves on {}: restart it on the recorded address (or remove it and join again)",
+                me.info.raft_addr,
+                info.raft_addr
+            );
+        }
+        return Ok(());
+    }
+    if let Some(seed_addr) = &settings.join {
+        tracing::info!(node_id = settings.node_id, member = %seed_addr, "joining cluster");
+        ConsensusNode::join_cluster(
+            seed_addr,
+            cluster_token,
+            settings.node_id,
+            info.clone(),
+            Duration::from_millis(JOIN_TIMEOUT_MS),
+        )
+        .await
+        .with_context(|| format!("joining the cluster through {seed_addr}"))?;
+    } else if settings.bootstrap {
+        let mut members: BTreeMap<u64, NodeInfo> = BTreeMap::new();
+        for m in &settings.initial_members {
+            anyhow::ensure!(
+                members.insert(m.id, member_info(m)).is_none(),
+                "initial_members lists node {} twice",
+                m.id
+            );
+        }
+        if let Some(listed) = members.get(&settings.node_id) {
+            // Every founding member must write the same first membership.
+            anyhow::ensure!(
+                listed.raft_addr == info.raft_addr,
+                "initial_members gives this node Raft address {}, but it serves on {}",
+                listed.raft_addr,
+                info.raft_addr
+            );
+        }
+        members.insert(settings.node_id, info.clone());
+        if members.len() > 1 && settings.cluster_token_file.is_none() {
+            tracing::warn!(
+                "the cluster token is the admin token: set cluster_token_file so that admin clients cannot speak Raft"
+            );
+        }
+        consensus
+            .initialize(members)
+            .await
+            .context("initializing the cluster")?;
+    }
+    Ok(())
+}
+
 /// Waits for a leader, then applies `text` if the config is still empty.
 /// Ends early, doing nothing, when the node shuts down.
 async fn seed_when_ready(
@@ -369,14 +435,17 @@ async fn seed_when_ready(
             _ = shutdown.changed() => return Ok(()),
         }
     }
+    // Skip the round trip on a restart; the state machine makes the real
+    // decision, since this node's own view may lag behind the cluster's.
     let config = state.config();
     if !config.licenses.is_empty() || !config.models.is_empty() {
         return Ok(());
     }
-    let applied =
-        admin::apply_documents(&state, "bootstrap", &text, "seed documents at first start")
-            .await
-            .map_err(|e| anyhow::anyhow!("applying seed documents: {e}"))?;
-    tracing::info!(n_documents = applied.len(), "applied seed documents");
+    if admin::apply_seed(&state, &text)
+        .await
+        .map_err(|e| anyhow::anyhow!("applying seed documents: {e}"))?
+    {
+        tracing::info!("applied seed documents");
+    }
     Ok(())
 }

@@ -208,6 +208,24 @@ pub async fn start(
             gossip_addr: None,
         });
     }
+    // Record the addresses before any node starts: once the first node has
+    // formed the cluster, its membership holds these Raft addresses, and a
+    // later `up` must bind the same ones even if this start is interrupted.
+    let cluster = ClusterFile {
+        nodes: members
+            .iter()
+            .map(|m| ClusterNode {
+                id: m.id,
+                region: m.region.clone(),
+                grpc_addr: m.grpc_addr.to_string(),
+                http_addr: m.http_addr.to_string(),
+                raft_addr: Some(m.raft_addr.to_string()),
+            })
+            .collect(),
+        admin_token_file: token_file.clone(),
+    };
+    cluster.write(&data_dir)?;
+
     let first_id = planned.first().map(|p| p.id);
     let mut starting = Vec::with_capacity(planned.len());
     for (p, m) in planned.into_iter().zip(&members) {
@@ -248,21 +266,6 @@ pub async fn start(
         }
         return Err(e);
     }
-    let cluster = ClusterFile {
-        nodes: nodes
-            .iter()
-            .zip(&members)
-            .map(|(node, m)| ClusterNode {
-                id: m.id,
-                region: m.region.clone(),
-                grpc_addr: node.grpc_addr.to_string(),
-                http_addr: node.http_addr.to_string(),
-                raft_addr: Some(node.raft_addr.to_string()),
-            })
-            .collect(),
-        admin_token_file: token_file,
-    };
-    cluster.write(&data_dir)?;
     Ok((nodes, cluster))
 }
 

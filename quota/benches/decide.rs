@@ -56,6 +56,7 @@ fn bench(c: &mut Criterion) {
         };
         config.apply(
             &ConfigCommand {
+                request_id: None,
                 actor: "b".into(),
                 reason: None,
                 at_ms: 0,

@@ -7,7 +7,7 @@
 //! know about usage or decisions, and must not read the clock (`at_ms` in a
 //! command is recorded by the proposer, never used for validity here).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
@@ -40,6 +40,10 @@ pub struct Config {
     /// cloning the config stays cheap.
     #[serde(default)]
     history: BTreeMap<String, Arc<LicenseHistory>>,
+    /// Outcomes of recent commands by request id, for de-duplication.
+    /// Replicated, so every node answers a retried command the same way.
+    #[serde(default)]
+    requests: RequestLog,
     /// SHA-256 of each key -> license id. Derived; rebuilt after a snapshot.
     #[serde(skip)]
     key_index: HashMap<[u8; 32], String, BuildHasherDefault<DigestHasher>>,
@@ -84,6 +88,43 @@ pub struct ConfigCommand {
     pub at_ms: i64,
     /// The change itself.
     pub op: ConfigOp,
+    /// Idempotency key: a command whose id was applied before (among the
+    /// last [`MAX_REMEMBERED_REQUESTS`]) is not applied again; applying it
+    /// returns the first outcome. Lets a caller (or a forwarding node) retry
+    /// a write whose outcome it did not learn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+/// How many request ids the config remembers for de-duplication.
+pub const MAX_REMEMBERED_REQUESTS: usize = 1024;
+
+/// Outcomes of recently applied commands, by request id (oldest first).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct RequestLog {
+    order: VecDeque<String>,
+    outcomes: BTreeMap<String, ApplyOutcome>,
+}
+
+impl RequestLog {
+    fn get(&self, id: &str) -> Option<&ApplyOutcome> {
+        self.outcomes.get(id)
+    }
+
+    fn remember(&mut self, id: &str, outcome: &ApplyOutcome) {
+        if self
+            .outcomes
+            .insert(id.to_string(), outcome.clone())
+            .is_none()
+        {
+            self.order.push_back(id.to_string());
+        }
+        while self.order.len() > MAX_REMEMBERED_REQUESTS {
+            if let Some(old) = self.order.pop_front() {
+                self.outcomes.remove(&old);
+            }
+        }
+    }
 }
 
 /// The change a command makes.
@@ -123,6 +164,16 @@ pub enum ConfigOp {
         /// unique prefix of its SHA-256 hex of at least
         /// [`MIN_KEY_HASH_PREFIX_LEN`] characters.
         key_id: String,
+    },
+    /// Apply every op in order, all or nothing, as one config version (a
+    /// multi-document apply). With `only_if_empty`, applied only to a config
+    /// that never held a license or model (seed documents): proposing it
+    /// again later, from any node, changes nothing.
+    Batch {
+        /// The ops; a nested batch is rejected.
+        ops: Vec<ConfigOp>,
+        /// Apply only to an empty, never-used config.
+        only_if_empty: bool,
     },
     /// Write back a license's content as of config version `to_version`
     /// (from its history), with the same checks as `PutLicense`. This
@@ -167,8 +218,32 @@ impl Config {
     /// history record either). An applied command that touches a license
     /// appends one [`ChangeRecord`] to that license's history.
     pub fn apply(&mut self, cmd: &ConfigCommand, index: u64) -> ApplyOutcome {
+        if let Some(id) = &cmd.request_id
+            && let Some(first) = self.requests.get(id)
+        {
+            let first = first.clone();
+            self.version = index;
+            return first;
+        }
+        let outcome = self.apply_new(cmd, index);
+        if let Some(id) = &cmd.request_id {
+            self.requests.remember(id, &outcome);
+        }
+        outcome
+    }
+
+    fn apply_new(&mut self, cmd: &ConfigCommand, index: u64) -> ApplyOutcome {
         let previous_version = self.version;
         self.version = index;
+        if let ConfigOp::Batch { ops, only_if_empty } = &cmd.op {
+            return match self.apply_batch(cmd, ops, *only_if_empty, previous_version, index) {
+                Ok(()) => ApplyOutcome::Applied { version: index },
+                Err(reason) => ApplyOutcome::Rejected {
+                    version: index,
+                    reason,
+                },
+            };
+        }
         match self.apply_op(&cmd.op, previous_version) {
             Ok(change) => {
                 if let Some(change) = change {
@@ -181,6 +256,36 @@ impl Config {
                 reason,
             },
         }
+    }
+
+    /// Applies a batch to a copy and keeps the copy only if every op applied.
+    fn apply_batch(
+        &mut self,
+        cmd: &ConfigCommand,
+        ops: &[ConfigOp],
+        only_if_empty: bool,
+        previous_version: u64,
+        index: u64,
+    ) -> Result<(), String> {
+        if only_if_empty
+            && !(self.licenses.is_empty() && self.models.is_empty() && self.history.is_empty())
+        {
+            return Err("the config already holds licenses or models".to_string());
+        }
+        let mut trial = self.clone();
+        for (i, op) in ops.iter().enumerate() {
+            if matches!(op, ConfigOp::Batch { .. }) {
+                return Err(format!("op {i}: a batch cannot contain a batch"));
+            }
+            let change = trial
+                .apply_op(op, previous_version)
+                .map_err(|e| format!("op {i}: {e}"))?;
+            if let Some(change) = change {
+                trial.record(cmd, index, change);
+            }
+        }
+        *self = trial;
+        Ok(())
     }
 
     /// Applies `op` on a config last changed at `previous_version`; returns
@@ -291,6 +396,7 @@ impl Config {
                     before: Some(before),
                 }))
             }
+            ConfigOp::Batch { .. } => Err("a batch must be applied as a whole".to_string()),
             ConfigOp::RollbackLicense { id, to_version } => {
                 // `to_version` must already have been applied when this
                 // command was proposed: the current index is not a version
@@ -498,6 +604,7 @@ mod tests {
 
     fn cmd(op: ConfigOp) -> ConfigCommand {
         ConfigCommand {
+            request_id: None,
             actor: "test".into(),
             reason: None,
             at_ms: 0,
@@ -592,6 +699,7 @@ mod tests {
 
     fn by(actor: &str, reason: Option<&str>, at_ms: i64, op: ConfigOp) -> ConfigCommand {
         ConfigCommand {
+            request_id: None,
             actor: actor.into(),
             reason: reason.map(str::to_string),
             at_ms,
@@ -1241,5 +1349,108 @@ mod tests {
             serde_json::to_value(revoke_key("a", "ci")).unwrap(),
             json!({"RevokeKey": {"license_id": "a", "key_id": "ci"}})
         );
+    }
+
+    #[test]
+    fn a_batch_applies_all_or_nothing_as_one_version() {
+        let mut c = Config::default();
+        let out = c.apply(
+            &cmd(ConfigOp::Batch {
+                ops: vec![
+                    ConfigOp::PutLicense(lic("a", "ka")),
+                    ConfigOp::PutLicense(lic("b", "kb")),
+                ],
+                only_if_empty: false,
+            }),
+            1,
+        );
+        assert_eq!(out, ApplyOutcome::Applied { version: 1 });
+        assert_eq!(
+            c.license_by_key("kb").map(|l| l.id.clone()),
+            Some("b".into())
+        );
+        assert_eq!(c.license_history("a")[0].version, 1);
+        // The second op conflicts (key ka is a's): nothing of the batch stays.
+        let out = c.apply(
+            &cmd(ConfigOp::Batch {
+                ops: vec![
+                    ConfigOp::PutLicense(lic("c", "kc")),
+                    ConfigOp::PutLicense(lic("d", "ka")),
+                ],
+                only_if_empty: false,
+            }),
+            2,
+        );
+        assert!(
+            matches!(&out, ApplyOutcome::Rejected { reason, .. } if reason.starts_with("op 1:")),
+            "{out:?}"
+        );
+        assert!(c.license("c").is_none());
+        assert!(c.license_by_key("kc").is_none());
+        assert_eq!(c.license_history("c").len(), 0);
+    }
+
+    #[test]
+    fn a_seed_batch_applies_only_to_a_never_used_config() {
+        let seed = ConfigOp::Batch {
+            ops: vec![ConfigOp::PutLicense(lic("a", "ka"))],
+            only_if_empty: true,
+        };
+        let mut c = Config::default();
+        assert_eq!(
+            c.apply(&cmd(seed.clone()), 1),
+            ApplyOutcome::Applied { version: 1 }
+        );
+        c.apply(
+            &cmd(ConfigOp::RevokeLicense {
+                id: "a".into(),
+                reason: "r".into(),
+            }),
+            2,
+        );
+        // Proposed again (a node that lost its data dir): the revocation stays.
+        assert!(matches!(
+            c.apply(&cmd(seed.clone()), 3),
+            ApplyOutcome::Rejected { .. }
+        ));
+        assert_eq!(c.license("a").map(|l| l.status.label()), Some("revoked"));
+        // Even after the license is deleted, the config is not "new".
+        c.apply(&cmd(ConfigOp::DeleteLicense { id: "a".into() }), 4);
+        assert!(matches!(
+            c.apply(&cmd(seed), 5),
+            ApplyOutcome::Rejected { .. }
+        ));
+    }
+
+    #[test]
+    fn a_command_with_a_known_request_id_is_not_applied_again() {
+        let mut c = Config::default();
+        let mut put = cmd(ConfigOp::PutLicense(lic("a", "ka")));
+        put.request_id = Some("req-1".into());
+        assert_eq!(c.apply(&put, 1), ApplyOutcome::Applied { version: 1 });
+        let mut revoke = cmd(ConfigOp::RevokeLicense {
+            id: "a".into(),
+            reason: "r".into(),
+        });
+        revoke.request_id = Some("req-2".into());
+        assert_eq!(c.apply(&revoke, 2), ApplyOutcome::Applied { version: 2 });
+        // A retry of req-1 returns its first outcome and does not undo req-2.
+        assert_eq!(c.apply(&put, 3), ApplyOutcome::Applied { version: 1 });
+        assert_eq!(c.version, 3);
+        assert_eq!(c.license("a").map(|l| l.status.label()), Some("revoked"));
+        assert_eq!(c.license_history("a").len(), 2);
+        // Remembered through a snapshot round trip, and bounded.
+        let mut back: Config = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        back.rebuild_indexes();
+        assert_eq!(back.apply(&put, 4), ApplyOutcome::Applied { version: 1 });
+        for i in 0..MAX_REMEMBERED_REQUESTS as u64 {
+            let mut m = cmd(ConfigOp::DeleteLicense { id: "none".into() });
+            m.request_id = Some(format!("filler-{i}"));
+            back.apply(&m, 5 + i);
+        }
+        assert!(matches!(
+            back.apply(&put, 5000),
+            ApplyOutcome::Applied { version: 5000 }
+        ));
     }
 }

@@ -879,6 +879,7 @@ versions:
                 Document::Model(m) => ConfigOp::PutModel(m),
             };
             let cmd = ConfigCommand {
+                request_id: None,
                 actor: "t".into(),
                 reason: None,
                 at_ms: 0,

@@ -30,6 +30,7 @@ fn config(limit_a: u64, limit_b: u64) -> Config {
     let mut config = Config::default();
     config.apply(
         &ConfigCommand {
+            request_id: None,
             actor: "p".into(),
             reason: None,
             at_ms: 0,

@@ -19,6 +19,7 @@ fn config() -> Config {
             Document::Model(m) => ConfigOp::PutModel(m),
         };
         let cmd = ConfigCommand {
+            request_id: None,
             actor: "test".into(),
             reason: None,
             at_ms: 0,

@@ -278,6 +278,8 @@ impl ProcCluster {
                     killed_at.elapsed() < WAIT,
                     "no commit after the leader died: {status} {body}"
                 );
+                // A refused write comes back at once; do not spin.
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
         };
         let (elected, written) =

@@ -144,3 +144,61 @@ async fn the_actor_is_the_name_of_the_token_that_made_the_change() -> anyhow::Re
     assert_eq!(status, 401);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_write_retried_with_the_same_idempotency_key_applies_once() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = TestCluster::start(dir.path(), 3, |_| {}).await?;
+    let node = cluster.node(cluster.follower().await?)?;
+    let put = |limit: u64| {
+        node.client
+            .put(format!("{}/v1/licenses/hist?reason=retry", node.http))
+            .header("authorization", format!("Bearer {}", cluster.token()))
+            .header("idempotency-key", "change-42")
+            .body(doc(limit))
+            .send()
+    };
+    let first: serde_json::Value = put(100).await?.json().await?;
+    // A retry (even with a different body) returns the first outcome.
+    let second: serde_json::Value = put(999).await?.json().await?;
+    assert_eq!(first["version"], second["version"], "{first} {second}");
+    let now = node.admin_ok(Method::GET, "/v1/licenses/hist", "").await?;
+    assert_eq!(now["license"]["quotas"][0]["limit"], 100, "{now}");
+    let h = node
+        .admin_ok(Method::GET, "/v1/licenses/hist/history", "")
+        .await?;
+    assert_eq!(h["history"].as_array().map(Vec::len), Some(1), "{h}");
+
+    // A retried key issue cannot show a key that was never stored.
+    let issue = || {
+        node.client
+            .post(format!("{}/v1/licenses/hist/keys", node.http))
+            .header("authorization", format!("Bearer {}", cluster.token()))
+            .header("idempotency-key", "issue-7")
+            .body(r#"{"reason":"fleet"}"#)
+            .send()
+    };
+    assert_eq!(issue().await?.status().as_u16(), 200);
+    let again = issue().await?;
+    assert_eq!(again.status().as_u16(), 409);
+    let l = node.admin_ok(Method::GET, "/v1/licenses/hist", "").await?;
+    assert_eq!(
+        l["license"]["keys"].as_array().map(Vec::len),
+        Some(2),
+        "{l}"
+    );
+
+    // A malformed key is refused and changes nothing.
+    let v = node.version().await?;
+    let bad = node
+        .client
+        .put(format!("{}/v1/licenses/hist?reason=x", node.http))
+        .header("authorization", format!("Bearer {}", cluster.token()))
+        .header("idempotency-key", "x".repeat(200))
+        .body(doc(5))
+        .send()
+        .await?;
+    assert_eq!(bad.status().as_u16(), 400);
+    assert_eq!(node.version().await?, v);
+    Ok(())
+}
