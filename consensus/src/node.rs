@@ -152,6 +152,11 @@ pub struct ConsensusMetrics {
     /// InstallSnapshot RPCs (chunks) this node received since it started.
     #[serde(default)]
     pub install_snapshot_rpcs_received: u64,
+    /// The addresses this node serves on now. They can differ from the
+    /// replicated membership's for the edge ports (which may move across a
+    /// restart); the Raft address cannot.
+    #[serde(default)]
+    pub serving: NodeInfo,
 }
 
 /// One node of the current membership config.
@@ -661,6 +666,19 @@ impl ConsensusNode {
                 return Ok(stored.log_id().map_or(0, |l| l.index));
             }
         }
+        // One process must not count as two voters (a wiped node that
+        // rejoins under a new id).
+        if let Some((other, _)) = membership
+            .nodes()
+            .find(|(other, n)| **other != id && n.raft_addr == info.raft_addr)
+        {
+            return Err(WriteError::MembershipRejected {
+                reason: format!(
+                    "node {other} is already a member at {}; remove it before adding node {id} there",
+                    info.raft_addr
+                ),
+            });
+        }
         self.refuse_without_quorum()?;
         let remaining = deadline.saturating_duration_since(Instant::now());
         // Blocking: returns once the learner's log is up to date, so the
@@ -880,6 +898,7 @@ impl ConsensusNode {
                 })
                 .unwrap_or_default(),
             install_snapshot_rpcs_received: self.install_snapshot_rpcs.load(Ordering::Relaxed),
+            serving: self.info.clone(),
         }
     }
 

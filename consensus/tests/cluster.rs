@@ -369,6 +369,11 @@ async fn t40_a_new_node_catches_up_through_a_snapshot() -> Result<()> {
         Err(WriteError::MembershipRejected { .. }) => {}
         other => bail!("expected MembershipRejected, got {other:?}"),
     }
+    // Another id at a member's address is refused too: one process, one vote.
+    match leader_node.node.add_node(9, newcomer.info.clone()).await {
+        Err(WriteError::MembershipRejected { reason }) if reason.contains("node 4") => {}
+        other => bail!("expected MembershipRejected naming node 4, got {other:?}"),
+    }
     nodes.push(newcomer);
     stop_all(&mut nodes).await
 }

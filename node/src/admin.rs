@@ -489,6 +489,12 @@ pub async fn cluster_status(state: &NodeState) -> serde_json::Value {
             });
             match views.get(&m.id) {
                 Some(Ok(v)) => {
+                    // Where it serves now: edge ports may have moved since
+                    // it registered.
+                    if !v.serving.grpc_addr.is_empty() {
+                        node["grpc_addr"] = v.serving.grpc_addr.clone().into();
+                        node["http_addr"] = v.serving.http_addr.clone().into();
+                    }
                     let applied = v.last_applied_index.unwrap_or(0);
                     node["reachable"] = true.into();
                     node["state"] = v.state.clone().into();
