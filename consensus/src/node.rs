@@ -456,10 +456,23 @@ impl ConsensusNode {
         op: &LeaderOp,
         deadline: Instant,
     ) -> Result<LeaderOutput, WriteError> {
-        // The leader (and its term) that failed the first attempt.
+        // The leader (and its term) that failed the first attempt, and why.
         let mut avoid = None;
+        let mut first_error: Option<String> = None;
         loop {
-            let (target, term) = self.find_leader(avoid, deadline).await?;
+            let (target, term) = match self.find_leader(avoid, deadline).await {
+                Ok(found) => found,
+                // Say why the old leader failed: from here, a leader that
+                // died looks the same as one only this node cannot reach.
+                Err(WriteError::NoQuorum { voters, detail }) if first_error.is_some() => {
+                    let why = first_error.unwrap_or_default();
+                    return Err(WriteError::NoQuorum {
+                        voters,
+                        detail: format!("{detail} (the old leader failed with: {why})"),
+                    });
+                }
+                Err(e) => return Err(e),
+            };
             let leader_id = match &target {
                 Target::Local => self.node_id,
                 Target::Remote(id, _) => *id,
@@ -471,6 +484,7 @@ impl ConsensusNode {
             if attempt.moved && avoid.is_none() {
                 tracing::info!(leader = leader_id, error = ?attempt.result.as_ref().err(), "leadership moved; retrying once on the new leader");
                 avoid = Some((leader_id, term));
+                first_error = attempt.result.as_ref().err().map(ToString::to_string);
                 continue;
             }
             let output = attempt.result?;

@@ -450,6 +450,7 @@ impl Config {
     /// Appends the history record of an applied license change.
     fn record(&mut self, cmd: &ConfigCommand, index: u64, change: LicenseChange) {
         let after = self.licenses.get(&change.id).cloned();
+        let after_deleted = after.is_none();
         let diff = history::diff_licenses(change.before.as_deref(), after.as_deref());
         let record = ChangeRecord {
             version: index,
@@ -471,6 +472,29 @@ impl Config {
         // Copies this license's records only if a published config still
         // shares them.
         Arc::make_mut(entry).push(record);
+        if after_deleted {
+            self.prune_deleted_histories();
+        }
+    }
+
+    /// Drops the history of the licenses deleted longest ago beyond
+    /// [`history::MAX_DELETED_HISTORIES`]. Deterministic: ordered by the
+    /// version of their last record, then id.
+    fn prune_deleted_histories(&mut self) {
+        let mut deleted: Vec<(u64, String)> = self
+            .history
+            .iter()
+            .filter(|(id, _)| !self.licenses.contains_key(*id))
+            .map(|(id, h)| (h.records.last().map_or(0, |r| r.version), id.clone()))
+            .collect();
+        if deleted.len() <= history::MAX_DELETED_HISTORIES {
+            return;
+        }
+        deleted.sort();
+        let n_excess = deleted.len() - history::MAX_DELETED_HISTORIES;
+        for (_, id) in deleted.into_iter().take(n_excess) {
+            self.history.remove(&id);
+        }
     }
 
     fn remove_keys_of(&mut self, license_id: &str) {
@@ -1452,5 +1476,39 @@ mod tests {
             back.apply(&put, 5000),
             ApplyOutcome::Applied { version: 5000 }
         ));
+    }
+
+    #[test]
+    fn the_history_of_deleted_licenses_is_bounded() {
+        let mut c = Config::default();
+        let n = crate::history::MAX_DELETED_HISTORIES as u64 + 5;
+        let mut index = 0;
+        for i in 0..n {
+            index += 1;
+            c.apply(
+                &cmd(ConfigOp::PutLicense(lic(
+                    &format!("d{i}"),
+                    &format!("k{i}"),
+                ))),
+                index,
+            );
+            index += 1;
+            c.apply(
+                &cmd(ConfigOp::DeleteLicense {
+                    id: format!("d{i}"),
+                }),
+                index,
+            );
+        }
+        c.apply(&cmd(ConfigOp::PutLicense(lic("live", "kl"))), index + 1);
+        // The five deleted first are forgotten; the rest and live ones stay.
+        assert!(c.license_history("d0").is_empty());
+        assert!(c.license_history("d4").is_empty());
+        assert_eq!(c.license_history("d5").len(), 2);
+        assert_eq!(c.license_history("live").len(), 1);
+        assert_eq!(
+            c.history_license_ids().count(),
+            crate::history::MAX_DELETED_HISTORIES + 1
+        );
     }
 }

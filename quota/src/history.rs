@@ -25,6 +25,11 @@ use crate::license::License;
 /// bound is what keeps the replicated config (and every snapshot) small.
 pub const MAX_HISTORY_PER_LICENSE: usize = 256;
 
+/// Most deleted licenses whose history is kept; past it, the history of the
+/// license deleted longest ago is dropped, so churn cannot grow snapshots
+/// without bound.
+pub const MAX_DELETED_HISTORIES: usize = 1024;
+
 /// One applied change to one license.
 ///
 /// Serialized as
