@@ -363,19 +363,39 @@ fn init_tracing() {
         .try_init();
 }
 
-async fn wait_for_signal() {
+/// SIGINT / SIGTERM, registered before a node starts: a signal that
+/// arrives while nodes are still starting must stop them cleanly, not kill
+/// the process with the default action.
+struct StopSignals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+                term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(Self {})
     }
-    let _ = tokio::signal::ctrl_c().await;
+
+    async fn wait(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 #[tokio::main]
@@ -384,6 +404,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             init_tracing();
+            let mut signals = StopSignals::install()?;
             let mut s = NodeSettings::from_file(&args.config)?;
             if let Some(v) = args.node_id {
                 s.node_id = v;
@@ -418,15 +439,16 @@ async fn main() -> anyhow::Result<()> {
                 "serving: gRPC {} HTTP http://{} Raft {}",
                 node.grpc_addr, node.http_addr, node.raft_addr
             );
-            wait_for_signal().await;
+            signals.wait().await;
             node.shutdown().await?;
         }
         Command::Up { data_dir, nodes } => {
             init_tracing();
+            let mut signals = StopSignals::install()?;
             let (nodes, cluster) = up::start(&data_dir, nodes).await?;
             let shown = data_dir.canonicalize().unwrap_or(data_dir);
             println!("{}", up::banner(&cluster, &shown));
-            wait_for_signal().await;
+            signals.wait().await;
             println!("stopping...");
             let mut stopping = tokio::task::JoinSet::new();
             for node in nodes {

@@ -72,7 +72,8 @@ impl ClusterFile {
     }
 }
 
-/// Creates the admin token file (mode 0600) if it does not exist yet.
+/// Creates a token file (mode 0600) holding a fresh random token, if it
+/// does not exist yet: the admin token, or the cluster token.
 pub fn ensure_admin_token(path: &Path) -> anyhow::Result<()> {
     if path.exists() {
         return Ok(());
@@ -181,6 +182,10 @@ pub async fn start(
     let data_dir = data_dir.canonicalize()?;
     let token_file = data_dir.join("admin.token");
     ensure_admin_token(&token_file)?;
+    // The nodes' secret for each other, distinct from the admin token so an
+    // admin client cannot speak Raft.
+    let cluster_token_file = data_dir.join("cluster.token");
+    ensure_admin_token(&cluster_token_file)?;
 
     let previous = ClusterFile::read(&data_dir).ok();
     let planned = match &previous {
@@ -233,6 +238,7 @@ pub async fn start(
         settings.region = p.region;
         settings.raft_addr = Some(m.raft_addr);
         settings.admin_token_file = token_file.clone();
+        settings.cluster_token_file = Some(cluster_token_file.clone());
         settings.raft = RaftTiming::local();
         // The first node forms the cluster with all of them; the others
         // wait to hear from it.
