@@ -384,6 +384,31 @@ pub fn history(state: &NodeState, id: &str) -> Result<(serde_json::Value, u64), 
     Ok((serde_json::Value::Array(out), config.version))
 }
 
+/// The recorded changes of model `id`, oldest first, as JSON records, and
+/// the config version they were read at.
+pub fn model_history(state: &NodeState, id: &str) -> Result<(serde_json::Value, u64), ApiError> {
+    let config = state.config();
+    let records = config.model_history(id);
+    if records.is_empty() {
+        return Err(ApiError::NotFound(format!("model `{id}` has no history")));
+    }
+    let mut out = Vec::with_capacity(records.len());
+    for r in records {
+        let mut v = serde_json::to_value(r).map_err(|e| ApiError::Internal(e.to_string()))?;
+        if let (Some(obj), Some(at)) = (
+            v.as_object_mut(),
+            chrono::DateTime::from_timestamp_millis(r.at_ms),
+        ) {
+            obj.insert(
+                "at".to_string(),
+                serde_json::Value::String(at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+            );
+        }
+        out.push(v);
+    }
+    Ok((serde_json::Value::Array(out), config.version))
+}
+
 /// Writes license `id` as it was at config version `to_version` back as a
 /// new version. History is appended to, never rewritten.
 pub async fn rollback(

@@ -209,6 +209,18 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn model_history(
+        &self,
+        req: Request<pb::ModelHistoryRequest>,
+    ) -> Result<Response<pb::LicenseHistoryResponse>, Status> {
+        self.actor(&req)?;
+        let (records, version) = admin::model_history(&self.state, &req.into_inner().id)?;
+        Ok(Response::new(pb::LicenseHistoryResponse {
+            history_json: records.to_string(),
+            version,
+        }))
+    }
+
     async fn rollback_license(
         &self,
         req: Request<pb::RollbackLicenseRequest>,

@@ -41,6 +41,7 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/v1/cluster/nodes/{node_id}", delete(remove_node))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", put(put_model))
+        .route("/v1/models/{id}/history", get(model_history))
         .route("/v1/status", get(status))
         .route("/healthz", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -364,4 +365,17 @@ async fn remove_node(
     let actor = actor(&state, &headers)?;
     let version = admin::remove_node(&state, &actor, node_id, &reason(&q, &headers)).await?;
     Ok(axum::Json(serde_json::json!({"removed": node_id, "version": version})).into_response())
+}
+
+async fn model_history(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    actor(&state, &headers)?;
+    let (records, version) = admin::model_history(&state, &id)?;
+    Ok(
+        axum::Json(serde_json::json!({"model": id, "history": records, "version": version}))
+            .into_response(),
+    )
 }

@@ -70,6 +70,13 @@ enum Command {
         #[command(flatten)]
         target: TargetArgs,
     },
+    /// Inspect models.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
     /// Inspect the Raft cluster and change its membership.
     Cluster {
         #[command(subcommand)]
@@ -128,6 +135,18 @@ struct ServeArgs {
     /// promoted to voter once it has caught up).
     #[arg(long)]
     join: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Every recorded change of a model: version, actor, time, reason, diff.
+    History {
+        /// Model id.
+        id: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -469,6 +488,23 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::License { command, target } => license(command, &target.target()).await?,
         Command::Cluster { command, target } => cluster(command, &target.target()).await?,
+        Command::Model {
+            command: ModelCommand::History { id, json },
+            target,
+        } => {
+            let (mut admin, h) = target.target().admin().await?;
+            let r = admin
+                .model_history(authed(pb::ModelHistoryRequest { id }, &h))
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let v: serde_json::Value = serde_json::from_str(&r.history_json)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", client::render_history(&v));
+            }
+        }
         Command::Check { signals, target } => {
             let d = client::check(&target.target(), signals.request()?, false).await?;
             print_decision(&d, signals.json)?;

@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::history::{self, ChangeAction, ChangeRecord, HistoryError, LicenseHistory};
+use crate::history::{
+    self, ChangeAction, ChangeRecord, HistoryError, LicenseHistory, ModelChangeRecord,
+};
 use crate::keys;
 use crate::license::{License, LicenseStatus, Model, StoredKey};
 
@@ -40,6 +42,9 @@ pub struct Config {
     /// cloning the config stays cheap.
     #[serde(default)]
     history: BTreeMap<String, Arc<LicenseHistory>>,
+    /// Change history by model id.
+    #[serde(default)]
+    model_history: BTreeMap<String, Arc<Vec<ModelChangeRecord>>>,
     /// Outcomes of recent commands by request id, for de-duplication.
     /// Replicated, so every node answers a retried command the same way.
     #[serde(default)]
@@ -244,18 +249,48 @@ impl Config {
                 },
             };
         }
-        match self.apply_op(&cmd.op, previous_version) {
-            Ok(change) => {
-                if let Some(change) = change {
-                    self.record(cmd, index, change);
-                }
-                ApplyOutcome::Applied { version: index }
-            }
+        match self.apply_recorded(&cmd.op, cmd, index, previous_version) {
+            Ok(()) => ApplyOutcome::Applied { version: index },
             Err(reason) => ApplyOutcome::Rejected {
                 version: index,
                 reason,
             },
         }
+    }
+
+    /// Applies one (non-batch) op and records it in the license or model
+    /// history.
+    fn apply_recorded(
+        &mut self,
+        op: &ConfigOp,
+        cmd: &ConfigCommand,
+        index: u64,
+        previous_version: u64,
+    ) -> Result<(), String> {
+        if let ConfigOp::PutModel(model) = op {
+            let before = self.models.get(&model.id).cloned();
+            self.apply_op(op, previous_version)?;
+            let after = self.models.get(&model.id).cloned();
+            let record = ModelChangeRecord {
+                version: index,
+                actor: cmd.actor.clone(),
+                at_ms: cmd.at_ms,
+                reason: cmd.reason.clone(),
+                action: ChangeAction::Put,
+                diff: history::diff_models(before.as_deref(), after.as_deref()),
+            };
+            let records = Arc::make_mut(self.model_history.entry(model.id.clone()).or_default());
+            if records.len() >= history::MAX_HISTORY_PER_LICENSE {
+                let n_excess = records.len() + 1 - history::MAX_HISTORY_PER_LICENSE;
+                records.drain(..n_excess);
+            }
+            records.push(record);
+            return Ok(());
+        }
+        if let Some(change) = self.apply_op(op, previous_version)? {
+            self.record(cmd, index, change);
+        }
+        Ok(())
     }
 
     /// Applies a batch to a copy and keeps the copy only if every op applied.
@@ -277,12 +312,9 @@ impl Config {
             if matches!(op, ConfigOp::Batch { .. }) {
                 return Err(format!("op {i}: a batch cannot contain a batch"));
             }
-            let change = trial
-                .apply_op(op, previous_version)
+            trial
+                .apply_recorded(op, cmd, index, previous_version)
                 .map_err(|e| format!("op {i}: {e}"))?;
-            if let Some(change) = change {
-                trial.record(cmd, index, change);
-            }
         }
         *self = trial;
         Ok(())
@@ -556,6 +588,12 @@ impl Config {
     /// The model with `id`.
     pub fn model(&self, id: &str) -> Option<&Arc<Model>> {
         self.models.get(id)
+    }
+
+    /// The retained change records of model `id`, oldest first; empty if
+    /// none.
+    pub fn model_history(&self, id: &str) -> &[ModelChangeRecord] {
+        self.model_history.get(id).map_or(&[][..], |h| h.as_slice())
     }
 
     /// The retained change records of license `id`, oldest first; empty if
@@ -1510,5 +1548,41 @@ mod tests {
             c.history_license_ids().count(),
             crate::history::MAX_DELETED_HISTORIES + 1
         );
+    }
+
+    #[test]
+    fn model_changes_are_recorded_with_a_diff() {
+        let model = |released: &str| {
+            crate::license::parse_model(&format!(
+                "apiVersion: tollgate/v1\nkind: Model\nid: m\nversions:\n  - {{ version: 1.0.0, released: {released} }}\n"
+            ))
+            .unwrap()
+        };
+        let mut c = Config::default();
+        let mut put = cmd(ConfigOp::PutModel(model("2026-01-01")));
+        put.reason = Some("first release".into());
+        c.apply(&put, 1);
+        c.apply(
+            &cmd(ConfigOp::Batch {
+                ops: vec![ConfigOp::PutModel(model("2026-02-01"))],
+                only_if_empty: false,
+            }),
+            2,
+        );
+        let h = c.model_history("m");
+        assert_eq!(h.len(), 2);
+        assert_eq!(
+            (h[0].version, h[0].reason.as_deref()),
+            (1, Some("first release"))
+        );
+        assert_eq!(h[1].version, 2);
+        assert_eq!(h[1].diff.len(), 1, "{:?}", h[1].diff);
+        assert_eq!(h[1].diff[0].path, "versions[0].released");
+        // A rejected model records nothing.
+        let mut bad = model("2026-03-01");
+        bad.id = String::new();
+        c.apply(&cmd(ConfigOp::PutModel(bad)), 3);
+        assert_eq!(c.model_history("m").len(), 2);
+        assert!(c.model_history("").is_empty());
     }
 }

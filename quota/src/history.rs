@@ -17,7 +17,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::license::License;
+use crate::license::{License, Model};
 
 /// Most records kept per license; the oldest are dropped beyond it. A
 /// license changed every minute keeps about four hours of detail, one changed
@@ -248,6 +248,36 @@ pub(crate) fn as_of(
 /// every top-level field of the new license as `added` (`id`, `customer`,
 /// `keys`, ...) and a deletion lists every top-level field as `removed`.
 /// Keys appear only as their stored form (`sha256` and optional `id`).
+/// One change of a model (models are only ever put): who, when, why and
+/// what changed. Kept per model, at most [`MAX_HISTORY_PER_LICENSE`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelChangeRecord {
+    /// The config version the change was applied at.
+    pub version: u64,
+    /// Name of the admin token that made the change.
+    pub actor: String,
+    /// Wall-clock time of the request at the proposing node, unix ms.
+    pub at_ms: i64,
+    /// Why, as given by the actor.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Always `put` today; the same shape as license records.
+    pub action: ChangeAction,
+    /// What changed, from the model before (`{}` when new) to after.
+    #[serde(default)]
+    pub diff: Vec<DiffEntry>,
+}
+
+/// The structural diff between two versions of a model (`None`: not there).
+pub fn diff_models(old: Option<&Model>, new: Option<&Model>) -> Vec<DiffEntry> {
+    let value = |m: Option<&Model>| {
+        m.and_then(|m| serde_json::to_value(m).ok())
+            .unwrap_or_else(|| Value::Object(Map::new()))
+    };
+    diff_values(&value(old), &value(new))
+}
+
+/// The structural diff between two versions of a license (`None`: not there).
 pub fn diff_licenses(old: Option<&License>, new: Option<&License>) -> Vec<DiffEntry> {
     diff_values(&license_value(old), &license_value(new))
 }

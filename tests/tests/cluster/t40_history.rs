@@ -202,3 +202,46 @@ async fn a_write_retried_with_the_same_idempotency_key_applies_once() -> anyhow:
     assert_eq!(node.version().await?, v);
     Ok(())
 }
+
+#[tokio::test]
+async fn model_changes_are_in_the_history_too() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = TestCluster::start(dir.path(), 3, |_| {}).await?;
+    let node = cluster.node(cluster.follower().await?)?;
+    let model = r#"{"apiVersion":"tollgate/v1","kind":"Model","id":"demo-classifier","versions":[{"version":"2.1.0","released":"2026-06-01"},{"version":"3.0.0","released":"2026-11-01"}]}"#;
+    let v = node
+        .admin_ok(
+            Method::PUT,
+            "/v1/models/demo-classifier?reason=v3%20release",
+            model,
+        )
+        .await?["version"]
+        .as_u64()
+        .unwrap_or(0);
+    let h = node
+        .admin_ok(Method::GET, "/v1/models/demo-classifier/history", "")
+        .await?;
+    let records = h["history"].as_array().cloned().unwrap_or_default();
+    assert_eq!(records.len(), 2, "seeded, then changed: {h}");
+    assert_eq!(records[0]["actor"], "bootstrap");
+    assert_eq!(records[1]["version"], v);
+    assert_eq!(records[1]["actor"], "admin");
+    assert_eq!(records[1]["reason"], "v3 release");
+    assert!(
+        !records[1]["diff"]
+            .as_array()
+            .map(Vec::is_empty)
+            .unwrap_or(true),
+        "{h}"
+    );
+    let (status, _) = node
+        .admin(
+            Method::GET,
+            "/v1/models/nope/history",
+            Some(cluster.token()),
+            "",
+        )
+        .await?;
+    assert_eq!(status, 404);
+    Ok(())
+}
