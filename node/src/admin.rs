@@ -365,23 +365,8 @@ pub fn history(state: &NodeState, id: &str) -> Result<(serde_json::Value, u64), 
     if records.is_empty() {
         return Err(ApiError::NotFound(format!("license `{id}` has no history")));
     }
-    let mut out = Vec::with_capacity(records.len());
-    for r in records {
-        let mut v = serde_json::to_value(r).map_err(|e| ApiError::Internal(e.to_string()))?;
-        if let Some(obj) = v.as_object_mut() {
-            obj.remove("document");
-            if let Some(at) = chrono::DateTime::from_timestamp_millis(r.at_ms) {
-                obj.insert(
-                    "at".to_string(),
-                    serde_json::Value::String(
-                        at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-                    ),
-                );
-            }
-        }
-        out.push(v);
-    }
-    Ok((serde_json::Value::Array(out), config.version))
+    let json = records_json(records.iter().map(|r| (r, r.at_ms)))?;
+    Ok((json, config.version))
 }
 
 /// The recorded changes of model `id`, oldest first, as JSON records, and
@@ -392,21 +377,28 @@ pub fn model_history(state: &NodeState, id: &str) -> Result<(serde_json::Value, 
     if records.is_empty() {
         return Err(ApiError::NotFound(format!("model `{id}` has no history")));
     }
-    let mut out = Vec::with_capacity(records.len());
-    for r in records {
+    let json = records_json(records.iter().map(|r| (r, r.at_ms)))?;
+    Ok((json, config.version))
+}
+
+/// History records as a JSON array, each with an RFC 3339 `at` beside its
+/// `at_ms` and without the full `document` (which carries key hashes).
+fn records_json<'a, R: Serialize + 'a>(
+    records: impl Iterator<Item = (&'a R, i64)>,
+) -> Result<serde_json::Value, ApiError> {
+    let mut out = Vec::new();
+    for (r, at_ms) in records {
         let mut v = serde_json::to_value(r).map_err(|e| ApiError::Internal(e.to_string()))?;
-        if let (Some(obj), Some(at)) = (
-            v.as_object_mut(),
-            chrono::DateTime::from_timestamp_millis(r.at_ms),
-        ) {
-            obj.insert(
-                "at".to_string(),
-                serde_json::Value::String(at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
-            );
+        if let Some(obj) = v.as_object_mut() {
+            obj.remove("document");
+            if let Some(at) = chrono::DateTime::from_timestamp_millis(at_ms) {
+                let at = at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                obj.insert("at".to_string(), serde_json::Value::String(at));
+            }
         }
         out.push(v);
     }
-    Ok((serde_json::Value::Array(out), config.version))
+    Ok(serde_json::Value::Array(out))
 }
 
 /// Writes license `id` as it was at config version `to_version` back as a

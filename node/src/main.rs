@@ -496,14 +496,8 @@ async fn main() -> anyhow::Result<()> {
             let r = admin
                 .model_history(authed(pb::ModelHistoryRequest { id }, &h))
                 .await
-                .map_err(status_err)?
-                .into_inner();
-            let v: serde_json::Value = serde_json::from_str(&r.history_json)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print!("{}", client::render_history(&v));
-            }
+                .map_err(status_err)?;
+            print_history(&r.into_inner(), json)?;
         }
         Command::Check { signals, target } => {
             let d = client::check(&target.target(), signals.request()?, false).await?;
@@ -571,6 +565,17 @@ async fn main() -> anyhow::Result<()> {
             let report = bench::run(cfg).await?;
             println!("{}", serde_json::to_string(&report)?);
         }
+    }
+    Ok(())
+}
+
+/// Prints a license or model history as JSON or as text.
+fn print_history(r: &pb::LicenseHistoryResponse, json: bool) -> anyhow::Result<()> {
+    let v: serde_json::Value = serde_json::from_str(&r.history_json)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{}", client::render_history(&v));
     }
     Ok(())
 }
@@ -685,14 +690,8 @@ async fn license(cmd: LicenseCommand, target: &Target) -> anyhow::Result<()> {
             let r = admin
                 .license_history(authed(pb::LicenseHistoryRequest { id }, &h))
                 .await
-                .map_err(status_err)?
-                .into_inner();
-            let v: serde_json::Value = serde_json::from_str(&r.history_json)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print!("{}", client::render_history(&v));
-            }
+                .map_err(status_err)?;
+            print_history(&r.into_inner(), json)?;
         }
         LicenseCommand::Rollback {
             id,

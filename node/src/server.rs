@@ -86,7 +86,7 @@ fn read_token_file(path: &Path) -> anyhow::Result<String> {
 }
 
 /// Reads the admin token file (one line).
-pub fn read_admin_token(settings: &NodeSettings) -> anyhow::Result<String> {
+fn read_admin_token(settings: &NodeSettings) -> anyhow::Result<String> {
     read_token_file(&settings.admin_token_file)
 }
 

@@ -47,8 +47,10 @@ pub struct Config {
     model_history: BTreeMap<String, Arc<Vec<ModelChangeRecord>>>,
     /// Outcomes of recent commands by request id, for de-duplication.
     /// Replicated, so every node answers a retried command the same way.
+    /// Shared, so the per-batch publication and admin prechecks, which clone
+    /// the config, do not copy it.
     #[serde(default)]
-    requests: RequestLog,
+    requests: Arc<RequestLog>,
     /// SHA-256 of each key -> license id. Derived; rebuilt after a snapshot.
     #[serde(skip)]
     key_index: HashMap<[u8; 32], String, BuildHasherDefault<DigestHasher>>,
@@ -232,7 +234,7 @@ impl Config {
         }
         let outcome = self.apply_new(cmd, index);
         if let Some(id) = &cmd.request_id {
-            self.requests.remember(id, &outcome);
+            Arc::make_mut(&mut self.requests).remember(id, &outcome);
         }
         outcome
     }

@@ -270,24 +270,21 @@ pub struct ModelChangeRecord {
 
 /// The structural diff between two versions of a model (`None`: not there).
 pub fn diff_models(old: Option<&Model>, new: Option<&Model>) -> Vec<DiffEntry> {
-    let value = |m: Option<&Model>| {
-        m.and_then(|m| serde_json::to_value(m).ok())
-            .unwrap_or_else(|| Value::Object(Map::new()))
-    };
-    diff_values(&value(old), &value(new))
+    diff_values(&document_value(old), &document_value(new))
 }
 
 /// The structural diff between two versions of a license (`None`: not there).
 pub fn diff_licenses(old: Option<&License>, new: Option<&License>) -> Vec<DiffEntry> {
-    diff_values(&license_value(old), &license_value(new))
+    diff_values(&document_value(old), &document_value(new))
 }
 
-fn license_value(license: Option<&License>) -> Value {
-    // Serializing a License cannot fail (no maps with non-string keys); if it
-    // ever did, an empty object keeps `apply` infallible at the cost of a
+/// A license or model as JSON; `{}` when absent.
+fn document_value<T: Serialize>(document: Option<&T>) -> Value {
+    // Serializing a document cannot fail (no maps with non-string keys); if
+    // it ever did, an empty object keeps `apply` infallible at the cost of a
     // less precise diff.
-    license
-        .and_then(|l| serde_json::to_value(l).ok())
+    document
+        .and_then(|d| serde_json::to_value(d).ok())
         .unwrap_or_else(|| Value::Object(Map::new()))
 }
 
