@@ -15,7 +15,7 @@ use chrono::{DateTime, Timelike, Utc};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::license::{Environment, License, OnExceed, Quota, QuotaScope, VersionPolicy};
+use crate::license::{Environment, License, OnExceed, Quota, QuotaMode, QuotaScope, VersionPolicy};
 use crate::request::CheckRequest;
 use crate::usage::{BucketState, CounterKey, Usage};
 
@@ -77,6 +77,13 @@ pub enum ReasonCode {
     RateLimited,
     /// A quota would be exceeded.
     QuotaExceeded,
+    /// A strict quota has units left across the cluster, but this node
+    /// holds no rights to them and has not (yet) been given any.
+    QuotaRightsUnavailable,
+    /// Every seat (`max_instances`) is taken.
+    SeatLimitReached,
+    /// The seat lease is unknown here: expired, released, or never granted.
+    SeatLeaseUnknown,
 }
 
 impl ReasonCode {
@@ -98,6 +105,9 @@ impl ReasonCode {
             ReasonCode::DeviceLimitReached => "device_limit_reached",
             ReasonCode::RateLimited => "rate_limited",
             ReasonCode::QuotaExceeded => "quota_exceeded",
+            ReasonCode::QuotaRightsUnavailable => "quota_rights_unavailable",
+            ReasonCode::SeatLimitReached => "seat_limit_reached",
+            ReasonCode::SeatLeaseUnknown => "seat_lease_unknown",
         }
     }
 }
@@ -152,11 +162,25 @@ pub struct AdjustmentHint {
     pub message: String,
 }
 
+/// One counter increment of this node's slot.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Increment {
+    /// The counter.
+    pub key: CounterKey,
+    /// Units to add.
+    pub by: u64,
+    /// Whether the counter is an escrow one (strict quota).
+    pub escrow: bool,
+}
+
 /// What committing a decision changes in [`Usage`].
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Effects {
     /// Counter increments for this node's slot.
-    pub increments: Vec<(CounterKey, u64)>,
+    pub increments: Vec<Increment>,
+    /// Units refused for lack of escrow rights, per counter: recorded even
+    /// though the request is denied, as the demand that moves rights here.
+    pub starved: Vec<(CounterKey, u64)>,
     /// A device to add to a license's seen set: (license id, device id).
     pub new_device: Option<(String, String)>,
     /// New token bucket states: (license id, rate limit id, state).
@@ -238,6 +262,19 @@ impl Verdict {
             message,
             rule,
         });
+        let retry = self.decision.retry_after_ms.get_or_insert(0);
+        *retry = (*retry).max(retry_after_ms);
+    }
+
+    /// A denial that waiting can cure: the retry hint is kept (see `finish`).
+    fn throttle_deny(
+        &mut self,
+        code: ReasonCode,
+        rule: String,
+        message: String,
+        retry_after_ms: u64,
+    ) {
+        self.deny(code, rule, message);
         let retry = self.decision.retry_after_ms.get_or_insert(0);
         *retry = (*retry).max(retry_after_ms);
     }
@@ -335,6 +372,19 @@ pub fn decide_report(
         .unwrap_or(Environment::Production);
     evaluate_quotas(license, usage, req, Some(environment), now_ms, true, &mut v);
     finish(v, Some(license), req)
+}
+
+/// Why `license` is not in force at `now_ms` (revoked, suspended, not yet
+/// valid, expired past grace), plus any warnings (grace period); for calls
+/// that check the license but not a use, such as seat leases.
+pub(crate) fn status_reasons(license: &License, now_ms: i64) -> (Vec<Reason>, Vec<Warning>) {
+    let mut v = Verdict {
+        decision: Decision::new(0, String::new(), false),
+        deny: false,
+        throttle: false,
+    };
+    check_status(license, now_ms, &mut v);
+    (v.decision.reasons, v.decision.warnings)
 }
 
 fn check_status(license: &License, now_ms: i64, v: &mut Verdict) {
@@ -694,6 +744,30 @@ fn evaluate_quotas(
         };
         let used_before = usage.counter_value(&key);
         let after = used_before.saturating_add(meter.quantity);
+        let escrow = quota.mode == QuotaMode::Strict;
+        if escrow && after <= quota.limit && !is_report {
+            let held = usage.escrow_available(&key, quota.limit);
+            if meter.quantity > held {
+                let retry = usage.rights_retry_ms();
+                v.throttle_deny(
+                    ReasonCode::QuotaRightsUnavailable,
+                    format!("quotas[{}]", quota.id),
+                    format!(
+                        "strict quota {} has {} of {} {} left across the cluster, but this node holds rights to {held} and this request needs {}; rights move to nodes with demand, retry in {retry} ms",
+                        quota.id,
+                        quota.limit.saturating_sub(used_before),
+                        quota.limit,
+                        quota.metric,
+                        meter.quantity
+                    ),
+                    retry,
+                );
+                v.decision
+                    .effects
+                    .starved
+                    .push((key.clone(), meter.quantity));
+            }
+        }
         if after > quota.limit && !is_report {
             let reset = resets_at_ms
                 .map(|r| format!("; resets at {}", rfc3339(r)))
@@ -751,7 +825,11 @@ fn evaluate_quotas(
             resets_at_ms,
             scope: scope_label,
         });
-        v.decision.effects.increments.push((key, meter.quantity));
+        v.decision.effects.increments.push(Increment {
+            key,
+            by: meter.quantity,
+            escrow,
+        });
     }
 }
 
@@ -772,11 +850,17 @@ fn finish(mut v: Verdict, license: Option<&License>, req: &CheckRequest) -> Deci
     } else {
         Outcome::Allow
     };
-    let only_quota_denials = v
+    let only_quota_denials = v.decision.reasons.iter().all(|r| {
+        matches!(
+            r.code,
+            ReasonCode::QuotaExceeded | ReasonCode::QuotaRightsUnavailable
+        )
+    });
+    let only_rights_denials = v
         .decision
         .reasons
         .iter()
-        .all(|r| r.code == ReasonCode::QuotaExceeded);
+        .all(|r| r.code == ReasonCode::QuotaRightsUnavailable);
     // A retry hint is honest only when waiting helps: a throttle, or a
     // denial by windowed quotas alone (not a revoked key or a wrong model).
     if !(v.decision.outcome == Outcome::Throttle
@@ -785,8 +869,18 @@ fn finish(mut v: Verdict, license: Option<&License>, req: &CheckRequest) -> Deci
         v.decision.retry_after_ms = None;
     }
     if v.decision.outcome != Outcome::Allow {
-        // All or nothing: a request that is not allowed changes nothing.
-        v.decision.effects = Effects::default();
+        // All or nothing: a request that is not allowed changes nothing,
+        // except that demand refused only for lack of escrow rights is
+        // recorded, so that rights move here.
+        let starved = if only_rights_denials {
+            std::mem::take(&mut v.decision.effects.starved)
+        } else {
+            Vec::new()
+        };
+        v.decision.effects = Effects {
+            starved,
+            ..Effects::default()
+        };
         return v.decision;
     }
     let Some(license) = license else {
@@ -800,12 +894,12 @@ fn finish(mut v: Verdict, license: Option<&License>, req: &CheckRequest) -> Deci
         .iter()
         .filter(|q| req.meters.iter().any(|m| m.metric == q.metric));
     let decision = &mut v.decision;
-    for ((quota, status), (_, quantity)) in touched
+    for ((quota, status), inc) in touched
         .zip(decision.quotas.iter_mut())
         .zip(decision.effects.increments.iter())
     {
         let used_before = status.used;
-        let after = used_before.saturating_add(*quantity);
+        let after = used_before.saturating_add(inc.by);
         quota_warnings(quota, used_before, after, &mut decision.warnings);
         status.used = after;
         status.remaining = status.limit.saturating_sub(after);

@@ -21,11 +21,15 @@
 //! an earlier version back through the log.
 
 pub mod config;
+pub mod counter;
 pub mod decision;
+pub mod escrow;
+pub mod gossip;
 pub mod history;
 pub mod keys;
 pub mod license;
 pub mod request;
+pub mod seats;
 pub mod usage;
 
 pub use decision::{Decision, Outcome, ReasonCode, decide};

@@ -206,6 +206,31 @@ pub struct License {
     /// Per-node token-bucket rate limits.
     #[serde(default)]
     pub rate_limits: Vec<RateLimit>,
+    /// Concurrently running instances (seats) allowed across the whole
+    /// cluster; 0 or absent means unlimited. Held globally by escrow.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_instances: u32,
+    /// How long a seat lease lasts without renewal (default 60s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seat_lease_ttl: Option<HumaneDuration>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Seat lease length when a license names none.
+pub const DEFAULT_SEAT_LEASE_TTL_MS: u64 = 60_000;
+
+/// Longest seat lease a license may set.
+pub const MAX_SEAT_LEASE_TTL_MS: u64 = 86_400_000;
+
+impl License {
+    /// The seat lease length in ms.
+    pub fn seat_lease_ttl_ms(&self) -> u64 {
+        self.seat_lease_ttl
+            .map_or(DEFAULT_SEAT_LEASE_TTL_MS, |d| d.ms)
+    }
 }
 
 /// A key as stored: its SHA-256 and an optional name. Input may give the
@@ -860,16 +885,14 @@ pub enum QuotaScope {
 }
 
 /// Enforcement mode.
-///
-/// `strict` (escrow, never exceeded even under partition) is declared in the
-/// schema but this crate enforces it exactly like `soft` for now.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum QuotaMode {
     /// Eventually consistent CRDT counters; bounded overshoot under partition.
     #[default]
     Soft,
-    /// Escrow; currently treated as `soft`.
+    /// Escrow (bounded counter): each node consumes only rights it holds,
+    /// so the limit is never exceeded, even while nodes are cut apart.
     Strict,
 }
 
@@ -1124,6 +1147,14 @@ impl License {
                     ));
                 }
             }
+        }
+        if let Some(ttl) = self.seat_lease_ttl
+            && !(1_000..=MAX_SEAT_LEASE_TTL_MS).contains(&ttl.ms)
+        {
+            return Err(ValidationError::new(
+                "seat_lease_ttl",
+                "must be between 1s and 1d",
+            ));
         }
         check_len("rate_limits", &self.rate_limits)?;
         let mut rate_ids = HashSet::new();

@@ -1,9 +1,11 @@
-//! Usage state: CRDT counters, window epochs, seen devices and token buckets.
+//! Usage state: CRDT counters, window epochs, seen devices, seat leases and
+//! token buckets.
 //!
 //! This module owns the node-local mutable state that decisions read and
-//! commits write. Quota counters are G-Counters keyed by
-//! (license, quota, window epoch, scope), one slot per node, merged by
-//! per-slot max, so replicas converge whatever the delivery order. Seen
+//! commits write. Counters ([`Counter`]) are keyed by
+//! (license, quota, window epoch, scope): soft quotas are G-Counters with one
+//! slot per node, strict quotas and seats are escrow counters; all merge by
+//! per-entry max, so replicas converge whatever the delivery order. Seen
 //! devices are a grow-only set per license (merge = union). Token buckets are
 //! node-local and never replicated: rate limits are enforced per node.
 //!
@@ -15,6 +17,8 @@
 //! that I/O itself nor read the clock.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+pub use crate::counter::Counter;
 
 use chrono::{DateTime, Datelike, NaiveDate};
 use serde::{Deserialize, Serialize};
@@ -33,54 +37,6 @@ type FastState = foldhash::fast::RandomState;
 const MINUTE_MS: i64 = 60_000;
 const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 86_400_000;
-
-/// A grow-only counter with one slot per node.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GCounter {
-    /// Node id -> that node's running total.
-    pub slots: BTreeMap<u64, u64>,
-}
-
-impl GCounter {
-    /// Adds `by` to `node`'s slot (saturating).
-    pub fn increment(&mut self, node: u64, by: u64) {
-        let slot = self.slots.entry(node).or_insert(0);
-        *slot = slot.saturating_add(by);
-    }
-
-    /// Per-slot max; returns whether anything changed.
-    pub fn merge(&mut self, other: &GCounter) -> bool {
-        let mut changed = false;
-        for (&node, &value) in &other.slots {
-            changed |= self.apply_delta(node, value);
-        }
-        changed
-    }
-
-    /// Applies a gossip delta (node's new slot value) by max; idempotent.
-    /// Returns whether the slot grew.
-    pub fn apply_delta(&mut self, node: u64, slot_value: u64) -> bool {
-        let slot = self.slots.entry(node).or_insert(0);
-        if slot_value > *slot {
-            *slot = slot_value;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// The total across nodes (saturating).
-    pub fn value(&self) -> u64 {
-        self.slots
-            .values()
-            .fold(0u64, |acc, v| acc.saturating_add(*v))
-    }
-
-    /// One node's slot.
-    pub fn slot(&self, node: u64) -> u64 {
-        self.slots.get(&node).copied().unwrap_or(0)
-    }
-}
 
 /// Identifies one counter: (license, quota, window epoch, scope value).
 #[derive(Clone, Debug, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -248,12 +204,56 @@ pub struct BucketState {
     pub last_ms: i64,
 }
 
+/// The quota id under which a license's seats are counted. Quota ids are
+/// `[a-z0-9._-]`, so this can never clash with one.
+pub const SEATS_QUOTA: &str = "@seats";
+
+/// One seat lease held at this node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// License id.
+    pub license: String,
+    /// Caller-chosen instance label.
+    pub instance: String,
+    /// When the lease lapses unless renewed (unix ms).
+    pub expires_ms: i64,
+}
+
+/// A license's seat counter key.
+pub fn seats_key(license: &str) -> CounterKey {
+    CounterKey {
+        license: license.to_string(),
+        quota: SEATS_QUOTA.to_string(),
+        epoch: 0,
+        scope: String::new(),
+    }
+}
+
+/// Demand estimate of one node on one escrow counter (node-local).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct DemandRate {
+    /// When the last sample was taken.
+    pub last_ms: i64,
+    /// [`Counter::demand`] per node at the last sample.
+    pub last: BTreeMap<u64, u64>,
+    /// Smoothed units per second, per node.
+    pub rate: BTreeMap<u64, f64>,
+}
+
 /// The node-local usage state.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Usage {
     node_id: u64,
-    counters: HashMap<CounterKey, GCounter, FastState>,
+    counters: HashMap<CounterKey, Counter, FastState>,
     dirty: BTreeSet<CounterKey>,
+    // The nodes a new escrow counter splits its limit among (the cluster
+    // membership as this node last saw it).
+    members: Vec<u64>,
+    // How long a caller refused for lack of rights should wait.
+    rights_retry_ms: u64,
+    pub(crate) leases: BTreeMap<String, Lease>,
+    pub(crate) dirty_leases: BTreeSet<String>,
+    pub(crate) rates: HashMap<CounterKey, DemandRate, FastState>,
     devices: HashMap<String, BTreeSet<String>, FastState>,
     dirty_devices: BTreeSet<String>,
     // license id -> (rate limit id, state); a short Vec per license keeps the
@@ -266,8 +266,51 @@ impl Usage {
     pub fn new(node_id: u64) -> Self {
         Self {
             node_id,
+            members: vec![node_id],
+            rights_retry_ms: DEFAULT_RIGHTS_RETRY_MS,
             ..Self::default()
         }
+    }
+
+    /// Sets the nodes that escrow counters created from now on split their
+    /// limit among (the cluster's members). Existing counters keep theirs.
+    pub fn set_members(&mut self, members: &[u64]) {
+        let mut members = members.to_vec();
+        members.sort_unstable();
+        members.dedup();
+        if members.is_empty() {
+            members.push(self.node_id);
+        }
+        self.members = members;
+    }
+
+    /// The members new escrow counters use.
+    pub fn members(&self) -> &[u64] {
+        &self.members
+    }
+
+    /// Sets the retry hint given with `quota_rights_unavailable`.
+    pub fn set_rights_retry_ms(&mut self, ms: u64) {
+        self.rights_retry_ms = ms.max(1);
+    }
+
+    /// The retry hint given with `quota_rights_unavailable`.
+    pub fn rights_retry_ms(&self) -> u64 {
+        self.rights_retry_ms
+    }
+
+    /// Rights this node may consume on the escrow counter `key` under `limit`
+    /// (a counter not yet created would be split among [`Self::members`]).
+    pub fn escrow_available(&self, key: &CounterKey, limit: u64) -> u64 {
+        match self.counters.get(key) {
+            Some(c) if c.is_escrow() => c.available(self.node_id, limit),
+            _ => Counter::escrow(&self.members).available(self.node_id, limit),
+        }
+    }
+
+    /// Every counter, for status and gossip start-up.
+    pub fn counters(&self) -> impl Iterator<Item = (&CounterKey, &Counter)> {
+        self.counters.iter()
     }
 
     /// This node's id.
@@ -276,13 +319,13 @@ impl Usage {
     }
 
     /// The counter for `key`, if any.
-    pub fn counter(&self, key: &CounterKey) -> Option<&GCounter> {
+    pub fn counter(&self, key: &CounterKey) -> Option<&Counter> {
         self.counters.get(key)
     }
 
     /// The total of the counter for `key` (0 when absent).
     pub fn counter_value(&self, key: &CounterKey) -> u64 {
-        self.counters.get(key).map_or(0, GCounter::value)
+        self.counters.get(key).map_or(0, Counter::value)
     }
 
     /// Number of live counters.
@@ -311,24 +354,24 @@ impl Usage {
             .map(|(_, s)| *s)
     }
 
-    /// Applies the effects of an allowed, non-dry-run decision; otherwise a no-op.
+    /// Applies the effects of an allowed, non-dry-run decision. Of a denied
+    /// one, only the demand signal (`starved`) is recorded; a dry run
+    /// changes nothing.
     pub fn commit(&mut self, decision: &Decision) {
-        if decision.outcome != Outcome::Allow || decision.dry_run {
+        if decision.dry_run {
             return;
         }
         let effects = &decision.effects;
-        for (key, by) in &effects.increments {
-            match self.counters.get_mut(key) {
-                Some(counter) => counter.increment(self.node_id, *by),
-                None => {
-                    let mut counter = GCounter::default();
-                    counter.increment(self.node_id, *by);
-                    self.counters.insert(key.clone(), counter);
-                }
-            }
-            if !self.dirty.contains(key) {
-                self.dirty.insert(key.clone());
-            }
+        for (key, by) in &effects.starved {
+            let node = self.node_id;
+            self.counter_mut(key, true).starve(node, *by);
+        }
+        if decision.outcome != Outcome::Allow {
+            return;
+        }
+        for inc in &effects.increments {
+            let node = self.node_id;
+            self.counter_mut(&inc.key, inc.escrow).consume(node, inc.by);
         }
         if let Some((license, device)) = &effects.new_device
             && self
@@ -345,6 +388,26 @@ impl Usage {
                 Some((_, s)) => *s = *state,
                 None => list.push((rate_limit.clone(), *state)),
             }
+        }
+    }
+
+    /// The counter for `key`, created (an escrow one over [`Self::members`]
+    /// when `escrow`) if absent, and marked dirty.
+    pub(crate) fn counter_mut(&mut self, key: &CounterKey, escrow: bool) -> &mut Counter {
+        if !self.dirty.contains(key) {
+            self.dirty.insert(key.clone());
+        }
+        if !self.counters.contains_key(key) {
+            let fresh = if escrow {
+                Counter::escrow(&self.members)
+            } else {
+                Counter::default()
+            };
+            self.counters.insert(key.clone(), fresh);
+        }
+        match self.counters.get_mut(key) {
+            Some(c) => c,
+            None => unreachable!("inserted above"),
         }
     }
 
@@ -378,7 +441,7 @@ impl Usage {
 
     /// Counters changed since the last call, with their full state, for
     /// batched persistence and gossip.
-    pub fn take_dirty(&mut self) -> Vec<(CounterKey, GCounter)> {
+    pub fn take_dirty(&mut self) -> Vec<(CounterKey, Counter)> {
         let dirty = std::mem::take(&mut self.dirty);
         dirty
             .into_iter()
@@ -386,14 +449,19 @@ impl Usage {
             .collect()
     }
 
+    /// Whether any counter is waiting for [`Self::take_dirty`].
+    pub fn has_dirty(&self) -> bool {
+        !self.dirty.is_empty() || !self.dirty_devices.is_empty() || !self.dirty_leases.is_empty()
+    }
+
     /// Merges a stored counter at start-up (not marked dirty).
-    pub fn restore(&mut self, key: CounterKey, counter: GCounter) {
+    pub fn restore(&mut self, key: CounterKey, counter: Counter) {
         self.counters.entry(key).or_default().merge(&counter);
     }
 
     /// Merges a counter and marks it dirty again: hand back what
     /// [`Self::take_dirty`] returned when writing it failed.
-    pub fn restore_dirty(&mut self, key: CounterKey, counter: GCounter) {
+    pub fn restore_dirty(&mut self, key: CounterKey, counter: Counter) {
         self.counters
             .entry(key.clone())
             .or_default()
@@ -402,24 +470,30 @@ impl Usage {
     }
 
     /// Merges a counter received from a peer; marked dirty if it changed, so
-    /// peers' progress is persisted too. Returns whether it changed.
-    pub fn merge_remote(&mut self, key: CounterKey, counter: &GCounter) -> bool {
-        let changed = self.counters.entry(key.clone()).or_default().merge(counter);
-        if changed {
-            self.dirty.insert(key);
+    /// peers' progress is persisted too. A counter of a window that is over
+    /// (by this node's clock and config) is ignored, so a partition that
+    /// spans a window boundary never folds old usage into the new window.
+    /// Returns whether anything changed.
+    pub fn merge_remote(
+        &mut self,
+        config: &Config,
+        now_ms: i64,
+        key: &CounterKey,
+        counter: &Counter,
+    ) -> bool {
+        if window_of(config, key).is_some_and(|w| w != Window::Total && key.epoch < w.epoch(now_ms))
+        {
+            return false;
         }
-        changed
-    }
-
-    /// Applies a single-slot gossip delta; returns whether it changed anything.
-    pub fn apply_delta(&mut self, key: CounterKey, node: u64, slot_value: u64) -> bool {
-        let changed = self
-            .counters
-            .entry(key.clone())
-            .or_default()
-            .apply_delta(node, slot_value);
+        let changed = match self.counters.get_mut(key) {
+            Some(c) => c.merge(counter),
+            None => {
+                self.counters.insert(key.clone(), counter.clone());
+                true
+            }
+        };
         if changed {
-            self.dirty.insert(key);
+            self.dirty.insert(key.clone());
         }
         changed
     }
@@ -449,15 +523,12 @@ impl Usage {
 
     /// Drops counters whose window epoch is older than the current one, and
     /// counters of licenses or quotas no longer configured. `total` windows
-    /// are never dropped. Returns the removed keys (delete them from storage).
+    /// and seats of configured licenses are never dropped. Returns the
+    /// removed keys (delete them from storage).
     pub fn gc(&mut self, config: &Config, now_ms: i64) -> Vec<CounterKey> {
         let mut removed = Vec::new();
         self.counters.retain(|key, _| {
-            let window = config
-                .license(&key.license)
-                .and_then(|l| l.quotas.iter().find(|q| q.id == key.quota))
-                .map(|q| q.window);
-            let keep = match window {
+            let keep = match window_of(config, key) {
                 Some(Window::Total) => true,
                 Some(w) => key.epoch >= w.epoch(now_ms),
                 None => false,
@@ -469,12 +540,29 @@ impl Usage {
         });
         for key in &removed {
             self.dirty.remove(key);
+            self.rates.remove(key);
         }
         self.buckets
             .retain(|license, _| config.license(license).is_some());
         removed.sort();
         removed
     }
+}
+
+/// Default retry hint for `quota_rights_unavailable`.
+pub const DEFAULT_RIGHTS_RETRY_MS: u64 = 100;
+
+/// The window of the quota (or seats) a counter belongs to, if configured.
+pub(crate) fn window_of(config: &Config, key: &CounterKey) -> Option<Window> {
+    let license = config.license(&key.license)?;
+    if key.quota == SEATS_QUOTA {
+        return Some(Window::Total);
+    }
+    license
+        .quotas
+        .iter()
+        .find(|q| q.id == key.quota)
+        .map(|q| q.window)
 }
 
 #[cfg(test)]
@@ -545,14 +633,14 @@ mod tests {
     }
 
     #[test]
-    fn gcounter_basics() {
-        let mut a = GCounter::default();
-        a.increment(1, 5);
-        let mut b = GCounter::default();
-        b.increment(2, 3);
+    fn counter_basics() {
+        let mut a = Counter::default();
+        a.consume(1, 5);
+        let mut b = Counter::default();
+        b.consume(2, 3);
         assert!(a.merge(&b));
         assert_eq!(a.value(), 8);
-        assert!(!a.apply_delta(1, 4));
+        assert!(!a.merge(&b));
         assert_eq!(a.slot(1), 5);
         assert_eq!(a.slot(9), 0);
     }

@@ -8,13 +8,34 @@ use tollgate_quota::decision::{Outcome, decide};
 use tollgate_quota::history::{Change, DiffEntry, diff_values};
 use tollgate_quota::license::parse_license;
 use tollgate_quota::request::{CheckRequest, Meter};
-use tollgate_quota::usage::{CounterKey, GCounter, Usage, Window};
+use tollgate_quota::usage::{Counter, CounterKey, Usage, Window};
 
-fn counter() -> impl Strategy<Value = GCounter> {
-    proptest::collection::btree_map(0u64..5, 0u64..1_000, 0..5).prop_map(|slots| GCounter { slots })
+fn node_map() -> impl Strategy<Value = std::collections::BTreeMap<u64, u64>> {
+    proptest::collection::btree_map(0u64..5, 0u64..1_000, 0..5)
 }
 
-fn merged(a: &GCounter, b: &GCounter) -> GCounter {
+/// Any counter state: soft (no members) or escrow, with every field set.
+fn counter() -> impl Strategy<Value = Counter> {
+    (
+        node_map(),
+        node_map(),
+        proptest::collection::btree_map(0u64..5, node_map(), 0..3),
+        node_map(),
+        prop_oneof![
+            Just(Vec::new()),
+            proptest::collection::btree_set(0u64..5, 1..4).prop_map(|s| s.into_iter().collect()),
+        ],
+    )
+        .prop_map(|(slots, released, transfers, starved, members)| Counter {
+            slots,
+            released,
+            transfers,
+            starved,
+            members,
+        })
+}
+
+fn merged(a: &Counter, b: &Counter) -> Counter {
     let mut out = a.clone();
     out.merge(b);
     out
@@ -235,12 +256,16 @@ proptest! {
     }
 
     #[test]
-    fn delta_twice_is_delta_once(a in counter(), node in 0u64..5, value in 0u64..2_000) {
-        let mut once = a.clone();
-        once.apply_delta(node, value);
-        let mut twice = once.clone();
-        twice.apply_delta(node, value);
-        prop_assert_eq!(twice, once);
+    fn merge_only_grows(a in counter(), b in counter()) {
+        let m = merged(&a, &b);
+        prop_assert!(m.consumed() >= a.consumed().max(b.consumed()));
+        for node in 0u64..5 {
+            prop_assert!(m.slot(node) >= a.slot(node).max(b.slot(node)));
+            prop_assert!(m.given(node) >= a.given(node).max(b.given(node)));
+        }
+        // Merging reports a change exactly when the state changed.
+        let mut c = a.clone();
+        prop_assert_eq!(c.merge(&b), c != a);
     }
 
     #[test]

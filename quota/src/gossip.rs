@@ -1,0 +1,701 @@
+//! The usage gossip protocol, sans-I/O.
+//!
+//! [`Gossip`] decides what to send to whom; the node moves the bytes. Events
+//! go in: the peer set ([`Gossip::set_peers`], from the Raft membership),
+//! counter states this node has made durable ([`Gossip::publish`]), bytes
+//! received from a peer ([`Gossip::on_message`]) and timer ticks
+//! ([`Gossip::on_tick`]). Messages to send come out as [`Outgoing`].
+//!
+//! **What is sent.** Whole [`Counter`] states, never increments: merge is a
+//! per-entry max, so a state received late, twice or out of order changes
+//! nothing it should not (this sidesteps the op-ordering gap of op-based
+//! maps, where an op older than the clock is silently dropped). Only states
+//! handed to [`Gossip::publish`] are sent, and the node publishes a counter
+//! only after writing it to disk, so whatever a peer holds for this node is
+//! also on this node's disk: on restart, max(disk, peers) is disk, and
+//! escrow rights this node gave away can never be given twice.
+//!
+//! **Deltas.** Every change marks the counter pending for every peer. Each
+//! tick, up to `fanout` peers with pending counters get them, least recently
+//! served first, peers in this node's region ahead of others. A peer acks
+//! each delta; a delta not acked within `ack_timeout_ms` is pending again.
+//! States received from a peer are relayed the same way, so news spreads
+//! epidemically.
+//!
+//! **Anti-entropy.** Every `anti_entropy_ms`, one peer (in turn) gets a
+//! digest: a 64-bit hash of every counter key and state, in key-hash ranges
+//! that fit a message. The peer answers with its state of every counter
+//! that differs or that the digest lacks, and pulls the ones it lacks.
+//!
+//! **Size.** No message exceeds `max_message_bytes`; larger batches are
+//! split. Encoding is postcard (varints), decoding never panics.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::counter::Counter;
+use crate::usage::{CounterKey, Usage};
+
+/// Tuning of the protocol.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GossipSettings {
+    /// Tick interval (ms).
+    pub interval_ms: u64,
+    /// Peers sent deltas per tick.
+    pub fanout: usize,
+    /// Interval between digests (ms).
+    pub anti_entropy_ms: u64,
+    /// Largest message (bytes).
+    pub max_message_bytes: usize,
+    /// When an unacked delta counts as lost (ms).
+    pub ack_timeout_ms: u64,
+    /// Most delta messages to one peer per tick.
+    pub max_messages_per_tick: usize,
+}
+
+impl Default for GossipSettings {
+    fn default() -> Self {
+        Self {
+            interval_ms: 50,
+            fanout: 2,
+            anti_entropy_ms: 1_000,
+            max_message_bytes: 1_100,
+            ack_timeout_ms: 150,
+            max_messages_per_tick: 16,
+        }
+    }
+}
+
+/// A peer as the membership names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// Node id.
+    pub id: u64,
+    /// Region label.
+    pub region: String,
+}
+
+/// A gossip message.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    /// Counter states. `seq` 0 wants no ack.
+    Delta {
+        /// Sequence number to ack.
+        seq: u64,
+        /// The states.
+        entries: Vec<(CounterKey, Counter)>,
+    },
+    /// A delta arrived.
+    Ack {
+        /// Its sequence number.
+        seq: u64,
+    },
+    /// (key hash, state hash) of every counter whose key hash is in [lo, hi].
+    Digest {
+        /// Range start (inclusive).
+        lo: u64,
+        /// Range end (inclusive).
+        hi: u64,
+        /// The hashes, sorted by key hash.
+        entries: Vec<(u64, u64)>,
+    },
+    /// Send me these counters (by key hash).
+    Pull {
+        /// Key hashes.
+        keys: Vec<u64>,
+    },
+}
+
+/// Why bytes were not a message.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("malformed gossip message: {0}")]
+pub struct DecodeError(String);
+
+/// Encodes a message.
+pub fn encode(msg: &Message) -> Vec<u8> {
+    // Encoding plain data into a Vec cannot fail.
+    postcard::to_stdvec(msg).unwrap_or_default()
+}
+
+/// Decodes a message; never panics on hostile input.
+pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
+    postcard::from_bytes(bytes).map_err(|e| DecodeError(e.to_string()))
+}
+
+/// Bytes to send to one peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outgoing {
+    /// The peer.
+    pub to: u64,
+    /// One encoded [`Message`].
+    pub bytes: Vec<u8>,
+}
+
+/// FNV-1a, 64 bit: a stable hash every node computes alike.
+fn fnv(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The digest hash of a counter key.
+pub fn key_hash(key: &CounterKey) -> u64 {
+    fnv(&key.to_bytes())
+}
+
+/// The digest hash of a counter state (maps are ordered, so it is canonical).
+pub fn state_hash(counter: &Counter) -> u64 {
+    fnv(&postcard::to_stdvec(counter).unwrap_or_default())
+}
+
+#[derive(Clone, Debug)]
+struct PeerState {
+    region: String,
+    // Counters to send, with when each first became pending.
+    pending: BTreeMap<CounterKey, i64>,
+    // Sent, unacked: seq -> (sent at, counters with their pending-since).
+    in_flight: BTreeMap<u64, (i64, Vec<(CounterKey, i64)>)>,
+    last_sent_ms: i64,
+    last_heard_ms: Option<i64>,
+    n_deltas_sent: u64,
+    n_acked: u64,
+    n_received: u64,
+}
+
+impl PeerState {
+    fn new(region: String) -> Self {
+        Self {
+            region,
+            pending: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
+            last_sent_ms: i64::MIN,
+            last_heard_ms: None,
+            n_deltas_sent: 0,
+            n_acked: 0,
+            n_received: 0,
+        }
+    }
+
+    fn mark(&mut self, key: &CounterKey, since_ms: i64) {
+        match self.pending.get_mut(key) {
+            Some(t) => *t = (*t).min(since_ms),
+            None => {
+                self.pending.insert(key.clone(), since_ms);
+            }
+        }
+    }
+
+    /// Since when the peer has been missing a change (oldest pending or unacked).
+    fn behind_since(&self) -> Option<i64> {
+        let pending = self.pending.values().copied().min();
+        let flying = self
+            .in_flight
+            .values()
+            .flat_map(|(_, keys)| keys.iter().map(|(_, t)| *t))
+            .min();
+        match (pending, flying) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// One peer as gossip sees it, for the status API.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PeerGossipStatus {
+    /// Peer id.
+    pub id: u64,
+    /// Peer region.
+    pub region: String,
+    /// Milliseconds since anything arrived from the peer (`None`: never).
+    pub last_heard_ms_ago: Option<i64>,
+    /// How long the peer has been missing some of this node's state (0: up
+    /// to date as far as acks tell).
+    pub lag_ms: i64,
+    /// Counters waiting to be sent to it.
+    pub pending: usize,
+    /// Deltas sent and not yet acked.
+    pub in_flight: usize,
+    /// Deltas sent.
+    pub deltas_sent: u64,
+    /// Deltas it acked.
+    pub deltas_acked: u64,
+    /// Messages received from it.
+    pub messages_received: u64,
+}
+
+/// The gossip state machine of one node.
+#[derive(Clone, Debug)]
+pub struct Gossip {
+    me: u64,
+    region: String,
+    settings: GossipSettings,
+    published: HashMap<CounterKey, Counter>,
+    peers: BTreeMap<u64, PeerState>,
+    // Peers that should get a digest at the next tick (new peers, start-up).
+    digest_due: BTreeSet<u64>,
+    next_seq: u64,
+    last_anti_entropy_ms: i64,
+    anti_entropy_turn: usize,
+    n_malformed: u64,
+    n_oversize: u64,
+}
+
+impl Gossip {
+    /// A node's gossip state; `region` orders peers (same region first).
+    pub fn new(me: u64, region: impl Into<String>, settings: GossipSettings) -> Self {
+        Self {
+            me,
+            region: region.into(),
+            settings,
+            published: HashMap::new(),
+            peers: BTreeMap::new(),
+            digest_due: BTreeSet::new(),
+            next_seq: 1,
+            last_anti_entropy_ms: i64::MIN,
+            anti_entropy_turn: 0,
+            n_malformed: 0,
+            n_oversize: 0,
+        }
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &GossipSettings {
+        &self.settings
+    }
+
+    /// Replaces the peer set (this node is ignored if listed). A new peer
+    /// gets everything published so far, and a digest to pull what it has.
+    pub fn set_peers(&mut self, peers: &[PeerInfo], now_ms: i64) {
+        let wanted: BTreeMap<u64, &PeerInfo> = peers
+            .iter()
+            .filter(|p| p.id != self.me)
+            .map(|p| (p.id, p))
+            .collect();
+        self.peers.retain(|id, _| wanted.contains_key(id));
+        self.digest_due.retain(|id| wanted.contains_key(id));
+        for (id, info) in wanted {
+            match self.peers.get_mut(&id) {
+                Some(p) => p.region = info.region.clone(),
+                None => {
+                    let mut state = PeerState::new(info.region.clone());
+                    for key in self.published.keys() {
+                        state.mark(key, now_ms);
+                    }
+                    self.peers.insert(id, state);
+                    self.digest_due.insert(id);
+                }
+            }
+        }
+    }
+
+    /// Peer ids.
+    pub fn peer_ids(&self) -> Vec<u64> {
+        self.peers.keys().copied().collect()
+    }
+
+    /// Makes counter states eligible to send (call after they are durable).
+    /// Returns the keys whose published state changed.
+    pub fn publish(
+        &mut self,
+        entries: impl IntoIterator<Item = (CounterKey, Counter)>,
+        now_ms: i64,
+    ) -> Vec<CounterKey> {
+        let mut changed = Vec::new();
+        for (key, counter) in entries {
+            if self.merge_published(&key, &counter) {
+                for peer in self.peers.values_mut() {
+                    peer.mark(&key, now_ms);
+                }
+                changed.push(key);
+            }
+        }
+        changed
+    }
+
+    fn merge_published(&mut self, key: &CounterKey, counter: &Counter) -> bool {
+        match self.published.get_mut(key) {
+            Some(c) => c.merge(counter),
+            None => {
+                self.published.insert(key.clone(), counter.clone());
+                true
+            }
+        }
+    }
+
+    /// Stops gossiping these counters (garbage-collected windows).
+    pub fn forget(&mut self, keys: &[CounterKey]) {
+        for key in keys {
+            self.published.remove(key);
+            for peer in self.peers.values_mut() {
+                peer.pending.remove(key);
+            }
+        }
+    }
+
+    /// Sends the published state of `keys` to every peer now, outside the
+    /// tick (a counter close to its limit, where a tick of lag is overshoot).
+    pub fn push_now(&mut self, keys: &[CounterKey], now_ms: i64) -> Vec<Outgoing> {
+        let ids: Vec<u64> = self.peers.keys().copied().collect();
+        let mut out = Vec::new();
+        for id in ids {
+            let keys: Vec<CounterKey> = keys
+                .iter()
+                .filter(|k| self.published.contains_key(*k))
+                .cloned()
+                .collect();
+            let keys: Vec<(CounterKey, i64)> = match self.peers.get_mut(&id) {
+                Some(peer) => keys
+                    .into_iter()
+                    .map(|k| {
+                        let since = peer.pending.remove(&k).unwrap_or(now_ms);
+                        (k, since)
+                    })
+                    .collect(),
+                None => continue,
+            };
+            self.send_deltas(id, keys, now_ms, usize::MAX, &mut out);
+        }
+        out
+    }
+
+    /// Handles bytes from peer `from`: merges states into `usage` (which
+    /// ignores windows that are over) and into what this node relays, and
+    /// returns acks and answers. Malformed bytes are counted and dropped.
+    pub fn on_message(
+        &mut self,
+        from: u64,
+        bytes: &[u8],
+        now_ms: i64,
+        usage: &mut Usage,
+        config: &Config,
+    ) -> Vec<Outgoing> {
+        let msg = match decode(bytes) {
+            Ok(m) => m,
+            Err(_) => {
+                self.n_malformed += 1;
+                return Vec::new();
+            }
+        };
+        if let Some(peer) = self.peers.get_mut(&from) {
+            peer.last_heard_ms = Some(now_ms);
+            peer.n_received += 1;
+        }
+        let mut out = Vec::new();
+        match msg {
+            Message::Delta { seq, entries } => {
+                for (key, counter) in entries {
+                    if !usage.merge_remote(config, now_ms, &key, &counter)
+                        && usage.counter(&key).is_none()
+                    {
+                        // A window that is over here: neither kept nor relayed.
+                        continue;
+                    }
+                    if self.merge_published(&key, &counter) {
+                        let ours_differs = self.published.get(&key) != Some(&counter);
+                        for (id, peer) in self.peers.iter_mut() {
+                            if *id != from || ours_differs {
+                                peer.mark(&key, now_ms);
+                            }
+                        }
+                    } else if self.published.get(&key) != Some(&counter)
+                        && let Some(peer) = self.peers.get_mut(&from)
+                    {
+                        // The sender is behind us on this counter.
+                        peer.mark(&key, now_ms);
+                    }
+                }
+                if seq != 0 {
+                    out.push(Outgoing {
+                        to: from,
+                        bytes: encode(&Message::Ack { seq }),
+                    });
+                }
+            }
+            Message::Ack { seq } => {
+                if let Some(peer) = self.peers.get_mut(&from)
+                    && peer.in_flight.remove(&seq).is_some()
+                {
+                    peer.n_acked += 1;
+                }
+            }
+            Message::Digest { lo, hi, entries } => {
+                let theirs: HashMap<u64, u64> = entries.into_iter().collect();
+                let mut send = Vec::new();
+                let mut have = BTreeSet::new();
+                for (key, counter) in &self.published {
+                    let kh = key_hash(key);
+                    if kh < lo || kh > hi {
+                        continue;
+                    }
+                    have.insert(kh);
+                    if theirs.get(&kh) != Some(&state_hash(counter)) {
+                        send.push(key.clone());
+                    }
+                }
+                let mut pull: Vec<u64> = theirs
+                    .iter()
+                    .filter(|(kh, sh)| {
+                        !have.contains(*kh)
+                            || self
+                                .published
+                                .iter()
+                                .any(|(k, c)| key_hash(k) == **kh && state_hash(c) != **sh)
+                    })
+                    .map(|(kh, _)| *kh)
+                    .collect();
+                pull.sort_unstable();
+                send.sort();
+                let send = send.into_iter().map(|k| (k, now_ms)).collect();
+                self.send_deltas(from, send, now_ms, usize::MAX, &mut out);
+                self.send_pulls(from, pull, &mut out);
+            }
+            Message::Pull { keys } => {
+                let wanted: BTreeSet<u64> = keys.into_iter().collect();
+                let mut send: Vec<(CounterKey, i64)> = self
+                    .published
+                    .keys()
+                    .filter(|k| wanted.contains(&key_hash(k)))
+                    .map(|k| (k.clone(), now_ms))
+                    .collect();
+                send.sort();
+                self.send_deltas(from, send, now_ms, usize::MAX, &mut out);
+            }
+        }
+        out
+    }
+
+    fn send_pulls(&self, to: u64, keys: Vec<u64>, out: &mut Vec<Outgoing>) {
+        // A varint hash is at most 10 bytes.
+        let per_message = (self.settings.max_message_bytes.saturating_sub(16) / 10).max(1);
+        for chunk in keys.chunks(per_message) {
+            out.push(Outgoing {
+                to,
+                bytes: encode(&Message::Pull {
+                    keys: chunk.to_vec(),
+                }),
+            });
+        }
+    }
+
+    /// Packs `keys`' published states into deltas to `to`, acked and
+    /// tracked; keys that do not fit in `max_messages` go back to pending.
+    fn send_deltas(
+        &mut self,
+        to: u64,
+        keys: Vec<(CounterKey, i64)>,
+        now_ms: i64,
+        max_messages: usize,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let budget = self.settings.max_message_bytes.saturating_sub(16);
+        let mut batch: Vec<(CounterKey, Counter)> = Vec::new();
+        let mut since: Vec<(CounterKey, i64)> = Vec::new();
+        let mut size = 0usize;
+        let mut n_messages = 0usize;
+        let mut leftover = Vec::new();
+        for (key, t) in keys {
+            let Some(counter) = self.published.get(&key) else {
+                continue;
+            };
+            if n_messages >= max_messages {
+                leftover.push((key, t));
+                continue;
+            }
+            let entry = (key, counter.clone());
+            let len = postcard::to_stdvec(&entry).map_or(usize::MAX, |b| b.len());
+            if len > budget {
+                // Fits no message; counted nowhere else, so say so in status.
+                self.n_oversize += 1;
+                continue;
+            }
+            if size + len > budget && !batch.is_empty() {
+                let full = std::mem::take(&mut batch);
+                self.emit_delta(to, full, std::mem::take(&mut since), now_ms, out);
+                n_messages += 1;
+                size = 0;
+                if n_messages >= max_messages {
+                    leftover.push((entry.0, t));
+                    continue;
+                }
+            }
+            size += len;
+            since.push((entry.0.clone(), t));
+            batch.push(entry);
+        }
+        if !batch.is_empty() {
+            self.emit_delta(to, batch, since, now_ms, out);
+        }
+        if let Some(peer) = self.peers.get_mut(&to) {
+            for (key, t) in leftover {
+                peer.mark(&key, t);
+            }
+        }
+    }
+
+    fn emit_delta(
+        &mut self,
+        to: u64,
+        entries: Vec<(CounterKey, Counter)>,
+        since: Vec<(CounterKey, i64)>,
+        now_ms: i64,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        out.push(Outgoing {
+            to,
+            bytes: encode(&Message::Delta { seq, entries }),
+        });
+        if let Some(peer) = self.peers.get_mut(&to) {
+            peer.in_flight.insert(seq, (now_ms, since));
+            peer.last_sent_ms = now_ms;
+            peer.n_deltas_sent += 1;
+        }
+    }
+
+    /// One timer tick: lost deltas become pending again, up to `fanout`
+    /// peers get their pending counters, and digests go out when due.
+    /// `random` picks where the anti-entropy turn starts (pass any value;
+    /// determinism in tests comes from passing a fixed one).
+    pub fn on_tick(&mut self, now_ms: i64, random: u64) -> Vec<Outgoing> {
+        let timeout = i64::try_from(self.settings.ack_timeout_ms).unwrap_or(i64::MAX);
+        for peer in self.peers.values_mut() {
+            let lost: Vec<u64> = peer
+                .in_flight
+                .iter()
+                .filter(|(_, (sent, _))| now_ms.saturating_sub(*sent) >= timeout)
+                .map(|(seq, _)| *seq)
+                .collect();
+            for seq in lost {
+                if let Some((_, keys)) = peer.in_flight.remove(&seq) {
+                    for (key, t) in keys {
+                        peer.mark(&key, t);
+                    }
+                }
+            }
+        }
+        // Least recently served first; a peer in another region counts as
+        // served `interval` later, so same-region peers come first on ties.
+        let interval = i64::try_from(self.settings.interval_ms).unwrap_or(0);
+        let mut candidates: Vec<(i64, u64)> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| !p.pending.is_empty())
+            .map(|(id, p)| {
+                let penalty = if p.region == self.region { 0 } else { interval };
+                (p.last_sent_ms.saturating_add(penalty), *id)
+            })
+            .collect();
+        candidates.sort_unstable();
+        let mut out = Vec::new();
+        for (_, id) in candidates.into_iter().take(self.settings.fanout) {
+            let keys: Vec<(CounterKey, i64)> = match self.peers.get_mut(&id) {
+                Some(p) => std::mem::take(&mut p.pending).into_iter().collect(),
+                None => continue,
+            };
+            self.send_deltas(
+                id,
+                keys,
+                now_ms,
+                self.settings.max_messages_per_tick,
+                &mut out,
+            );
+        }
+        let ae = i64::try_from(self.settings.anti_entropy_ms).unwrap_or(i64::MAX);
+        if !self.peers.is_empty() && now_ms.saturating_sub(self.last_anti_entropy_ms) >= ae {
+            self.last_anti_entropy_ms = now_ms;
+            let ids: Vec<u64> = self.peers.keys().copied().collect();
+            let turn = self
+                .anti_entropy_turn
+                .wrapping_add(usize::try_from(random % 2).unwrap_or(0));
+            self.anti_entropy_turn = turn.wrapping_add(1);
+            self.digest_due.insert(ids[turn % ids.len()]);
+        }
+        for id in std::mem::take(&mut self.digest_due) {
+            self.send_digest(id, &mut out);
+        }
+        out
+    }
+
+    fn send_digest(&self, to: u64, out: &mut Vec<Outgoing>) {
+        let mut hashes: Vec<(u64, u64)> = self
+            .published
+            .iter()
+            .map(|(k, c)| (key_hash(k), state_hash(c)))
+            .collect();
+        hashes.sort_unstable();
+        // Two varint u64s are at most 20 bytes.
+        let per_message = (self.settings.max_message_bytes.saturating_sub(32) / 20).max(1);
+        if hashes.is_empty() {
+            out.push(Outgoing {
+                to,
+                bytes: encode(&Message::Digest {
+                    lo: 0,
+                    hi: u64::MAX,
+                    entries: Vec::new(),
+                }),
+            });
+            return;
+        }
+        let chunks: Vec<&[(u64, u64)]> = hashes.chunks(per_message).collect();
+        let n = chunks.len();
+        let mut lo = 0u64;
+        for (idx, chunk) in chunks.into_iter().enumerate() {
+            let hi = if idx + 1 == n {
+                u64::MAX
+            } else {
+                chunk.last().map_or(u64::MAX, |(kh, _)| *kh)
+            };
+            out.push(Outgoing {
+                to,
+                bytes: encode(&Message::Digest {
+                    lo,
+                    hi,
+                    entries: chunk.to_vec(),
+                }),
+            });
+            lo = hi.saturating_add(1);
+        }
+    }
+
+    /// Every peer's standing.
+    pub fn status(&self, now_ms: i64) -> Vec<PeerGossipStatus> {
+        self.peers
+            .iter()
+            .map(|(id, p)| PeerGossipStatus {
+                id: *id,
+                region: p.region.clone(),
+                last_heard_ms_ago: p.last_heard_ms.map(|t| now_ms.saturating_sub(t)),
+                lag_ms: p
+                    .behind_since()
+                    .map_or(0, |t| now_ms.saturating_sub(t).max(0)),
+                pending: p.pending.len(),
+                in_flight: p.in_flight.len(),
+                deltas_sent: p.n_deltas_sent,
+                deltas_acked: p.n_acked,
+                messages_received: p.n_received,
+            })
+            .collect()
+    }
+
+    /// Messages that did not decode.
+    pub fn n_malformed(&self) -> u64 {
+        self.n_malformed
+    }
+
+    /// Counter states too large for any message (not gossiped).
+    pub fn n_oversize(&self) -> u64 {
+        self.n_oversize
+    }
+
+    /// Counters this node gossips.
+    pub fn n_published(&self) -> usize {
+        self.published.len()
+    }
+}

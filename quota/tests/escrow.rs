@@ -1,0 +1,354 @@
+//! Escrow safety: under any interleaving of consumption, transfers, merges,
+//! lost, reordered and duplicated deliveries, the units consumed across all
+//! nodes never exceed the limit.
+
+use proptest::prelude::*;
+use tollgate_quota::config::{Config, ConfigCommand, ConfigOp};
+use tollgate_quota::decision::{Outcome, ReasonCode};
+use tollgate_quota::escrow::RebalancePolicy;
+use tollgate_quota::license::parse_license;
+use tollgate_quota::request::{CheckRequest, Meter};
+use tollgate_quota::seats::SeatRequest;
+use tollgate_quota::usage::{Counter, CounterKey, Usage, Window, seats_key};
+
+/// One step of a run on `n` nodes.
+#[derive(Clone, Debug)]
+enum Op {
+    /// Node consumes `q` units if it holds the rights.
+    Consume { node: usize, q: u64 },
+    /// Node gives up to `amount` of its rights to `to`.
+    Transfer { node: usize, to: usize, amount: u64 },
+    /// Node gives back up to `q` units it holds (seats).
+    Release { node: usize, q: u64 },
+    /// Node snapshots its state onto the wire for `to`.
+    Send { node: usize, to: usize },
+    /// The message at `idx` (mod in-flight count) arrives; `keep` leaves a
+    /// copy in flight, so it can arrive again (duplicate delivery).
+    Deliver { idx: usize, keep: bool },
+}
+
+fn op(n: usize) -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..n, 1u64..6).prop_map(|(node, q)| Op::Consume { node, q }),
+        2 => (0..n, 0..n, 1u64..20).prop_map(|(node, to, amount)| Op::Transfer { node, to, amount }),
+        1 => (0..n, 1u64..3).prop_map(|(node, q)| Op::Release { node, q }),
+        3 => (0..n, 0..n).prop_map(|(node, to)| Op::Send { node, to }),
+        3 => (any::<usize>(), any::<bool>()).prop_map(|(idx, keep)| Op::Deliver { idx, keep }),
+    ]
+}
+
+fn run() -> impl Strategy<Value = (usize, u64, Vec<Op>)> {
+    (2usize..6, 1u64..120).prop_flat_map(|(n, limit)| {
+        (
+            Just(n),
+            Just(limit),
+            proptest::collection::vec(op(n), 1..200),
+        )
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn escrow_never_exceeds_the_limit((n, limit, ops) in run()) {
+        let members: Vec<u64> = (0..n as u64).collect();
+        let mut replicas: Vec<Counter> = (0..n).map(|_| Counter::escrow(&members)).collect();
+        let mut wire: Vec<(usize, Counter)> = Vec::new();
+        let mut granted = 0u64;
+        let mut released = 0u64;
+        for op in ops {
+            match op {
+                Op::Consume { node, q } => {
+                    let c = &mut replicas[node];
+                    if c.available(node as u64, limit) >= q {
+                        c.consume(node as u64, q);
+                        granted += q;
+                    }
+                }
+                Op::Transfer { node, to, amount } => {
+                    let c = &mut replicas[node];
+                    let amount = amount.min(c.available(node as u64, limit));
+                    c.transfer(node as u64, to as u64, amount);
+                }
+                Op::Release { node, q } => {
+                    let c = &mut replicas[node];
+                    let q = q.min(c.in_use(node as u64));
+                    c.release(node as u64, q);
+                    released += q;
+                }
+                Op::Send { node, to } => wire.push((to, replicas[node].clone())),
+                Op::Deliver { idx, keep } => {
+                    if wire.is_empty() {
+                        continue;
+                    }
+                    let idx = idx % wire.len();
+                    let (to, state) = if keep { wire[idx].clone() } else { wire.swap_remove(idx) };
+                    replicas[to].merge(&state);
+                }
+            }
+            // Each node is the authority on its own consumption.
+            let in_use: u64 = (0..n).map(|i| replicas[i].in_use(i as u64)).sum();
+            prop_assert_eq!(in_use, granted - released);
+            prop_assert!(in_use <= limit, "{} units in use, limit {}", in_use, limit);
+        }
+        // Once every state reaches everyone, all replicas agree and the
+        // merged count is what was granted.
+        let mut all = Counter::default();
+        for r in &replicas {
+            all.merge(r);
+        }
+        for r in &mut replicas {
+            r.merge(&all);
+            prop_assert_eq!(&*r, &all);
+        }
+        prop_assert_eq!(all.value(), granted - released);
+        prop_assert!(all.value() <= limit);
+    }
+}
+
+const NOW_MS: i64 = 1_780_000_000_000;
+
+fn strict_config(limit: u64, max_instances: u32) -> Config {
+    let text = format!(
+        "apiVersion: tollgate/v1\nkind: License\nid: s\ncustomer: S\nkeys: [{{key: k}}]\nmodels: [{{model: m}}]\nmax_instances: {max_instances}\nseat_lease_ttl: 10s\nquotas:\n  - {{id: q, metric: inferences, limit: {limit}, window: month, mode: strict}}\n"
+    );
+    let license = parse_license(&text).expect("valid");
+    let mut config = Config::default();
+    config.apply(
+        &ConfigCommand {
+            request_id: None,
+            actor: "p".into(),
+            reason: None,
+            at_ms: 0,
+            op: ConfigOp::PutLicense(license),
+        },
+        1,
+    );
+    config
+}
+
+fn check(q: u64) -> CheckRequest {
+    let mut req = CheckRequest::new("k", "m", "1.0.0");
+    req.meters = vec![Meter {
+        metric: "inferences".into(),
+        quantity: q,
+    }];
+    req
+}
+
+fn quota_key() -> CounterKey {
+    CounterKey {
+        license: "s".into(),
+        quota: "q".into(),
+        epoch: Window::Month.epoch(NOW_MS),
+        scope: String::new(),
+    }
+}
+
+/// A step of a whole-node run: decisions, rebalancing and gossip.
+#[derive(Clone, Debug)]
+enum NodeOp {
+    Check { node: usize, q: u64 },
+    Rebalance { node: usize },
+    Send { node: usize, to: usize },
+    Deliver { idx: usize, keep: bool },
+    Tick,
+}
+
+fn node_op(n: usize) -> impl Strategy<Value = NodeOp> {
+    prop_oneof![
+        5 => (0..n, 1u64..4).prop_map(|(node, q)| NodeOp::Check { node, q }),
+        2 => (0..n).prop_map(|node| NodeOp::Rebalance { node }),
+        3 => (0..n, 0..n).prop_map(|(node, to)| NodeOp::Send { node, to }),
+        3 => (any::<usize>(), any::<bool>()).prop_map(|(idx, keep)| NodeOp::Deliver { idx, keep }),
+        1 => Just(NodeOp::Tick),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// The real decision function and rebalancer on `n` nodes: the allow
+    /// decisions across all nodes never add up to more than the limit.
+    #[test]
+    fn strict_decisions_and_rebalancing_never_exceed_the_limit(
+        (n, limit, ops) in (2usize..6, 1u64..100).prop_flat_map(|(n, limit)| {
+            (Just(n), Just(limit), proptest::collection::vec(node_op(n), 1..300))
+        })
+    ) {
+        let config = strict_config(limit, 0);
+        let members: Vec<u64> = (1..=n as u64).collect();
+        let mut nodes: Vec<Usage> = members
+            .iter()
+            .map(|&id| {
+                let mut u = Usage::new(id);
+                u.set_members(&members);
+                u
+            })
+            .collect();
+        let key = quota_key();
+        let policy = RebalancePolicy::default();
+        let mut wire: Vec<(usize, Counter)> = Vec::new();
+        let mut allowed = 0u64;
+        let mut now = NOW_MS;
+        for op in ops {
+            match op {
+                NodeOp::Check { node, q } => {
+                    let d = nodes[node].check(&config, &check(q), now, String::new());
+                    match d.outcome {
+                        Outcome::Allow => allowed += q,
+                        _ => prop_assert!(matches!(
+                            d.code(),
+                            Some(ReasonCode::QuotaExceeded | ReasonCode::QuotaRightsUnavailable)
+                        )),
+                    }
+                }
+                NodeOp::Rebalance { node } => {
+                    nodes[node].rebalance(&config, now, &policy);
+                }
+                NodeOp::Send { node, to } => {
+                    if let Some(c) = nodes[node].counter(&key) {
+                        wire.push((to, c.clone()));
+                    }
+                }
+                NodeOp::Deliver { idx, keep } => {
+                    if wire.is_empty() {
+                        continue;
+                    }
+                    let idx = idx % wire.len();
+                    let (to, state) = if keep { wire[idx].clone() } else { wire.swap_remove(idx) };
+                    nodes[to].merge_remote(&config, now, &key, &state);
+                }
+                NodeOp::Tick => now += 50,
+            }
+            prop_assert!(allowed <= limit, "{} allowed, limit {}", allowed, limit);
+        }
+    }
+
+    /// Seats: acquisitions, releases, expiries and rebalancing on `n` nodes
+    /// never hold more than `max_instances` seats at once.
+    #[test]
+    fn seats_never_exceed_max_instances(
+        (n, max, ops) in (2usize..5, 1u32..6).prop_flat_map(|(n, max)| {
+            (Just(n), Just(max), proptest::collection::vec((0..n, 0u8..5, any::<usize>(), any::<bool>()), 1..200))
+        })
+    ) {
+        let config = strict_config(1_000, max);
+        let members: Vec<u64> = (1..=n as u64).collect();
+        let mut nodes: Vec<Usage> = members
+            .iter()
+            .map(|&id| {
+                let mut u = Usage::new(id);
+                u.set_members(&members);
+                u
+            })
+            .collect();
+        let key = seats_key("s");
+        let policy = RebalancePolicy::default();
+        let mut wire: Vec<(usize, Counter)> = Vec::new();
+        let mut now = NOW_MS;
+        let mut next = 0u64;
+        for (node, action, idx, flag) in ops {
+            match action {
+                0 => {
+                    next += 1;
+                    let req = SeatRequest { key: "k".into(), instance: format!("i{next}"), ..SeatRequest::default() };
+                    nodes[node].acquire_seat(&config, &req, now, format!("{:x}.{next}", node + 1));
+                }
+                1 => {
+                    let lease = nodes[node].leases().map(|(id, _)| id.clone()).nth(idx % 4);
+                    if let Some(lease_id) = lease {
+                        let req = SeatRequest { key: "k".into(), lease_id, ..SeatRequest::default() };
+                        let d = nodes[node].release_seat(&config, &req, now);
+                        prop_assert!(d.reasons.is_empty(), "{:?}", d.reasons);
+                    }
+                }
+                2 => {
+                    nodes[node].rebalance(&config, now, &policy);
+                    now += if flag { 50 } else { 4_000 };
+                }
+                3 => {
+                    if let Some(c) = nodes[node].counter(&key) {
+                        wire.push((idx % n, c.clone()));
+                    }
+                }
+                _ => {
+                    if !wire.is_empty() {
+                        let i = idx % wire.len();
+                        let (to, state) = if flag { wire[i].clone() } else { wire.swap_remove(i) };
+                        nodes[to].merge_remote(&config, now, &key, &state);
+                    }
+                }
+            }
+            for u in &mut nodes {
+                u.expire_seats(now);
+            }
+            let held: usize = nodes.iter().map(|u| u.leases().count()).sum();
+            prop_assert!(held as u64 <= u64::from(max), "{} leases, max {}", held, max);
+        }
+    }
+}
+
+#[test]
+fn rights_move_to_the_node_with_demand() {
+    let config = strict_config(100, 0);
+    let members = [1u64, 2];
+    let mut a = Usage::new(1);
+    let mut b = Usage::new(2);
+    a.set_members(&members);
+    b.set_members(&members);
+    let key = quota_key();
+    let policy = RebalancePolicy::default();
+    let mut now = NOW_MS;
+    // Node 1 uses its 50, then is refused for lack of rights.
+    let mut allowed = 0;
+    for _ in 0..60 {
+        if a.check(&config, &check(1), now, String::new()).outcome == Outcome::Allow {
+            allowed += 1;
+        }
+    }
+    assert_eq!(allowed, 50);
+    let d = a.check(&config, &check(1), now, String::new());
+    assert_eq!(d.code(), Some(ReasonCode::QuotaRightsUnavailable));
+    assert_eq!(d.retry_after_ms, Some(a.rights_retry_ms()));
+    // Node 2 sees the demand over a few ticks and gives rights.
+    let mut gave = 0;
+    for _ in 0..5 {
+        let state = a.counter(&key).cloned().expect("counter");
+        b.merge_remote(&config, now, &key, &state);
+        gave += b
+            .rebalance(&config, now, &policy)
+            .iter()
+            .map(|t| t.amount)
+            .sum::<u64>();
+        now += 50;
+        for _ in 0..10 {
+            a.check(&config, &check(1), now, String::new());
+        }
+    }
+    assert!(gave > 0, "node 2 gave no rights");
+    let state = b.counter(&key).cloned().expect("counter");
+    a.merge_remote(&config, now, &key, &state);
+    assert_eq!(
+        a.check(&config, &check(1), now, String::new()).outcome,
+        Outcome::Allow
+    );
+    // Whatever moved, the two never exceed the limit together.
+    let mut all = a.counter(&key).cloned().expect("a");
+    all.merge(b.counter(&key).expect("b"));
+    assert!(all.value() <= 100);
+}
+
+#[test]
+fn a_window_that_is_over_is_not_merged_into() {
+    let config = strict_config(100, 0);
+    let mut u = Usage::new(1);
+    let mut old = quota_key();
+    old.epoch -= 1;
+    let mut state = Counter::escrow(&[2]);
+    state.consume(2, 7);
+    assert!(!u.merge_remote(&config, NOW_MS, &old, &state));
+    assert!(u.counter(&old).is_none());
+    assert_eq!(u.counter_value(&quota_key()), 0);
+}
