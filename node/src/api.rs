@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use tollgate_proto::v1 as pb;
 use tollgate_quota::decision::{Decision, Outcome};
 use tollgate_quota::request::{CheckRequest, Meter};
+use tollgate_quota::seats::{SeatDecision, SeatRequest};
 
 /// An API failure, mapped to a gRPC status or an HTTP status with a reason.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,10 @@ pub enum ApiError {
     /// Something went wrong inside the node.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A fault-injection command on a node started without
+    /// `--enable-fault-injection`; nothing changed.
+    #[error("fault injection is disabled on this node; start it with --enable-fault-injection")]
+    FaultInjectionDisabled,
 }
 
 impl ApiError {
@@ -53,6 +58,7 @@ impl ApiError {
             ApiError::OutcomeUnknown(_) => "outcome_unknown",
             ApiError::Rejected(_) => "failed_precondition",
             ApiError::Internal(_) => "internal",
+            ApiError::FaultInjectionDisabled => "fault_injection_disabled",
         }
     }
 
@@ -66,6 +72,7 @@ impl ApiError {
             ApiError::OutcomeUnknown(_) => 504,
             ApiError::Rejected(_) => 409,
             ApiError::Internal(_) => 500,
+            ApiError::FaultInjectionDisabled => 403,
         }
     }
 }
@@ -81,6 +88,7 @@ impl From<ApiError> for tonic::Status {
             ApiError::OutcomeUnknown(_) => tonic::Status::deadline_exceeded(msg),
             ApiError::Rejected(_) => tonic::Status::failed_precondition(msg),
             ApiError::Internal(_) => tonic::Status::internal(msg),
+            ApiError::FaultInjectionDisabled => tonic::Status::permission_denied(msg),
         }
     }
 }
@@ -458,5 +466,78 @@ pub fn proto_to_json(r: &pb::CheckResponse) -> DecisionJson {
         license_id: non_empty(r.license_id.clone()),
         dry_run: r.dry_run,
         message: r.message.clone(),
+    }
+}
+
+/// A seat call body as JSON.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SeatJson {
+    key: String,
+    #[serde(default)]
+    instance: String,
+    #[serde(default)]
+    lease_id: String,
+    #[serde(default)]
+    ttl_ms: Option<u64>,
+}
+
+/// Parses and validates a seat call (`acquire` needs `instance`, renew and
+/// release need `lease_id`).
+pub fn parse_seat_json(body: &[u8], acquire: bool) -> Result<SeatRequest, ApiError> {
+    let json: SeatJson = serde_json::from_slice(body)
+        .map_err(|e| ApiError::InvalidArgument(format!("invalid seat request: {e}")))?;
+    let req = SeatRequest {
+        key: json.key,
+        instance: json.instance,
+        lease_id: json.lease_id,
+        ttl_ms: json.ttl_ms,
+    };
+    req.validate(acquire)
+        .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+    Ok(req)
+}
+
+/// Converts and validates a gRPC seat call.
+pub fn seat_from_proto(req: pb::SeatRequest, acquire: bool) -> Result<SeatRequest, ApiError> {
+    let req = SeatRequest {
+        key: req.key,
+        instance: req.instance,
+        lease_id: req.lease_id,
+        ttl_ms: (req.ttl_ms > 0).then_some(req.ttl_ms),
+    };
+    req.validate(acquire)
+        .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+    Ok(req)
+}
+
+/// A seat answer as gRPC.
+pub fn seat_to_proto(d: &SeatDecision) -> pb::SeatResponse {
+    pb::SeatResponse {
+        granted: d.granted,
+        reasons: d
+            .reasons
+            .iter()
+            .map(|r| pb::Reason {
+                code: r.code.as_str().to_string(),
+                message: r.message.clone(),
+                rule: r.rule.clone(),
+            })
+            .collect(),
+        lease_id: d.lease_id.clone().unwrap_or_default(),
+        expires_at_ms: d.expires_at_ms.unwrap_or(0),
+        in_use: d.in_use,
+        max_instances: d.max_instances,
+        retry_after_ms: d.retry_after_ms.unwrap_or(0),
+        license_id: d.license_id.clone().unwrap_or_default(),
+        policy_version: d.policy_version,
+        warnings: d
+            .warnings
+            .iter()
+            .map(|w| pb::Warning {
+                code: w.code.clone(),
+                message: w.message.clone(),
+            })
+            .collect(),
     }
 }

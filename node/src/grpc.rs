@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::admin;
 use crate::api::{self, ApiError};
-use crate::state::NodeState;
+use crate::state::{NodeState, SeatOp};
 
 /// The edge service.
 #[derive(Clone)]
@@ -37,6 +37,7 @@ impl Edge for EdgeService {
         let d = self
             .state
             .check(&req)
+            .await
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok(Response::new(api::decision_to_proto(&d)))
     }
@@ -49,8 +50,36 @@ impl Edge for EdgeService {
         let d = self
             .state
             .report(&req)
+            .await
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok(Response::new(api::decision_to_proto(&d)))
+    }
+
+    async fn acquire_seat(
+        &self,
+        req: Request<pb::SeatRequest>,
+    ) -> Result<Response<pb::SeatResponse>, Status> {
+        let req = api::seat_from_proto(req.into_inner(), true)?;
+        let d = self.state.seat(SeatOp::Acquire, &req).await;
+        Ok(Response::new(api::seat_to_proto(&d)))
+    }
+
+    async fn renew_seat(
+        &self,
+        req: Request<pb::SeatRequest>,
+    ) -> Result<Response<pb::SeatResponse>, Status> {
+        let req = api::seat_from_proto(req.into_inner(), false)?;
+        let d = self.state.seat(SeatOp::Renew, &req).await;
+        Ok(Response::new(api::seat_to_proto(&d)))
+    }
+
+    async fn release_seat(
+        &self,
+        req: Request<pb::SeatRequest>,
+    ) -> Result<Response<pb::SeatResponse>, Status> {
+        let req = api::seat_from_proto(req.into_inner(), false)?;
+        let d = self.state.seat(SeatOp::Release, &req).await;
+        Ok(Response::new(api::seat_to_proto(&d)))
     }
 }
 

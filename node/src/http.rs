@@ -20,7 +20,7 @@ use serde::Deserialize;
 use crate::admin;
 use crate::api::{self, ApiError, DecisionJson};
 use crate::settings::MAX_BODY_BYTES;
-use crate::state::NodeState;
+use crate::state::{NodeState, SeatOp};
 
 type AppState = Arc<NodeState>;
 
@@ -43,6 +43,11 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/v1/models/{id}", put(put_model))
         .route("/v1/models/{id}/history", get(model_history))
         .route("/v1/status", get(status))
+        .route("/v1/usage", get(usage))
+        .route("/v1/seats/acquire", post(seat_acquire))
+        .route("/v1/seats/renew", post(seat_renew))
+        .route("/v1/seats/release", post(seat_release))
+        .route("/v1/admin/gossip/faults", post(gossip_faults))
         .route("/healthz", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
@@ -75,6 +80,7 @@ async fn check(State(state): State<AppState>, body: Bytes) -> Result<Response, A
     let req = parse(&state, &body)?;
     let d = state
         .check(&req)
+        .await
         .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
     Ok(decision_response(&d))
 }
@@ -83,6 +89,7 @@ async fn report(State(state): State<AppState>, body: Bytes) -> Result<Response, 
     let req = parse(&state, &body)?;
     let d = state
         .report(&req)
+        .await
         .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
     Ok(decision_response(&d))
 }
@@ -299,6 +306,72 @@ async fn put_model(
 
 async fn status(State(state): State<AppState>) -> Response {
     axum::Json(state.status_json()).into_response()
+}
+
+async fn usage(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    actor(&state, &headers)?;
+    let license = q.get("license").map(String::as_str);
+    Ok(axum::Json(state.usage_json(license)).into_response())
+}
+
+async fn seat(state: &NodeState, op: SeatOp, body: &Bytes) -> Result<Response, ApiError> {
+    let req = api::parse_seat_json(body, op == SeatOp::Acquire)?;
+    let d = state.seat(op, &req).await;
+    let retry = d.retry_after_ms;
+    let mut resp = axum::Json(d).into_response();
+    if let Some(ms) = retry
+        && let Ok(v) = HeaderValue::from_str(&ms.div_ceil(1000).max(1).to_string())
+    {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    Ok(resp)
+}
+
+async fn seat_acquire(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    seat(&state, SeatOp::Acquire, &body).await
+}
+
+async fn seat_renew(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    seat(&state, SeatOp::Renew, &body).await
+}
+
+async fn seat_release(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    seat(&state, SeatOp::Release, &body).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FaultsBody {
+    drop: Vec<u64>,
+}
+
+/// Test hook: drop gossip to and from the listed peers (empty heals).
+async fn gossip_faults(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    actor(&state, &headers)?;
+    let gossip = state
+        .gossip
+        .get()
+        .ok_or_else(|| ApiError::Unavailable("gossip is not running".into()))?;
+    if !gossip.fault_injection() {
+        return Err(ApiError::FaultInjectionDisabled);
+    }
+    let req: FaultsBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::InvalidArgument(format!("invalid faults body: {e}")))?;
+    let dropped: std::collections::BTreeSet<u64> = req.drop.into_iter().collect();
+    tracing::warn!(
+        ?dropped,
+        "fault injection: dropping gossip to and from these peers"
+    );
+    gossip.set_dropped(dropped.clone());
+    Ok(axum::Json(serde_json::json!({"dropped": dropped})).into_response())
 }
 
 async fn revoke_key(

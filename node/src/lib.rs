@@ -8,10 +8,14 @@
 pub mod admin;
 pub mod api;
 pub mod bench;
+pub mod certs;
 pub mod client;
+pub mod gossip;
+pub mod gossip_bench;
 pub mod grpc;
 pub mod http;
 pub mod persist;
+pub mod quic;
 pub mod revocation_bench;
 pub mod server;
 pub mod settings;

@@ -105,6 +105,27 @@ enum Command {
     },
     /// Open-loop load test of Check; prints one JSON object.
     Bench(BenchArgs),
+    /// Certificates for gossip's mutual TLS.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create a dev CA (or reuse the one in --out) and a certificate and
+    /// key per node: ca.pem, ca.key, node-<id>.pem, node-<id>.key. For
+    /// production, point each node's `tls` settings at PEM files from your
+    /// own CA instead.
+    Init {
+        /// Directory to write into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Node ids 1..=N get certificates.
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+    },
 }
 
 #[derive(Args)]
@@ -135,6 +156,13 @@ struct ServeArgs {
     /// promoted to voter once it has caught up).
     #[arg(long)]
     join: Option<String>,
+    /// Override the gossip (QUIC/UDP) address.
+    #[arg(long)]
+    gossip_addr: Option<SocketAddr>,
+    /// Accept fault-injection commands (drop gossip to and from peers) on
+    /// the admin API, for tests and chaos runs.
+    #[arg(long)]
+    enable_fault_injection: bool,
 }
 
 #[derive(Subcommand)]
@@ -325,6 +353,9 @@ enum Scenario {
     Load,
     /// Issue a key, revoke it on the leader, time until every node denies it.
     Revocation,
+    /// Steady Check load on every node of cluster.json; gossip bytes on the
+    /// wire per counted increment.
+    Gossip,
 }
 
 #[derive(Args)]
@@ -351,6 +382,13 @@ struct BenchArgs {
     /// Offered requests per second.
     #[arg(long, default_value_t = 10_000)]
     rps: u64,
+    /// Checks per second offered to every node (gossip).
+    #[arg(long, default_value_t = 400)]
+    rate_per_node: u64,
+    /// Partition-and-heal rounds to time convergence over (gossip; needs
+    /// nodes started with --enable-fault-injection).
+    #[arg(long, default_value_t = 0)]
+    heals: usize,
     /// Measured seconds.
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
@@ -446,6 +484,12 @@ async fn main() -> anyhow::Result<()> {
             if let Some(v) = args.join {
                 s.join = Some(v);
             }
+            if let Some(v) = args.gossip_addr {
+                s.gossip_addr = Some(v);
+            }
+            if args.enable_fault_injection {
+                s.enable_fault_injection = true;
+            }
             let seed = match &s.seed_documents {
                 Some(p) => Some(
                     std::fs::read_to_string(p)
@@ -454,8 +498,14 @@ async fn main() -> anyhow::Result<()> {
                 None => None,
             };
             let node = server::start(s, seed).await?;
+            let gossip = node
+                .state
+                .gossip
+                .get()
+                .map(|g| g.local_addr().to_string())
+                .unwrap_or_default();
             println!(
-                "serving: gRPC {} HTTP http://{} Raft {}",
+                "serving: gRPC {} HTTP http://{} Raft {} gossip {gossip}",
                 node.grpc_addr, node.http_addr, node.raft_addr
             );
             signals.wait().await;
@@ -516,6 +566,29 @@ async fn main() -> anyhow::Result<()> {
                 .into_inner();
             let v: serde_json::Value = serde_json::from_str(&s.status_json)?;
             println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Command::Certs {
+            command: CertsCommand::Init { out, nodes },
+        } => {
+            anyhow::ensure!(nodes >= 1, "--nodes must be at least 1");
+            let ids: Vec<u64> = (1..=nodes).collect();
+            tollgate_node::certs::init(&out, &ids)?;
+            println!(
+                "certificates for nodes 1..={nodes} in {} (CA: ca.pem; keep ca.key private)",
+                out.display()
+            );
+        }
+        Command::Bench(args) if args.scenario == Scenario::Gossip => {
+            let opts = tollgate_node::gossip_bench::GossipBenchOptions {
+                duration_secs: args.duration.ceil().max(1.0) as u64,
+                warmup_secs: args.warmup.ceil() as u64,
+                rate_per_node: args.rate_per_node,
+                license_key: args.key.clone(),
+                heals: args.heals,
+                ..Default::default()
+            };
+            let report = tollgate_node::gossip_bench::run(&args.cluster_dir, opts).await?;
+            println!("{}", serde_json::to_string(&report)?);
         }
         Command::Bench(args) if args.scenario == Scenario::Revocation => {
             let target = Target {

@@ -1,19 +1,19 @@
-//! Usage persistence: restore on start, batched flushes, window GC.
+//! Usage persistence: restore on start and batched, durable flushes.
 //!
 //! Accepted usage lives in memory (quota's `Usage`) and is written to the
 //! `usage` tree in batches every `usage_flush_interval_ms`, each batch made
 //! durable (fsync) before it counts as persisted. The loss window on a hard
-//! crash is therefore one flush interval plus one fsync.
+//! crash is therefore one flush interval plus one fsync (none with
+//! `durable_usage_ack`). The loop that drives flushes, gossip and window GC
+//! is in `gossip`; a flushed batch is what gossip may send.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::watch;
 use tollgate_consensus::storage::{BatchOp, Storage, Tree};
-use tollgate_quota::usage::{CounterKey, GCounter, Usage};
+use tollgate_quota::usage::{Counter, CounterKey, Lease, Usage};
 
-use crate::state::{NodeState, now_ms};
+use crate::state::NodeState;
 
 /// Name of the tree that holds usage counters.
 pub const USAGE_TREE: &str = "usage";
@@ -21,8 +21,8 @@ pub const USAGE_TREE: &str = "usage";
 /// Name of the tree that holds each license's seen hardware devices.
 pub const DEVICES_TREE: &str = "devices";
 
-/// How often expired window epochs are dropped.
-pub const GC_INTERVAL_MS: u64 = 60_000;
+/// Name of the tree that holds the seat leases this node granted.
+pub const SEATS_TREE: &str = "seats";
 
 /// Loads every persisted counter into a fresh `Usage` for `node_id`.
 pub fn restore(storage: &dyn Storage, node_id: u64) -> anyhow::Result<Usage> {
@@ -34,7 +34,7 @@ pub fn restore(storage: &dyn Storage, node_id: u64) -> anyhow::Result<Usage> {
         // counter's history beats refusing to start the node.
         match (
             CounterKey::from_bytes(&k),
-            serde_json::from_slice::<GCounter>(&v),
+            serde_json::from_slice::<Counter>(&v),
         ) {
             (Ok(key), Ok(counter)) => usage.restore(key, counter),
             _ => n_skipped += 1,
@@ -50,6 +50,13 @@ pub fn restore(storage: &dyn Storage, node_id: u64) -> anyhow::Result<Usage> {
             _ => n_skipped += 1,
         }
     }
+    let seats = storage.tree(SEATS_TREE).context("opening seats tree")?;
+    for (k, v) in seats.scan_prefix(b"").context("scanning seats tree")? {
+        match (String::from_utf8(k), serde_json::from_slice::<Lease>(&v)) {
+            (Ok(id), Ok(lease)) => usage.restore_lease(id, lease),
+            _ => n_skipped += 1,
+        }
+    }
     if n_skipped > 0 {
         tracing::warn!(n_skipped, "skipped unreadable usage records");
     }
@@ -59,8 +66,9 @@ pub fn restore(storage: &dyn Storage, node_id: u64) -> anyhow::Result<Usage> {
 /// The trees usage is persisted in.
 #[derive(Clone)]
 pub struct UsageTrees {
-    counters: Arc<dyn Tree>,
+    pub(crate) counters: Arc<dyn Tree>,
     devices: Arc<dyn Tree>,
+    seats: Arc<dyn Tree>,
 }
 
 impl UsageTrees {
@@ -69,23 +77,33 @@ impl UsageTrees {
         Ok(Self {
             counters: storage.tree(USAGE_TREE).context("opening usage tree")?,
             devices: storage.tree(DEVICES_TREE).context("opening devices tree")?,
+            seats: storage.tree(SEATS_TREE).context("opening seats tree")?,
         })
     }
 }
 
-/// Writes every counter and device set changed since the last flush, durably.
-pub async fn flush(state: &NodeState, trees: &UsageTrees) -> anyhow::Result<()> {
+/// Writes every counter, device set and lease changed since the last flush,
+/// durably. Returns the counters written (what gossip may now send).
+pub async fn flush(
+    state: &NodeState,
+    trees: &UsageTrees,
+) -> anyhow::Result<Vec<(CounterKey, Counter)>> {
     let seq = state.usage_seq();
-    let (dirty, dirty_devices) = state.with_usage(|u| (u.take_dirty(), u.take_dirty_devices()));
-    if dirty.is_empty() && dirty_devices.is_empty() {
+    let (dirty, dirty_devices, dirty_leases) = state.with_usage(|u| {
+        (
+            u.take_dirty(),
+            u.take_dirty_devices(),
+            u.take_dirty_leases(),
+        )
+    });
+    if dirty.is_empty() && dirty_devices.is_empty() && dirty_leases.is_empty() {
         state.mark_persisted(seq);
-        return Ok(());
+        return Ok(Vec::new());
     }
-    let result = write_batch(trees, &dirty, &dirty_devices).await;
-    match result {
+    match write_batch(trees, &dirty, &dirty_devices, &dirty_leases).await {
         Ok(()) => {
             state.mark_persisted(seq);
-            Ok(())
+            Ok(dirty)
         }
         Err(e) => {
             // Put everything back as dirty so the next tick retries it: a
@@ -97,6 +115,7 @@ pub async fn flush(state: &NodeState, trees: &UsageTrees) -> anyhow::Result<()> 
                 for (license, ids) in dirty_devices {
                     u.restore_devices_dirty(license, ids);
                 }
+                u.restore_leases_dirty(dirty_leases.into_iter().map(|(id, _)| id));
             });
             Err(e)
         }
@@ -105,8 +124,9 @@ pub async fn flush(state: &NodeState, trees: &UsageTrees) -> anyhow::Result<()> 
 
 async fn write_batch(
     trees: &UsageTrees,
-    dirty: &[(CounterKey, GCounter)],
+    dirty: &[(CounterKey, Counter)],
     dirty_devices: &[(String, Vec<String>)],
+    dirty_leases: &[(String, Option<Lease>)],
 ) -> anyhow::Result<()> {
     let mut ops = Vec::with_capacity(dirty.len());
     for (key, counter) in dirty {
@@ -122,11 +142,25 @@ async fn write_batch(
             value: serde_json::to_vec(ids)?,
         });
     }
+    let mut seat_ops = Vec::with_capacity(dirty_leases.len());
+    for (id, lease) in dirty_leases {
+        seat_ops.push(match lease {
+            Some(lease) => BatchOp::Insert {
+                key: id.as_bytes().to_vec(),
+                value: serde_json::to_vec(lease)?,
+            },
+            None => BatchOp::Remove {
+                key: id.as_bytes().to_vec(),
+            },
+        });
+    }
     let t = trees.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         t.devices.apply_batch(device_ops)?;
+        t.seats.apply_batch(seat_ops)?;
         t.counters.apply_batch(ops)?;
         t.devices.flush()?;
+        t.seats.flush()?;
         t.counters.flush()?;
         Ok(())
     })
@@ -134,39 +168,20 @@ async fn write_batch(
     .context("usage flush task")?
 }
 
-/// Runs the flush and GC loops until `shutdown` flips, then flushes once more.
-pub async fn run(
-    state: Arc<NodeState>,
-    storage: Arc<dyn Storage>,
-    flush_interval_ms: u64,
-    mut shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    let trees = UsageTrees::open(storage.as_ref())?;
-    let mut flush_tick = tokio::time::interval(Duration::from_millis(flush_interval_ms.max(1)));
-    flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut gc_tick = tokio::time::interval(Duration::from_millis(GC_INTERVAL_MS));
-    gc_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = flush_tick.tick() => {
-                if let Err(e) = flush(&state, &trees).await {
-                    tracing::error!(error = %e, "usage flush failed; will retry");
-                }
-            }
-            _ = gc_tick.tick() => {
-                let config = state.config();
-                let removed = state.with_usage(|u| u.gc(&config, now_ms()));
-                if !removed.is_empty() {
-                    let ops = removed.iter().map(|k| BatchOp::Remove { key: k.to_bytes() }).collect();
-                    let counters = Arc::clone(&trees.counters);
-                    let removed_ok = tokio::task::spawn_blocking(move || counters.apply_batch(ops)).await;
-                    if !matches!(removed_ok, Ok(Ok(()))) {
-                        tracing::warn!("usage GC could not delete expired counters from disk; a later GC drops them again");
-                    }
-                }
-            }
-            _ = shutdown.changed() => break,
-        }
+/// Deletes garbage-collected counters from disk, off the async runtime.
+pub async fn delete_counters(trees: &UsageTrees, keys: &[CounterKey]) {
+    if keys.is_empty() {
+        return;
     }
-    flush(&state, &trees).await
+    let ops = keys
+        .iter()
+        .map(|k| BatchOp::Remove { key: k.to_bytes() })
+        .collect();
+    let counters = Arc::clone(&trees.counters);
+    let removed = tokio::task::spawn_blocking(move || counters.apply_batch(ops)).await;
+    if !matches!(removed, Ok(Ok(()))) {
+        tracing::warn!(
+            "usage GC could not delete expired counters from disk; a later GC drops them again"
+        );
+    }
 }

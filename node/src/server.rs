@@ -22,6 +22,7 @@ use tollgate_proto::v1::admin_server::AdminServer;
 use tollgate_proto::v1::edge_server::EdgeServer;
 
 use crate::admin;
+use crate::gossip::GossipNode;
 use crate::grpc::{AdminService, EdgeService};
 use crate::persist;
 use crate::settings::{MAX_BODY_BYTES, MemberSettings, NodeSettings};
@@ -115,6 +116,8 @@ pub struct Listeners {
     pub http: TcpListener,
     /// Raft transport.
     pub raft: TcpListener,
+    /// Usage gossip (QUIC over UDP).
+    pub gossip: std::net::UdpSocket,
 }
 
 impl Listeners {
@@ -129,15 +132,18 @@ impl Listeners {
             grpc: bind(settings.grpc_addr, "gRPC").await?,
             http: bind(settings.http_addr, "HTTP").await?,
             raft: bind(settings.raft_addr(), "Raft").await?,
+            gossip: std::net::UdpSocket::bind(settings.gossip_addr())
+                .with_context(|| format!("binding gossip address {}", settings.gossip_addr()))?,
         })
     }
 
-    /// Binds three ephemeral loopback ports (tests).
+    /// Binds ephemeral loopback ports (tests).
     pub async fn ephemeral() -> anyhow::Result<Self> {
         Ok(Self {
             grpc: TcpListener::bind("127.0.0.1:0").await?,
             http: TcpListener::bind("127.0.0.1:0").await?,
             raft: TcpListener::bind("127.0.0.1:0").await?,
+            gossip: std::net::UdpSocket::bind("127.0.0.1:0")?,
         })
     }
 }
@@ -179,10 +185,16 @@ pub async fn start_with_listeners(
     listeners: Listeners,
     seed: Option<String>,
 ) -> anyhow::Result<RunningNode> {
-    let Listeners { grpc, http, raft } = listeners;
+    let Listeners {
+        grpc,
+        http,
+        raft,
+        gossip: gossip_socket,
+    } = listeners;
     let grpc_addr = grpc.local_addr()?;
     let http_addr = http.local_addr()?;
     let raft_addr = raft.local_addr()?;
+    let gossip_addr = gossip_socket.local_addr()?;
     let tokens = read_admin_tokens(&settings)?;
     let cluster_token = read_token_file(settings.cluster_token_file())?;
     std::fs::create_dir_all(&settings.data_dir)
@@ -197,11 +209,26 @@ pub async fn start_with_listeners(
         raft_addr: raft_addr.to_string(),
         grpc_addr: grpc_addr.to_string(),
         http_addr: http_addr.to_string(),
-        gossip_addr: settings
-            .gossip_addr
-            .map(|a| a.to_string())
-            .unwrap_or_default(),
+        gossip_addr: gossip_addr.to_string(),
     };
+    let tls_files = match &settings.tls {
+        Some(files) => files.clone(),
+        None => {
+            if settings.initial_members.len() > 1 || settings.join.is_some() {
+                tracing::warn!(
+                    "no `tls` settings: this node makes a CA of its own, so other members will refuse its gossip; create shared certificates with `tollgate certs init`"
+                );
+            }
+            let dir = settings.data_dir.join("certs");
+            crate::certs::init(&dir, &[settings.node_id])
+                .with_context(|| format!("creating node certificates in {}", dir.display()))?;
+            crate::certs::node_files(&dir, settings.node_id)
+        }
+    };
+    let tls = crate::certs::TlsMaterial::load(&tls_files)?;
+    let (transport, inbound) =
+        crate::quic::QuicTransport::bind(gossip_socket, settings.node_id, &tls)
+            .context("starting gossip transport")?;
     let raft_settings = RaftSettings {
         heartbeat_interval_ms: settings.raft.heartbeat_interval_ms,
         election_timeout_min_ms: settings.raft.election_timeout_min_ms,
@@ -254,14 +281,24 @@ pub async fn start_with_listeners(
     }
 
     let usage = persist::restore(storage.as_ref(), settings.node_id)?;
-    let state = Arc::new(NodeState::new(
+    let mut state = NodeState::new(
         settings.node_id,
         settings.region.clone(),
         Arc::clone(&consensus),
         usage,
         &tokens,
         settings.strict_fields,
+    );
+    state.durable_usage_ack = settings.durable_usage_ack;
+    let state = Arc::new(state);
+    let gossip = Arc::new(GossipNode::new(
+        settings.node_id,
+        &settings.region,
+        &settings.gossip,
+        transport,
+        settings.enable_fault_injection,
     ));
+    let _ = state.gossip.set(Arc::clone(&gossip));
 
     // Seed documents go in once a leader exists. Wait for that here, so a
     // caller of `start` sees the seeded config; if the cluster is not up yet
@@ -283,8 +320,10 @@ pub async fn start_with_listeners(
         }
     }
 
-    tasks.push(tokio::spawn(persist::run(
+    tasks.push(tokio::spawn(crate::gossip::run(
         Arc::clone(&state),
+        gossip,
+        inbound,
         Arc::clone(&storage),
         settings.usage_flush_interval_ms,
         shutdown_rx.clone(),
@@ -317,7 +356,7 @@ pub async fn start_with_listeners(
             .context("HTTP server")
     }));
 
-    tracing::info!(node_id = settings.node_id, %grpc_addr, %http_addr, %raft_addr, "node serving");
+    tracing::info!(node_id = settings.node_id, %grpc_addr, %http_addr, %raft_addr, %gossip_addr, "node serving");
     Ok(RunningNode {
         state,
         grpc_addr,

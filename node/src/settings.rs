@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
+use crate::certs::TlsFiles;
+use crate::gossip::GossipConfig;
+
 /// Default interval between usage flushes to disk. It is the loss window for
 /// accepted usage on a hard crash of a single node.
 pub const DEFAULT_USAGE_FLUSH_INTERVAL_MS: u64 = 10;
@@ -57,9 +60,29 @@ pub struct NodeSettings {
     /// Default: the gRPC address with its port + 100 (7400 -> 7500).
     #[serde(default)]
     pub raft_addr: Option<SocketAddr>,
-    /// Gossip (QUIC) address, registered in the membership; reserved.
+    /// Usage gossip (QUIC, UDP) listen address, registered in the
+    /// membership so peers find it. Default: the gRPC address with its
+    /// port + 200 (7400 -> 7600).
     #[serde(default)]
     pub gossip_addr: Option<SocketAddr>,
+    /// Usage gossip tuning.
+    #[serde(default)]
+    pub gossip: GossipConfig,
+    /// PEM files for gossip's mutual TLS: the cluster CA, this node's
+    /// certificate and its key (`tollgate certs init` makes dev ones).
+    /// Absent: a CA and certificate of this node's own are created under
+    /// `data_dir/certs`, which only suits a one-node cluster.
+    #[serde(default)]
+    pub tls: Option<TlsFiles>,
+    /// Accept fault-injection commands (drop gossip to/from peers) on the
+    /// admin API. For tests and chaos runs only.
+    #[serde(default)]
+    pub enable_fault_injection: bool,
+    /// Answer a Check, Report or seat call that records usage only once that
+    /// usage is on disk (up to one flush interval later), so a crash never
+    /// loses usage a caller was told about.
+    #[serde(default)]
+    pub durable_usage_ack: bool,
     /// Raft timing.
     #[serde(default)]
     pub raft: RaftTiming,
@@ -139,7 +162,7 @@ pub struct MemberSettings {
     pub grpc_addr: SocketAddr,
     /// HTTP address.
     pub http_addr: SocketAddr,
-    /// Gossip address (reserved).
+    /// Usage gossip address. Default: the gRPC port + 200.
     #[serde(default)]
     pub gossip_addr: Option<SocketAddr>,
 }
@@ -178,6 +201,11 @@ pub fn default_raft_addr(grpc_addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(grpc_addr.ip(), grpc_addr.port().wrapping_add(100))
 }
 
+/// The gossip address used when none is configured: the gRPC port + 200.
+pub fn default_gossip_addr(grpc_addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(grpc_addr.ip(), grpc_addr.port().wrapping_add(200))
+}
+
 impl NodeSettings {
     /// Settings for a node with everything at its default, under `data_dir`.
     pub fn local(
@@ -201,6 +229,10 @@ impl NodeSettings {
             snapshot_keep_entries: default_snapshot_keep(),
             raft_addr: None,
             gossip_addr: None,
+            gossip: GossipConfig::default(),
+            tls: None,
+            enable_fault_injection: false,
+            durable_usage_ack: false,
             raft: RaftTiming::default(),
             initial_members: Vec::new(),
             join: None,
@@ -214,6 +246,12 @@ impl NodeSettings {
     pub fn raft_addr(&self) -> SocketAddr {
         self.raft_addr
             .unwrap_or_else(|| default_raft_addr(self.grpc_addr))
+    }
+
+    /// The gossip address: configured, or derived from the gRPC address.
+    pub fn gossip_addr(&self) -> SocketAddr {
+        self.gossip_addr
+            .unwrap_or_else(|| default_gossip_addr(self.grpc_addr))
     }
 
     /// The file holding the cluster secret.
@@ -260,6 +298,8 @@ mod tests {
             assert_eq!(n.raft_addr(), m.raft_addr);
             assert_eq!(n.grpc_addr, m.grpc_addr);
             assert_eq!(n.http_addr, m.http_addr);
+            assert_eq!(Some(n.gossip_addr()), m.gossip_addr);
+            assert!(n.tls.is_some(), "members share one CA for gossip");
             assert_eq!(n.raft, nodes[0].raft, "every member uses the same timing");
         }
         assert!(nodes[0].bootstrap && !nodes[1].bootstrap && !nodes[2].bootstrap);

@@ -5,8 +5,8 @@
 //! the clock. It reads the clock and draws randomness so that quota/ never
 //! has to. Business rules do not live here: `quota::decide` owns them.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -17,7 +17,10 @@ use tollgate_consensus::ConsensusNode;
 use tollgate_quota::config::Config;
 use tollgate_quota::decision::{Decision, Outcome};
 use tollgate_quota::request::{CheckRequest, RequestError};
+use tollgate_quota::seats::{SeatDecision, SeatRequest};
 use tollgate_quota::usage::Usage;
+
+use crate::gossip::GossipNode;
 
 /// Counters for the status API (and, later, /metrics).
 #[derive(Debug, Default)]
@@ -54,6 +57,23 @@ pub struct NodeState {
     /// Bumped on every change to usage; the flusher records how far it got.
     usage_seq: AtomicU64,
     usage_persisted_seq: AtomicU64,
+    persisted_tx: tokio::sync::watch::Sender<u64>,
+    /// Whether a Check, Report or seat call that records usage answers only
+    /// once that usage is on disk.
+    pub durable_usage_ack: bool,
+    /// The usage gossip of this node, once started.
+    pub gossip: OnceLock<Arc<GossipNode>>,
+}
+
+/// A seat call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeatOp {
+    /// Take a seat.
+    Acquire,
+    /// Extend a lease.
+    Renew,
+    /// Give a seat back.
+    Release,
 }
 
 /// Unix time in milliseconds, read here so that quota/ never reads a clock.
@@ -91,6 +111,9 @@ impl NodeState {
             stats: Stats::default(),
             usage_seq: AtomicU64::new(0),
             usage_persisted_seq: AtomicU64::new(0),
+            persisted_tx: tokio::sync::watch::channel(0).0,
+            durable_usage_ack: false,
+            gossip: OnceLock::new(),
         }
     }
 
@@ -100,16 +123,37 @@ impl NodeState {
     }
 
     /// Decides one Check and, unless it is a dry run, counts it.
-    pub fn check(&self, req: &CheckRequest) -> Result<Decision, RequestError> {
-        self.run(req, false)
+    pub async fn check(&self, req: &CheckRequest) -> Result<Decision, RequestError> {
+        let (d, seq) = self.run(req, false)?;
+        self.wait_durable(seq).await;
+        Ok(d)
     }
 
     /// Records usage measured after an inference.
-    pub fn report(&self, req: &CheckRequest) -> Result<Decision, RequestError> {
-        self.run(req, true)
+    pub async fn report(&self, req: &CheckRequest) -> Result<Decision, RequestError> {
+        let (d, seq) = self.run(req, true)?;
+        self.wait_durable(seq).await;
+        Ok(d)
     }
 
-    fn run(&self, req: &CheckRequest, is_report: bool) -> Result<Decision, RequestError> {
+    /// With `durable_usage_ack`, waits until usage change `seq` is on disk.
+    /// Without it, or if the node is stopping, returns at once.
+    async fn wait_durable(&self, seq: Option<u64>) {
+        let Some(seq) = seq.filter(|_| self.durable_usage_ack) else {
+            return;
+        };
+        let mut rx = self.persisted_tx.subscribe();
+        // Err only when the sender is gone, i.e. the node is shutting down.
+        let _ = rx.wait_for(|persisted| *persisted >= seq).await;
+    }
+
+    /// Decides and commits; returns the usage change number when usage was
+    /// recorded.
+    fn run(
+        &self,
+        req: &CheckRequest,
+        is_report: bool,
+    ) -> Result<(Decision, Option<u64>), RequestError> {
         if let Err(e) = req.validate() {
             self.stats.n_invalid.fetch_add(1, Ordering::Relaxed);
             return Err(e);
@@ -117,17 +161,16 @@ impl NodeState {
         let now = now_ms();
         let decision_id = self.next_decision_id(now);
         let config = self.config.load();
-        let decision = {
+        let (decision, seq) = {
             let mut usage = self.usage.lock();
             let d = if is_report {
                 usage.report(&config, req, now, decision_id)
             } else {
                 usage.check(&config, req, now, decision_id)
             };
-            if d.outcome == Outcome::Allow && !d.dry_run {
-                self.usage_seq.fetch_add(1, Ordering::Release);
-            }
-            d
+            let seq = (d.outcome == Outcome::Allow && !d.dry_run)
+                .then(|| self.usage_seq.fetch_add(1, Ordering::AcqRel) + 1);
+            (d, seq)
         };
         let counter = if is_report {
             &self.stats.n_report
@@ -139,7 +182,29 @@ impl NodeState {
             }
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        Ok(decision)
+        Ok((decision, seq))
+    }
+
+    /// Acquires, renews or releases a seat lease.
+    pub async fn seat(&self, op: SeatOp, req: &SeatRequest) -> SeatDecision {
+        let now = now_ms();
+        let config = self.config.load();
+        let d = {
+            let mut usage = self.usage.lock();
+            let d = match op {
+                SeatOp::Acquire => {
+                    let salt: u64 = rand::thread_rng().r#gen();
+                    let lease_id = format!("{:x}.{salt:016x}", self.node_id);
+                    usage.acquire_seat(&config, req, now, lease_id)
+                }
+                SeatOp::Renew => usage.renew_seat(&config, req, now),
+                SeatOp::Release => usage.release_seat(&config, req, now),
+            };
+            self.usage_seq.fetch_add(1, Ordering::AcqRel);
+            d
+        };
+        self.wait_durable(Some(self.usage_seq())).await;
+        d
     }
 
     fn next_decision_id(&self, now: i64) -> String {
@@ -159,7 +224,10 @@ impl NodeState {
 
     /// Records that every usage change up to `seq` is on disk.
     pub fn mark_persisted(&self, seq: u64) {
-        self.usage_persisted_seq.fetch_max(seq, Ordering::AcqRel);
+        let before = self.usage_persisted_seq.fetch_max(seq, Ordering::AcqRel);
+        if seq > before {
+            self.persisted_tx.send_replace(seq);
+        }
     }
 
     /// Whether accepted usage is waiting to be flushed.
@@ -183,6 +251,13 @@ impl NodeState {
     pub fn status_json(&self) -> serde_json::Value {
         let config = self.config();
         let m = self.consensus.metrics();
+        let now = now_ms();
+        let rights = self.with_usage(|u| u.rights_status(&config, now));
+        let gossip = self
+            .gossip
+            .get()
+            .map(|g| g.status_json(now))
+            .unwrap_or(serde_json::Value::Null);
         serde_json::json!({
             "node_id": self.node_id,
             "region": self.region,
@@ -190,7 +265,10 @@ impl NodeState {
             "n_licenses": config.licenses.len(),
             "n_models": config.models.len(),
             "raft": serde_json::to_value(&m).unwrap_or_default(),
+            "gossip": gossip,
+            "rights": rights,
             "usage": {
+                "durable_ack": self.durable_usage_ack,
                 "seq": self.usage_seq(),
                 "persisted_seq": self.usage_persisted_seq.load(Ordering::Acquire),
                 "unflushed": self.usage_unflushed(),
@@ -203,5 +281,37 @@ impl NodeState {
                 "report": self.stats.n_report.load(Ordering::Relaxed),
             }
         })
+    }
+
+    /// This node's view of every counter (optionally of one license), for
+    /// operators and convergence checks.
+    pub fn usage_json(&self, license: Option<&str>) -> serde_json::Value {
+        let mut counters: Vec<serde_json::Value> = self.with_usage(|u| {
+            u.counters()
+                .filter(|(k, _)| license.is_none_or(|l| k.license == l))
+                .map(|(k, c)| {
+                    serde_json::json!({
+                        "license": k.license,
+                        "quota": k.quota,
+                        "epoch": k.epoch,
+                        "scope": k.scope,
+                        "value": c.value(),
+                        "slots": c.slots,
+                    })
+                })
+                .collect()
+        });
+        counters.sort_by(|a, b| {
+            let key = |v: &serde_json::Value| {
+                (
+                    v["license"].as_str().unwrap_or_default().to_string(),
+                    v["quota"].as_str().unwrap_or_default().to_string(),
+                    v["epoch"].as_u64().unwrap_or(0),
+                    v["scope"].as_str().unwrap_or_default().to_string(),
+                )
+            };
+            key(a).cmp(&key(b))
+        });
+        serde_json::json!({"node_id": self.node_id, "counters": counters})
     }
 }

@@ -25,6 +25,8 @@ pub const DEFAULT_GRPC_PORT: u16 = 7400;
 pub const DEFAULT_HTTP_PORT: u16 = 7480;
 /// Preferred Raft port of the first local node.
 pub const DEFAULT_RAFT_PORT: u16 = 7500;
+/// Preferred gossip (UDP) port of the first local node.
+pub const DEFAULT_GOSSIP_PORT: u16 = 7600;
 /// Nodes `up` starts unless told otherwise.
 pub const DEFAULT_NODES: usize = 3;
 /// Most nodes `up` starts (each takes three ports after the defaults).
@@ -53,6 +55,9 @@ pub struct ClusterNode {
     /// Raft transport address (host:port); older files lack it.
     #[serde(default)]
     pub raft_addr: Option<String>,
+    /// Usage gossip (QUIC/UDP) address (host:port); older files lack it.
+    #[serde(default)]
+    pub gossip_addr: Option<String>,
 }
 
 impl ClusterFile {
@@ -104,6 +109,19 @@ async fn bind_preferring(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     }
 }
 
+fn bind_udp_preferring(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
+    std::net::UdpSocket::bind(addr)
+        .or_else(|_| std::net::UdpSocket::bind(SocketAddr::new(addr.ip(), 0)))
+        .with_context(|| format!("binding a gossip port near {addr}"))
+}
+
+/// Binds exactly `addr` (UDP): gossip addresses are in the membership too.
+fn bind_udp_exact(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
+    std::net::UdpSocket::bind(addr).with_context(|| {
+        format!("binding gossip address {addr} recorded in cluster.json (is another `up` running?)")
+    })
+}
+
 /// Binds exactly `addr`: a restarted cluster's Raft addresses are in its
 /// replicated membership and cannot move.
 async fn bind_exact(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -138,6 +156,7 @@ async fn plan_new(n: usize) -> anyhow::Result<Vec<Planned>> {
                 grpc: bind_preferring(port(DEFAULT_GRPC_PORT)).await?,
                 http: bind_preferring(port(DEFAULT_HTTP_PORT)).await?,
                 raft: bind_preferring(port(DEFAULT_RAFT_PORT)).await?,
+                gossip: bind_udp_preferring(port(DEFAULT_GOSSIP_PORT))?,
             },
         });
     }
@@ -153,6 +172,10 @@ async fn plan_restart(previous: &ClusterFile) -> anyhow::Result<Vec<Planned>> {
             Some(a) => a.parse().context("cluster.json raft_addr")?,
             None => crate::settings::default_raft_addr(grpc),
         };
+        let gossip = match &n.gossip_addr {
+            Some(a) => bind_udp_exact(a.parse().context("cluster.json gossip_addr")?)?,
+            None => bind_udp_preferring(crate::settings::default_gossip_addr(grpc))?,
+        };
         planned.push(Planned {
             id: n.id,
             region: n.region.clone(),
@@ -161,6 +184,7 @@ async fn plan_restart(previous: &ClusterFile) -> anyhow::Result<Vec<Planned>> {
                 grpc: bind_preferring(grpc).await?,
                 http: bind_preferring(http).await?,
                 raft: bind_exact(raft, "Raft").await?,
+                gossip,
             },
         });
     }
@@ -210,7 +234,7 @@ pub async fn start(
             raft_addr: p.listeners.raft.local_addr()?,
             grpc_addr: p.listeners.grpc.local_addr()?,
             http_addr: p.listeners.http.local_addr()?,
-            gossip_addr: None,
+            gossip_addr: Some(p.listeners.gossip.local_addr()?),
         });
     }
     // Record the addresses before any node starts: once the first node has
@@ -225,11 +249,18 @@ pub async fn start(
                 grpc_addr: m.grpc_addr.to_string(),
                 http_addr: m.http_addr.to_string(),
                 raft_addr: Some(m.raft_addr.to_string()),
+                gossip_addr: m.gossip_addr.map(|a| a.to_string()),
             })
             .collect(),
         admin_token_file: token_file.clone(),
     };
     cluster.write(&data_dir)?;
+    // One dev CA for the local cluster, so the nodes accept each other's
+    // gossip (mutual TLS); kept across restarts.
+    let certs_dir = data_dir.join("certs");
+    let ids: Vec<u64> = members.iter().map(|m| m.id).collect();
+    crate::certs::init(&certs_dir, &ids)
+        .with_context(|| format!("creating certificates in {}", certs_dir.display()))?;
 
     let first_id = planned.first().map(|p| p.id);
     let mut starting = Vec::with_capacity(planned.len());
@@ -237,6 +268,8 @@ pub async fn start(
         let mut settings = NodeSettings::local(p.id, &data_dir, m.grpc_addr, m.http_addr);
         settings.region = p.region;
         settings.raft_addr = Some(m.raft_addr);
+        settings.gossip_addr = m.gossip_addr;
+        settings.tls = Some(crate::certs::node_files(&certs_dir, p.id));
         settings.admin_token_file = token_file.clone();
         settings.cluster_token_file = Some(cluster_token_file.clone());
         settings.raft = RaftTiming::local();
@@ -284,12 +317,13 @@ pub fn banner(cluster: &ClusterFile, data_dir: &Path) -> String {
     ));
     for n in &cluster.nodes {
         out.push_str(&format!(
-            "  node {} [{}]  gRPC {}  HTTP http://{}  Raft {}\n",
+            "  node {} [{}]  gRPC {}  HTTP http://{}  Raft {}  gossip {}\n",
             n.id,
             n.region,
             n.grpc_addr,
             n.http_addr,
-            n.raft_addr.as_deref().unwrap_or("-")
+            n.raft_addr.as_deref().unwrap_or("-"),
+            n.gossip_addr.as_deref().unwrap_or("-")
         ));
     }
     out.push_str(&format!(

@@ -92,7 +92,7 @@ impl Counter {
         let mut changed = merge_map(&mut self.slots, &other.slots);
         changed |= merge_map(&mut self.released, &other.released);
         changed |= merge_map(&mut self.starved, &other.starved);
-        for (from, to_map) in &other.transfers {
+        for (from, to_map) in other.transfers.iter().filter(|(_, m)| !m.is_empty()) {
             changed |= merge_map(self.transfers.entry(*from).or_default(), to_map);
         }
         if !other.members.is_empty() && (self.members.is_empty() || other.members < self.members) {

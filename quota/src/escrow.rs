@@ -18,8 +18,9 @@
 //!    if it holds fewer), so a region that gets cut off still has something
 //!    to serve with. A node without demand keeps no reserve: idle rights
 //!    move to busy nodes.
-//! 4. **Give.** What this node holds above max(target, reserve) goes to the
-//!    nodes furthest below their targets, largest shortfall first.
+//! 4. **Give.** What this node holds above max(target, reserve) (target
+//!    rounded down) goes to the nodes with demand that are furthest below
+//!    their targets, largest shortfall first, at least one unit each.
 
 use std::collections::BTreeMap;
 
@@ -167,23 +168,26 @@ impl Usage {
             } else {
                 0
             };
-            let keep = (target(me).ceil() as u64).max(reserve);
+            let keep = (target(me).floor() as u64).max(reserve);
             let mut surplus = mine.saturating_sub(keep);
             if surplus == 0 {
                 continue;
             }
+            // Nodes below their target, by shortfall. A shortfall under one
+            // unit still gets one: with few rights left (seats), the last
+            // unit must be able to move.
             let mut short: Vec<(u64, f64)> = nodes
                 .iter()
-                .filter(|&&n| n != me)
+                .filter(|&&n| n != me && rates.contains_key(&n))
                 .map(|&n| (n, target(n) - counter.available(n, limit) as f64))
-                .filter(|(_, gap)| *gap >= 1.0)
+                .filter(|(_, gap)| *gap > 0.0)
                 .collect();
             short.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
             for (to, gap) in short {
                 if surplus == 0 {
                     break;
                 }
-                let amount = (gap.ceil() as u64).min(surplus);
+                let amount = (gap.round() as u64).max(1).min(surplus);
                 surplus -= amount;
                 self.counter_mut(&key, true).transfer(me, to, amount);
                 out.push(Transfer {

@@ -19,7 +19,11 @@ fn counter() -> impl Strategy<Value = Counter> {
     (
         node_map(),
         node_map(),
-        proptest::collection::btree_map(0u64..5, node_map(), 0..3),
+        proptest::collection::btree_map(
+            0u64..5,
+            proptest::collection::btree_map(0u64..5, 1u64..1_000, 1..4),
+            0..3,
+        ),
         node_map(),
         prop_oneof![
             Just(Vec::new()),

@@ -4,6 +4,7 @@ use tollgate_quota::config::{ApplyOutcome, Config, ConfigCommand, ConfigOp};
 use tollgate_quota::decision::{Outcome, ReasonCode};
 use tollgate_quota::license::{Document, parse_documents};
 use tollgate_quota::request::{CheckRequest, Meter};
+use tollgate_quota::seats::SeatRequest;
 use tollgate_quota::usage::Usage;
 
 const QUICKSTART: &str = include_str!("../../examples/quickstart.yaml");
@@ -12,7 +13,7 @@ const NOW_MS: i64 = 1_780_000_000_000; // 2026-05-28T20:26:40Z
 fn config() -> Config {
     let mut config = Config::default();
     let docs = parse_documents(QUICKSTART).expect("quickstart parses");
-    assert_eq!(docs.len(), 3);
+    assert_eq!(docs.len(), 5);
     for (idx, doc) in docs.into_iter().enumerate() {
         let op = match doc {
             Document::License(l) => ConfigOp::PutLicense(l),
@@ -80,4 +81,80 @@ fn plain_dev_keys_are_not_stored() {
     let json = serde_json::to_string(&config).expect("serializes");
     assert!(!json.contains("tg_demo_key"));
     assert!(!json.contains("tg_demo_tiny"));
+    assert!(!json.contains("tg_demo_strict"));
+    assert!(!json.contains("tg_demo_seats"));
+}
+
+#[test]
+fn demo_strict_holds_exactly_its_limit_on_one_node() {
+    let config = config();
+    let mut usage = Usage::new(1);
+    let mut allowed = 0;
+    for i in 0..1_005 {
+        let d = usage.check(&config, &request("tg_demo_strict"), NOW_MS, format!("d{i}"));
+        if d.outcome == Outcome::Allow {
+            allowed += 1;
+        } else {
+            assert_eq!(d.code(), Some(ReasonCode::QuotaExceeded));
+        }
+    }
+    assert_eq!(allowed, 1_000);
+}
+
+#[test]
+fn demo_seats_grants_three_leases() {
+    let config = config();
+    let mut usage = Usage::new(1);
+    let seat = |i: u32| SeatRequest {
+        key: "tg_demo_seats".into(),
+        instance: format!("gpu-{i}"),
+        ..SeatRequest::default()
+    };
+    for i in 0..3 {
+        let d = usage.acquire_seat(&config, &seat(i), NOW_MS, format!("1.{i}"));
+        assert!(d.granted, "{d:?}");
+    }
+    let d = usage.acquire_seat(&config, &seat(3), NOW_MS, "1.3".into());
+    assert!(!d.granted);
+    assert_eq!(d.code(), Some(ReasonCode::SeatLimitReached));
+    // The same instance asking again keeps its seat instead of taking one.
+    let again = usage.acquire_seat(&config, &seat(0), NOW_MS, "1.9".into());
+    assert_eq!(again.lease_id.as_deref(), Some("1.0"));
+    // A release frees a seat; a lease that lapses does too.
+    let release = SeatRequest {
+        key: "tg_demo_seats".into(),
+        lease_id: "1.1".into(),
+        ..SeatRequest::default()
+    };
+    assert!(
+        usage
+            .release_seat(&config, &release, NOW_MS)
+            .reasons
+            .is_empty()
+    );
+    assert!(
+        usage
+            .acquire_seat(&config, &seat(4), NOW_MS, "1.4".into())
+            .granted
+    );
+    assert!(
+        !usage
+            .acquire_seat(&config, &seat(5), NOW_MS, "1.5".into())
+            .granted
+    );
+    let later = NOW_MS + 31_000;
+    assert!(
+        usage
+            .acquire_seat(&config, &seat(5), later, "1.5".into())
+            .granted
+    );
+    let renew = SeatRequest {
+        key: "tg_demo_seats".into(),
+        lease_id: "1.0".into(),
+        ..SeatRequest::default()
+    };
+    assert_eq!(
+        usage.renew_seat(&config, &renew, later).code(),
+        Some(ReasonCode::SeatLeaseUnknown)
+    );
 }

@@ -44,10 +44,14 @@ impl TestCluster {
                 raft_addr: l.raft.local_addr()?,
                 grpc_addr: l.grpc.local_addr()?,
                 http_addr: l.http.local_addr()?,
-                gossip_addr: None,
+                gossip_addr: Some(l.gossip.local_addr()?),
             });
             listeners.push(l);
         }
+        // One CA for the whole cluster (gossip is mutual TLS); room for
+        // nodes that join later.
+        let ids: Vec<u64> = (1..=u64::try_from(n)? + 4).collect();
+        tollgate_node::certs::init(&dir.join("certs"), &ids)?;
         let mut cluster = Self {
             dir: dir.to_path_buf(),
             token,
@@ -77,6 +81,11 @@ impl TestCluster {
         let mut s = NodeSettings::local(m.id, &self.dir, m.grpc_addr, m.http_addr);
         s.region = m.region.clone();
         s.raft_addr = Some(m.raft_addr);
+        s.gossip_addr = m.gossip_addr;
+        s.tls = Some(tollgate_node::certs::node_files(
+            &self.dir.join("certs"),
+            m.id,
+        ));
         s.admin_token_file = self.dir.join("admin.token");
         s.raft = RaftTiming::local();
         s.bootstrap = bootstrap;
@@ -125,6 +134,7 @@ impl TestCluster {
             grpc: bind_again(m.grpc_addr).await?,
             http: bind_again(m.http_addr).await?,
             raft: bind_again(m.raft_addr).await?,
+            gossip: bind_udp_again(m.gossip_addr.context("gossip address")?).await?,
         };
         let node = server::start_with_listeners(self.settings(i, false), listeners, None).await?;
         self.nodes[i] = Some(TestNode::around(node, self.token.clone()));
@@ -142,8 +152,9 @@ impl TestCluster {
             raft_addr: l.raft.local_addr()?,
             grpc_addr: l.grpc.local_addr()?,
             http_addr: l.http.local_addr()?,
-            gossip_addr: None,
+            gossip_addr: Some(l.gossip.local_addr()?),
         });
+        tollgate_node::certs::init(&self.dir.join("certs"), &[u64::try_from(i)? + 1])?;
         let mut s = self.settings(i, false);
         s.join = Some(self.members[via].raft_addr.to_string());
         let node = server::start_with_listeners(s, l, None).await?;
@@ -210,6 +221,20 @@ async fn bind_again(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     loop {
         match TcpListener::bind(addr).await {
             Ok(l) => return Ok(l),
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e).with_context(|| format!("rebinding {addr}")),
+        }
+    }
+}
+
+/// Binds UDP `addr` again after its previous owner closed it.
+async fn bind_udp_again(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match std::net::UdpSocket::bind(addr) {
+            Ok(s) => return Ok(s),
             Err(_) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

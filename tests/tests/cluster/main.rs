@@ -8,3 +8,4 @@ mod t20_restart;
 mod t30_join;
 mod t40_history;
 mod t50_quorum;
+mod t60_gossip;

@@ -1,0 +1,338 @@
+//! Usage gossip over QUIC, and the loop that owns usage I/O.
+//!
+//! One task per node ([`run`]) drives everything that moves usage in or
+//! out: batched flushes to disk, the sans-I/O gossip state machine
+//! (`tollgate_quota::gossip`), escrow rebalancing, seat expiry and window
+//! GC. Running them on one task gives the ordering escrow safety needs: a
+//! counter state is handed to gossip only after the flush that wrote it
+//! completed, so no peer ever holds a transfer of rights (or usage of this
+//! node) that this node's disk lacks.
+//!
+//! The peer set and addresses come from the Raft membership; bytes move over
+//! `quic` (mutual TLS from the cluster CA).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tollgate_consensus::storage::Storage;
+use tollgate_quota::escrow::RebalancePolicy;
+use tollgate_quota::gossip::{Gossip, GossipSettings, Outgoing, PeerInfo};
+use tollgate_quota::usage::CounterKey;
+
+use crate::persist::{self, UsageTrees};
+use crate::quic::{Inbound, QuicTransport};
+use crate::state::{NodeState, now_ms};
+
+/// How often expired window epochs are dropped.
+pub const GC_INTERVAL_MS: u64 = 60_000;
+
+/// A counter within this share of its limit is gossiped right after each
+/// flush, to every peer, instead of on the next tick: near the limit, a tick
+/// of lag is overshoot.
+pub const EAGER_FRACTION: f64 = 0.05;
+
+/// Gossip settings as the node's settings file spells them.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GossipConfig {
+    /// Delta propagation interval (ms).
+    pub interval_ms: u64,
+    /// Peers per tick.
+    pub fanout: usize,
+    /// Digest (anti-entropy) interval (ms).
+    pub anti_entropy_ms: u64,
+}
+
+impl Default for GossipConfig {
+    fn default() -> Self {
+        let d = GossipSettings::default();
+        Self {
+            interval_ms: d.interval_ms,
+            fanout: d.fanout,
+            anti_entropy_ms: d.anti_entropy_ms,
+        }
+    }
+}
+
+impl GossipConfig {
+    /// The protocol settings.
+    pub fn protocol(&self) -> GossipSettings {
+        GossipSettings {
+            interval_ms: self.interval_ms.max(1),
+            fanout: self.fanout.max(1),
+            anti_entropy_ms: self.anti_entropy_ms.max(self.interval_ms).max(1),
+            // Three ticks without an ack: lost.
+            ack_timeout_ms: self.interval_ms.max(1) * 3,
+            ..GossipSettings::default()
+        }
+    }
+}
+
+/// The gossip side of one node: protocol state, transport, peer addresses.
+pub struct GossipNode {
+    protocol: Mutex<Gossip>,
+    transport: QuicTransport,
+    peers: Mutex<Vec<(u64, SocketAddr)>>,
+    fault_injection: bool,
+    n_send_errors: std::sync::atomic::AtomicU64,
+}
+
+impl GossipNode {
+    /// Wraps a bound transport.
+    pub fn new(
+        node_id: u64,
+        region: &str,
+        config: &GossipConfig,
+        transport: QuicTransport,
+        fault_injection: bool,
+    ) -> Self {
+        Self {
+            protocol: Mutex::new(Gossip::new(node_id, region, config.protocol())),
+            transport,
+            peers: Mutex::new(Vec::new()),
+            fault_injection,
+            n_send_errors: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Where gossip listens.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.transport.local_addr()
+    }
+
+    /// Whether the node was started with `--enable-fault-injection`.
+    pub fn fault_injection(&self) -> bool {
+        self.fault_injection
+    }
+
+    /// Drops all gossip to and from `peers` (empty: heal). Test hook.
+    pub fn set_dropped(&self, peers: BTreeSet<u64>) {
+        self.transport.set_dropped(peers);
+    }
+
+    /// The peers traffic is dropped for.
+    pub fn dropped(&self) -> BTreeSet<u64> {
+        self.transport.dropped()
+    }
+
+    fn send(&self, out: Vec<Outgoing>) {
+        if out.is_empty() {
+            return;
+        }
+        let peers = self.peers.lock().clone();
+        for msg in out {
+            let Some((_, addr)) = peers.iter().find(|(id, _)| *id == msg.to) else {
+                continue;
+            };
+            // A message that cannot go now is not retried here: the
+            // protocol resends what is not acked.
+            if self
+                .transport
+                .send(msg.to, *addr, Bytes::from(msg.bytes))
+                .is_err()
+            {
+                self.n_send_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Updates the peer set from the Raft membership; true if it changed.
+    fn refresh_peers(&self, state: &NodeState, now: i64) -> bool {
+        let mut infos = Vec::new();
+        let mut addrs = Vec::new();
+        let mut ids = Vec::new();
+        for m in state.consensus.members() {
+            ids.push(m.id);
+            if m.id == state.node_id {
+                continue;
+            }
+            // Members recorded before gossip existed have no gossip
+            // address: they listen on the default, the gRPC port + 200.
+            let addr = match m.info.gossip_addr.parse::<SocketAddr>() {
+                Ok(a) => a,
+                Err(_) => match m.info.grpc_addr.parse::<SocketAddr>() {
+                    Ok(g) => crate::settings::default_gossip_addr(g),
+                    Err(_) => continue,
+                },
+            };
+            infos.push(PeerInfo {
+                id: m.id,
+                region: m.info.region.clone(),
+            });
+            addrs.push((m.id, addr));
+        }
+        addrs.sort_unstable();
+        let changed = *self.peers.lock() != addrs;
+        if changed {
+            *self.peers.lock() = addrs;
+            self.protocol.lock().set_peers(&infos, now);
+            state.with_usage(|u| u.set_members(&ids));
+        }
+        changed
+    }
+
+    /// Gossip figures for the status API.
+    pub fn status_json(&self, now: i64) -> serde_json::Value {
+        let (peers, malformed, oversize, published) = {
+            let p = self.protocol.lock();
+            (
+                p.status(now),
+                p.n_malformed(),
+                p.n_oversize(),
+                p.n_published(),
+            )
+        };
+        let wire = self.transport.stats();
+        let mut bytes_sent = 0u64;
+        let mut bytes_received = 0u64;
+        let peers: Vec<serde_json::Value> = peers
+            .into_iter()
+            .map(|p| {
+                let mut v = serde_json::to_value(&p).unwrap_or_default();
+                if let Some(w) = wire.iter().find(|w| w.id == p.id) {
+                    bytes_sent += w.bytes_sent;
+                    bytes_received += w.bytes_received;
+                    if let (Some(obj), Ok(serde_json::Value::Object(w))) =
+                        (v.as_object_mut(), serde_json::to_value(w))
+                    {
+                        for (k, val) in w {
+                            obj.entry(k).or_insert(val);
+                        }
+                    }
+                }
+                v
+            })
+            .collect();
+        serde_json::json!({
+            "listen_addr": self.local_addr().to_string(),
+            "peers": peers,
+            "bytes_sent": bytes_sent,
+            "bytes_received": bytes_received,
+            "counters": published,
+            "malformed_messages": malformed,
+            "oversize_counters": oversize,
+            "send_errors": self.n_send_errors.load(std::sync::atomic::Ordering::Relaxed),
+            "fault_injection": self.fault_injection,
+            "dropped_peers": self.dropped(),
+        })
+    }
+}
+
+/// Counters within [`EAGER_FRACTION`] of their limit.
+fn near_limit(state: &NodeState, keys: &[CounterKey]) -> Vec<CounterKey> {
+    let config = state.config();
+    state.with_usage(|u| {
+        keys.iter()
+            .filter(|k| {
+                let Some(limit) = config.license(&k.license).and_then(|l| {
+                    l.quotas
+                        .iter()
+                        .find(|q| q.id == k.quota)
+                        .map(|q| q.limit)
+                        .or_else(|| {
+                            (k.quota == tollgate_quota::usage::SEATS_QUOTA)
+                                .then_some(u64::from(l.max_instances))
+                        })
+                }) else {
+                    return false;
+                };
+                let used = u.counter_value(k);
+                let margin = ((limit as f64) * EAGER_FRACTION).ceil() as u64;
+                limit.saturating_sub(used) <= margin.max(1)
+            })
+            .cloned()
+            .collect()
+    })
+}
+
+/// Flushes usage to disk, then hands what was written to gossip.
+async fn flush_and_publish(state: &NodeState, gossip: &GossipNode, trees: &UsageTrees) {
+    match persist::flush(state, trees).await {
+        Ok(written) if !written.is_empty() => {
+            let now = now_ms();
+            let changed = gossip.protocol.lock().publish(written, now);
+            let eager = near_limit(state, &changed);
+            if !eager.is_empty() {
+                let out = gossip.protocol.lock().push_now(&eager, now);
+                gossip.send(out);
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "usage flush failed; will retry"),
+    }
+}
+
+/// Runs flushes, gossip, rebalancing, seat expiry and GC until `shutdown`
+/// flips, then flushes once more.
+pub async fn run(
+    state: Arc<NodeState>,
+    gossip: Arc<GossipNode>,
+    mut inbound: mpsc::Receiver<Inbound>,
+    storage: Arc<dyn Storage>,
+    flush_interval_ms: u64,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let trees = UsageTrees::open(storage.as_ref())?;
+    let interval_ms = gossip.protocol.lock().settings().interval_ms;
+    state.with_usage(|u| u.set_rights_retry_ms(interval_ms * 2));
+    // Everything already on disk may be gossiped; peers get it, and their
+    // digests bring back what they hold for this node.
+    let now = now_ms();
+    let stored: Vec<_> =
+        state.with_usage(|u| u.counters().map(|(k, c)| (k.clone(), c.clone())).collect());
+    gossip.protocol.lock().publish(stored, now);
+    gossip.refresh_peers(&state, now);
+
+    let tick = |ms: u64| {
+        let mut t = tokio::time::interval(Duration::from_millis(ms.max(1)));
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    };
+    let mut flush_tick = tick(flush_interval_ms);
+    let mut gossip_tick = tick(interval_ms);
+    let mut gc_tick = tick(GC_INTERVAL_MS);
+    let policy = RebalancePolicy::default();
+    loop {
+        tokio::select! {
+            _ = flush_tick.tick() => flush_and_publish(&state, &gossip, &trees).await,
+            _ = gossip_tick.tick() => {
+                let now = now_ms();
+                gossip.refresh_peers(&state, now);
+                let config = state.config();
+                state.with_usage(|u| {
+                    u.expire_seats(now);
+                    u.rebalance(&config, now, &policy);
+                });
+                let random: u64 = rand::thread_rng().r#gen();
+                let out = gossip.protocol.lock().on_tick(now, random);
+                gossip.send(out);
+            }
+            Some(msg) = inbound.recv() => {
+                let now = now_ms();
+                let config = state.config();
+                let out = state.with_usage(|u| {
+                    gossip.protocol.lock().on_message(msg.from, &msg.bytes, now, u, &config)
+                });
+                gossip.send(out);
+            }
+            _ = gc_tick.tick() => {
+                let config = state.config();
+                let removed = state.with_usage(|u| u.gc(&config, now_ms()));
+                gossip.protocol.lock().forget(&removed);
+                persist::delete_counters(&trees, &removed).await;
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    let result = persist::flush(&state, &trees).await.map(|_| ());
+    gossip.transport.close().await;
+    result
+}
