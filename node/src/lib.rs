@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod api;
 pub mod bench;
+pub mod certs;
 pub mod client;
 pub mod grpc;
 pub mod http;
