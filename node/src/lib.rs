@@ -13,6 +13,7 @@ pub mod client;
 pub mod grpc;
 pub mod http;
 pub mod persist;
+pub mod quic;
 pub mod revocation_bench;
 pub mod server;
 pub mod settings;
