@@ -13,6 +13,7 @@ use std::fs;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, anyhow, bail};
 use chrono::{Datelike, Months, NaiveDate};
@@ -32,6 +33,12 @@ pub const CA_KEY_FILE: &str = "ca.key";
 const CA_COMMON_NAME: &str = "tollgate dev CA";
 /// How long development certificates are valid.
 const VALIDITY_YEARS: u32 = 10;
+
+/// The crypto provider every TLS config of the node is built with: *ring*,
+/// passed explicitly rather than installed as the process default.
+pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
 
 /// The DNS name that carries a node id in its certificate.
 pub fn node_dns_name(id: u64) -> String {
@@ -307,7 +314,7 @@ impl TlsMaterial {
             // The parse error is not shown: it could quote key material.
             Err(_) => bail!("{}: not a valid PEM private key", files.key.display()),
         };
-        let provider = crate::quic::crypto_provider();
+        let provider = crypto_provider();
         rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider).map_err(
             |e| {
                 anyhow!(

@@ -24,10 +24,10 @@ use parking_lot::{Mutex, RwLock};
 use quinn::VarInt;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls_pki_types::CertificateDer;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::certs::{TlsMaterial, node_dns_name, node_id_from_cert};
+use crate::certs::{TlsMaterial, crypto_provider, node_dns_name, node_id_from_cert};
 
 /// ALPN protocol name of the gossip transport.
 pub const ALPN: &[u8] = b"tollgate-gossip/1";
@@ -57,12 +57,6 @@ const CLOSE_NO_NODE_ID: u32 = 1;
 const CLOSE_REPLACED: u32 = 2;
 const CLOSE_WRONG_NODE: u32 = 3;
 
-/// The crypto provider every TLS config here is built with (*ring*; never a
-/// process-wide default).
-pub(crate) fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 /// Why a datagram was not sent. The datagram is gone in every case.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {
@@ -91,7 +85,7 @@ pub struct Inbound {
 }
 
 /// Per-peer transport figures.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerStats {
     pub id: u64,
     /// Whether a connection with the peer is up (in either direction).
@@ -283,16 +277,13 @@ impl QuicTransport {
         socket
             .set_nonblocking(true)
             .context("making the gossip socket non-blocking")?;
-        let endpoint = {
-            let _guard = runtime.enter();
-            quinn::Endpoint::new(
-                quinn::EndpointConfig::default(),
-                Some(server_config),
-                socket,
-                Arc::new(quinn::TokioRuntime),
-            )
-            .context("starting the QUIC endpoint")?
-        };
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .context("starting the QUIC endpoint")?;
         let local_addr = endpoint
             .local_addr()
             .context("reading the gossip socket address")?;
