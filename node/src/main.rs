@@ -62,6 +62,10 @@ enum Command {
         /// How many nodes a new local cluster has (regions local-a, local-b, ...).
         #[arg(long, default_value_t = up::DEFAULT_NODES)]
         nodes: usize,
+        /// Accept fault-injection commands on the admin API (tests, chaos
+        /// runs, `bench --scenario gossip --heals N`).
+        #[arg(long)]
+        enable_fault_injection: bool,
     },
     /// Apply, read, list, revoke and roll back licenses; issue and revoke keys.
     License {
@@ -511,10 +515,14 @@ async fn main() -> anyhow::Result<()> {
             signals.wait().await;
             node.shutdown().await?;
         }
-        Command::Up { data_dir, nodes } => {
+        Command::Up {
+            data_dir,
+            nodes,
+            enable_fault_injection,
+        } => {
             init_tracing();
             let mut signals = StopSignals::install()?;
-            let (nodes, cluster) = up::start(&data_dir, nodes).await?;
+            let (nodes, cluster) = up::start_with(&data_dir, nodes, enable_fault_injection).await?;
             let shown = data_dir.canonicalize().unwrap_or(data_dir);
             println!("{}", up::banner(&cluster, &shown));
             signals.wait().await;
@@ -587,7 +595,9 @@ async fn main() -> anyhow::Result<()> {
                 heals: args.heals,
                 ..Default::default()
             };
-            let report = tollgate_node::gossip_bench::run(&args.cluster_dir, opts).await?;
+            let report =
+                tollgate_node::gossip_bench::run(&args.cluster_dir.join("cluster.json"), opts)
+                    .await?;
             println!("{}", serde_json::to_string(&report)?);
         }
         Command::Bench(args) if args.scenario == Scenario::Revocation => {

@@ -197,6 +197,15 @@ pub async fn start(
     data_dir: &Path,
     n_nodes: usize,
 ) -> anyhow::Result<(Vec<RunningNode>, ClusterFile)> {
+    start_with(data_dir, n_nodes, false).await
+}
+
+/// [`start`], with fault injection (dropping gossip on command) enabled or not.
+pub async fn start_with(
+    data_dir: &Path,
+    n_nodes: usize,
+    enable_fault_injection: bool,
+) -> anyhow::Result<(Vec<RunningNode>, ClusterFile)> {
     anyhow::ensure!(
         (1..=MAX_LOCAL_NODES).contains(&n_nodes),
         "--nodes must be between 1 and {MAX_LOCAL_NODES}"
@@ -270,6 +279,7 @@ pub async fn start(
         settings.raft_addr = Some(m.raft_addr);
         settings.gossip_addr = m.gossip_addr;
         settings.tls = Some(crate::certs::node_files(&certs_dir, p.id));
+        settings.enable_fault_injection = enable_fault_injection;
         settings.admin_token_file = token_file.clone();
         settings.cluster_token_file = Some(cluster_token_file.clone());
         settings.raft = RaftTiming::local();

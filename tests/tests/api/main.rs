@@ -5,3 +5,4 @@ mod t10_check;
 mod t20_quota;
 mod t30_bad_input;
 mod t40_admin;
+mod t50_seats;
