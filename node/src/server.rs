@@ -290,6 +290,10 @@ pub async fn start_with_listeners(
         settings.strict_fields,
     );
     state.durable_usage_ack = settings.durable_usage_ack;
+    // Escrow counters split their limit among the members: know them
+    // before the first Check can create one.
+    let member_ids: Vec<u64> = consensus.members().iter().map(|m| m.id).collect();
+    state.with_usage(|u| u.set_members(&member_ids));
     let state = Arc::new(state);
     let gossip = Arc::new(GossipNode::new(
         settings.node_id,

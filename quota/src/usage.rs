@@ -274,13 +274,12 @@ impl Usage {
 
     /// Sets the nodes that escrow counters created from now on split their
     /// limit among (the cluster's members). Existing counters keep theirs.
+    /// A node that is not in the list (not yet a member) holds no share: it
+    /// serves strict quotas only with rights other nodes give it.
     pub fn set_members(&mut self, members: &[u64]) {
         let mut members = members.to_vec();
         members.sort_unstable();
         members.dedup();
-        if members.is_empty() {
-            members.push(self.node_id);
-        }
         self.members = members;
     }
 
