@@ -20,7 +20,10 @@ async fn after_the_leader_is_killed_a_write_through_a_follower_commits() -> anyh
     // Every node, including the restarted ones, has both writes.
     for i in cluster.running() {
         let s = cluster.status(i).await.unwrap_or_default();
-        assert_eq!(s["n_licenses"], 6, "the 4 demo licenses and both writes: node {i}: {s}");
+        assert_eq!(
+            s["n_licenses"], 6,
+            "the 4 demo licenses and both writes: node {i}: {s}"
+        );
     }
     Ok(())
 }

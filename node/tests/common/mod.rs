@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use std::net::TcpListener;
+use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,6 +21,52 @@ pub struct Addrs {
     pub grpc: String,
     pub http: String,
     pub raft: String,
+    /// The QUIC gossip address, when gossip is on.
+    pub gossip: Option<String>,
+}
+
+/// How [`ProcCluster::start_with`] configures the nodes. The default is what
+/// [`ProcCluster::start`] has always written: no gossip settings at all.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterOptions {
+    /// Usage gossip over QUIC with mTLS: a `gossip_addr` per node (a free
+    /// UDP port), certificates made by `tollgate certs init`, and the
+    /// `gossip` section below.
+    pub gossip: Option<GossipOptions>,
+    /// `enable_fault_injection: true` (needed for partitions).
+    pub fault_injection: bool,
+    /// `durable_usage_ack: true`: acknowledged usage is on disk.
+    pub durable_usage_ack: bool,
+}
+
+/// The `gossip` section of the settings.
+#[derive(Clone, Debug)]
+pub struct GossipOptions {
+    pub interval_ms: u64,
+    pub fanout: usize,
+    pub anti_entropy_ms: u64,
+}
+
+impl Default for GossipOptions {
+    fn default() -> Self {
+        Self {
+            interval_ms: 50,
+            fanout: 2,
+            anti_entropy_ms: 1000,
+        }
+    }
+}
+
+impl ClusterOptions {
+    /// Gossip with the default timing (50 ms ticks, fanout 2, digest every
+    /// second) and fault injection on.
+    pub fn gossip() -> Self {
+        Self {
+            gossip: Some(GossipOptions::default()),
+            fault_injection: true,
+            durable_usage_ack: false,
+        }
+    }
 }
 
 /// A cluster of `tollgate serve` processes.
@@ -48,10 +94,41 @@ fn free_port() -> anyhow::Result<String> {
     Ok(l.local_addr()?.to_string())
 }
 
+fn free_udp_port() -> anyhow::Result<String> {
+    let s = UdpSocket::bind("127.0.0.1:0")?;
+    Ok(s.local_addr()?.to_string())
+}
+
+/// `tollgate certs init --out DIR --nodes N`: a CA and one certificate per
+/// node id.
+pub fn make_certs(out: &Path, nodes: usize) -> anyhow::Result<()> {
+    let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["certs", "init", "--out"])
+        .arg(out)
+        .arg("--nodes")
+        .arg(nodes.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .context("running tollgate certs init")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "tollgate certs init failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
 impl ProcCluster {
     /// Writes settings for `n` nodes under `dir` (node 1 bootstraps all of
     /// them and seeds the quickstart documents) and starts every node.
     pub fn start(dir: &Path, n: usize) -> anyhow::Result<Self> {
+        Self::start_with(dir, n, &ClusterOptions::default())
+    }
+
+    /// Like [`ProcCluster::start`], with gossip, fault injection and
+    /// durable acks as `opts` says.
+    pub fn start_with(dir: &Path, n: usize, opts: &ClusterOptions) -> anyhow::Result<Self> {
         let token = "tga_process_test_token".to_string();
         std::fs::write(dir.join("admin.token"), format!("{token}\n"))?;
         let mut nodes = Vec::new();
@@ -61,13 +138,25 @@ impl ProcCluster {
                 grpc: free_port()?,
                 http: free_port()?,
                 raft: free_port()?,
+                gossip: match opts.gossip {
+                    Some(_) => Some(free_udp_port()?),
+                    None => None,
+                },
             });
+        }
+        let certs = dir.join("certs");
+        if opts.gossip.is_some() {
+            make_certs(&certs, n)?;
         }
         let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart.yaml");
         let mut members = String::new();
         for a in &nodes {
+            let gossip = match &a.gossip {
+                Some(g) => format!(", gossip_addr: \"{g}\""),
+                None => String::new(),
+            };
             members.push_str(&format!(
-                "  - {{ id: {}, region: local-{}, raft_addr: \"{}\", grpc_addr: \"{}\", http_addr: \"{}\" }}\n",
+                "  - {{ id: {}, region: local-{}, raft_addr: \"{}\", grpc_addr: \"{}\", http_addr: \"{}\"{gossip} }}\n",
                 a.id,
                 char::from(b'a' + u8::try_from(a.id - 1)?),
                 a.raft,
@@ -87,6 +176,23 @@ impl ProcCluster {
                 d = dir.join(format!("node-{}", a.id)).display(),
                 t = dir.join("admin.token").display(),
             );
+            if let (Some(g), Some(addr)) = (&opts.gossip, &a.gossip) {
+                yaml.push_str(&format!(
+                    "gossip_addr: \"{addr}\"\ntls:\n  ca: \"{ca}\"\n  cert: \"{cert}\"\n  key: \"{key}\"\ngossip:\n  interval_ms: {i}\n  fanout: {f}\n  anti_entropy_ms: {ae}\n",
+                    ca = certs.join("ca.pem").display(),
+                    cert = certs.join(format!("node-{}.pem", a.id)).display(),
+                    key = certs.join(format!("node-{}.key", a.id)).display(),
+                    i = g.interval_ms,
+                    f = g.fanout,
+                    ae = g.anti_entropy_ms,
+                ));
+            }
+            if opts.fault_injection {
+                yaml.push_str("enable_fault_injection: true\n");
+            }
+            if opts.durable_usage_ack {
+                yaml.push_str("durable_usage_ack: true\n");
+            }
             if first {
                 yaml.push_str(&format!(
                     "seed_documents: \"{}\"\ninitial_members:\n{members}",
@@ -144,8 +250,202 @@ impl ProcCluster {
             .collect()
     }
 
-    fn url(&self, i: usize, path: &str) -> String {
+    /// `http://<node i>/<path>`.
+    pub fn url(&self, i: usize, path: &str) -> String {
         format!("http://{}{path}", self.nodes[i].http)
+    }
+
+    /// The directory holding settings, logs and data dirs.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Waits until every running node has applied the seed documents (the
+    /// quickstart licenses). Admin writes must wait for this: the seed batch
+    /// applies only to a config that never held a license.
+    pub async fn wait_seeded(&self) -> anyhow::Result<()> {
+        self.leader().await?;
+        let deadline = Instant::now() + WAIT;
+        for i in self.running() {
+            loop {
+                let n = self
+                    .status(i)
+                    .await
+                    .and_then(|s| s["n_licenses"].as_u64())
+                    .unwrap_or(0);
+                if n >= 2 {
+                    break;
+                }
+                anyhow::ensure!(Instant::now() < deadline, "node {i} never got the seed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// PUTs a license document (JSON or YAML) through node `i`, retrying
+    /// while the cluster has no quorum yet, and waits until every running
+    /// node has applied it. Returns the config version.
+    pub async fn apply_license(&self, i: usize, id: &str, doc: &str) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let r = self
+                .client
+                .put(self.url(i, &format!("/v1/licenses/{id}?reason=test")))
+                .header("authorization", format!("Bearer {}", self.token))
+                .body(doc.to_string())
+                .send()
+                .await;
+            if let Ok(r) = r {
+                let status = r.status().as_u16();
+                let body: serde_json::Value = r.json().await.unwrap_or_default();
+                if status == 200 {
+                    let v = body["version"].as_u64().context("no version")?;
+                    self.wait_version(v).await?;
+                    return Ok(v);
+                }
+                anyhow::ensure!(
+                    status == 503 || status == 504,
+                    "PUT license {id}: {status} {body}"
+                );
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "PUT license {id} never committed"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Tells node `i` to drop all gossip to and from `peers` (node ids);
+    /// an empty list heals.
+    pub async fn set_dropped(&self, i: usize, peers: &[u64]) -> anyhow::Result<()> {
+        let r = self
+            .client
+            .post(self.url(i, "/v1/admin/gossip/faults"))
+            .header("authorization", format!("Bearer {}", self.token))
+            .json(&serde_json::json!({ "drop": peers }))
+            .send()
+            .await?;
+        let status = r.status();
+        let body = r.text().await.unwrap_or_default();
+        anyhow::ensure!(status.is_success(), "faults on node {i}: {status} {body}");
+        Ok(())
+    }
+
+    /// Cuts node `k` off from every other node: `k` drops all of them and
+    /// each of them drops `k`.
+    pub async fn partition(&self, k: usize) -> anyhow::Result<()> {
+        let victim = self.nodes[k].id;
+        let others: Vec<u64> = self
+            .nodes
+            .iter()
+            .map(|a| a.id)
+            .filter(|id| *id != victim)
+            .collect();
+        let cut = [victim];
+        let mut calls = vec![self.set_dropped(k, &others)];
+        for i in self.running().into_iter().filter(|i| *i != k) {
+            calls.push(self.set_dropped(i, &cut));
+        }
+        for r in join_all(calls).await {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Heals every partition on every running node.
+    pub async fn heal(&self) -> anyhow::Result<()> {
+        let calls: Vec<_> = self
+            .running()
+            .into_iter()
+            .map(|i| self.set_dropped(i, &[]))
+            .collect();
+        for r in join_all(calls).await {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Node `i`'s merged view of every counter (of one license).
+    pub async fn usage(
+        &self,
+        i: usize,
+        license: Option<&str>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let path = match license {
+            Some(l) => format!("/v1/usage?license={l}"),
+            None => "/v1/usage".to_string(),
+        };
+        let r = self
+            .client
+            .get(self.url(i, &path))
+            .header("authorization", format!("Bearer {}", self.token))
+            .send()
+            .await?;
+        let status = r.status();
+        anyhow::ensure!(status.is_success(), "usage on node {i}: {status}");
+        Ok(r.json().await?)
+    }
+
+    /// Waits until every running node reports the same counters for
+    /// `license` (value and per-node slots) and returns them.
+    pub async fn wait_usage_converged(
+        &self,
+        license: &str,
+        within: Duration,
+    ) -> anyhow::Result<Vec<CounterView>> {
+        let deadline = Instant::now() + within;
+        loop {
+            let calls: Vec<_> = self
+                .running()
+                .into_iter()
+                .map(|i| self.usage(i, Some(license)))
+                .collect();
+            let mut views = Vec::new();
+            for r in join_all(calls).await {
+                views.push(r.map(|v| counters(&v)));
+            }
+            let first = views.first().and_then(|v| v.as_ref().ok()).cloned();
+            if let Some(first) = first
+                && !first.is_empty()
+                && views.iter().all(|v| v.as_ref().ok() == Some(&first))
+            {
+                return Ok(first);
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "usage of {license} did not converge: {views:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Writes `cluster.json` (the format `tollgate up` writes) for tools
+    /// and benches, and returns its path.
+    pub fn write_cluster_json(&self) -> anyhow::Result<PathBuf> {
+        let nodes: Vec<serde_json::Value> = self
+            .nodes
+            .iter()
+            .map(|a| {
+                serde_json::json!({
+                    "id": a.id,
+                    "region": format!("local-{}", char::from(b'a' + u8::try_from(a.id - 1).unwrap_or(0))),
+                    "grpc_addr": a.grpc,
+                    "http_addr": a.http,
+                    "raft_addr": a.raft,
+                })
+            })
+            .collect();
+        let path = self.dir.join("cluster.json");
+        std::fs::write(
+            &path,
+            serde_json::to_vec_pretty(&serde_json::json!({
+                "nodes": nodes,
+                "admin_token_file": self.dir.join("admin.token"),
+            }))?,
+        )?;
+        Ok(path)
     }
 
     /// Node `i`'s status, if it answers.
@@ -290,6 +590,74 @@ impl ProcCluster {
         self.wait_version(version).await?;
         Ok(Failover { elected, committed })
     }
+}
+
+/// One counter as `/v1/usage` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CounterView {
+    pub license: String,
+    pub quota: String,
+    pub epoch: u64,
+    pub scope: String,
+    pub value: u64,
+    /// Units per node id.
+    pub slots: std::collections::BTreeMap<u64, u64>,
+}
+
+/// The counters of a `/v1/usage` answer, sorted.
+pub fn counters(usage: &serde_json::Value) -> Vec<CounterView> {
+    let mut out: Vec<CounterView> = usage["counters"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|c| CounterView {
+            license: c["license"].as_str().unwrap_or_default().to_string(),
+            quota: c["quota"].as_str().unwrap_or_default().to_string(),
+            epoch: c["epoch"].as_u64().unwrap_or(0),
+            scope: match &c["scope"] {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            },
+            value: c["value"].as_u64().unwrap_or(0),
+            slots: c["slots"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(k, v)| Some((k.parse().ok()?, v.as_u64()?)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        (&a.license, &a.quota, a.epoch, &a.scope).cmp(&(&b.license, &b.quota, b.epoch, &b.scope))
+    });
+    out
+}
+
+/// Awaits every future, concurrently, in order.
+pub async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut pinned: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut results: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, slot) in pinned.iter_mut().zip(results.iter_mut()) {
+            if slot.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    results.into_iter().flatten().collect()
 }
 
 /// One failover's timings, from the SIGKILL of the leader.
