@@ -22,9 +22,10 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tollgate_consensus::storage::Storage;
+use tollgate_quota::counter::Counter;
 use tollgate_quota::escrow::RebalancePolicy;
-use tollgate_quota::gossip::{Gossip, GossipSettings, Outgoing, PeerInfo};
-use tollgate_quota::usage::CounterKey;
+use tollgate_quota::gossip::{Gossip, GossipSettings, Outgoing, PeerInfo, RemoteSink};
+use tollgate_quota::usage::{CounterKey, window_is_open};
 
 use crate::persist::{self, UsageTrees};
 use crate::quic::{Inbound, QuicTransport};
@@ -94,7 +95,12 @@ impl GossipNode {
         fault_injection: bool,
     ) -> Self {
         Self {
-            protocol: Mutex::new(Gossip::new(node_id, region, config.protocol())),
+            protocol: Mutex::new(Gossip::new(
+                node_id,
+                region,
+                config.protocol(),
+                rand::thread_rng().r#gen(),
+            )),
             transport,
             peers: Mutex::new(Vec::new()),
             fault_injection,
@@ -226,6 +232,26 @@ impl GossipNode {
     }
 }
 
+/// Merges received states into the node's usage, taking the usage lock per
+/// state: digests, pulls and acks never touch it, and a big delta does not
+/// hold up Checks for its whole length.
+struct NodeSink<'a> {
+    state: &'a NodeState,
+    config: Arc<tollgate_quota::config::Config>,
+    now_ms: i64,
+}
+
+impl RemoteSink for NodeSink<'_> {
+    fn merge(&mut self, key: &CounterKey, counter: &Counter) -> bool {
+        if !window_is_open(&self.config, self.now_ms, key) {
+            return false;
+        }
+        self.state
+            .with_usage(|u| u.merge_remote(&self.config, self.now_ms, key, counter));
+        true
+    }
+}
+
 /// Counters within [`EAGER_FRACTION`] of their limit.
 fn near_limit(state: &NodeState, keys: &[CounterKey]) -> Vec<CounterKey> {
     let config = state.config();
@@ -298,7 +324,12 @@ pub async fn run(
     };
     let mut flush_tick = tick(flush_interval_ms);
     let mut gossip_tick = tick(interval_ms);
-    let mut gc_tick = tick(GC_INTERVAL_MS);
+    // Not at start: the config may still be catching up with the log.
+    let mut gc_tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_millis(GC_INTERVAL_MS),
+        Duration::from_millis(GC_INTERVAL_MS),
+    );
+    gc_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let policy = RebalancePolicy::default();
     loop {
         tokio::select! {
@@ -317,10 +348,15 @@ pub async fn run(
             }
             Some(msg) = inbound.recv() => {
                 let now = now_ms();
-                let config = state.config();
-                let out = state.with_usage(|u| {
-                    gossip.protocol.lock().on_message(msg.from, &msg.bytes, now, u, &config)
-                });
+                let mut sink = NodeSink {
+                    state: &state,
+                    config: state.config(),
+                    now_ms: now,
+                };
+                let out = gossip
+                    .protocol
+                    .lock()
+                    .on_message_with(msg.from, &msg.bytes, now, &mut sink);
                 gossip.send(out);
             }
             _ = gc_tick.tick() => {

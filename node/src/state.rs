@@ -136,10 +136,11 @@ impl NodeState {
         Ok(d)
     }
 
-    /// With `durable_usage_ack`, waits until usage change `seq` is on disk.
-    /// Without it, or if the node is stopping, returns at once.
-    async fn wait_durable(&self, seq: Option<u64>) {
-        let Some(seq) = seq.filter(|_| self.durable_usage_ack) else {
+    /// Waits until usage change `seq` is on disk if it must be: with
+    /// `durable_usage_ack`, or when it holds escrow units (strict quotas,
+    /// seats; the flag). Returns at once otherwise, or if the node stops.
+    async fn wait_durable(&self, seq: Option<(u64, bool)>) {
+        let Some((seq, _)) = seq.filter(|(_, escrow)| *escrow || self.durable_usage_ack) else {
             return;
         };
         let mut rx = self.persisted_tx.subscribe();
@@ -148,12 +149,12 @@ impl NodeState {
     }
 
     /// Decides and commits; returns the usage change number when usage was
-    /// recorded.
+    /// recorded, and whether it holds escrow units.
     fn run(
         &self,
         req: &CheckRequest,
         is_report: bool,
-    ) -> Result<(Decision, Option<u64>), RequestError> {
+    ) -> Result<(Decision, Option<(u64, bool)>), RequestError> {
         if let Err(e) = req.validate() {
             self.stats.n_invalid.fetch_add(1, Ordering::Relaxed);
             return Err(e);
@@ -172,6 +173,10 @@ impl NodeState {
                 .then(|| self.usage_seq.fetch_add(1, Ordering::AcqRel) + 1);
             (d, seq)
         };
+        // Strict quotas answer only once their usage is on disk, whatever
+        // `durable_usage_ack` says: a crash that lost it would hand the
+        // same rights out twice.
+        let escrow = decision.effects.increments.iter().any(|i| i.escrow);
         let counter = if is_report {
             &self.stats.n_report
         } else {
@@ -182,7 +187,7 @@ impl NodeState {
             }
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        Ok((decision, seq))
+        Ok((decision, seq.map(|n| (n, escrow))))
     }
 
     /// Acquires, renews or releases a seat lease.
@@ -203,7 +208,8 @@ impl NodeState {
             self.usage_seq.fetch_add(1, Ordering::AcqRel);
             d
         };
-        self.wait_durable(Some(self.usage_seq())).await;
+        // A seat is an escrow unit: always on disk before the answer.
+        self.wait_durable(Some((self.usage_seq(), true))).await;
         d
     }
 

@@ -36,7 +36,36 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::counter::Counter;
-use crate::usage::{CounterKey, Usage};
+use crate::usage::{CounterKey, Usage, window_is_open};
+
+/// Where received counter states go: the node's usage. The node may take a
+/// lock per call, so digests, pulls and acks never hold it.
+pub trait RemoteSink {
+    /// Merges a peer's state of `key`. Returns false if the state was
+    /// ignored (its window is over here): it is then neither kept nor relayed.
+    fn merge(&mut self, key: &CounterKey, counter: &Counter) -> bool;
+}
+
+/// A [`RemoteSink`] over a `Usage` the caller already holds.
+pub struct UsageSink<'a> {
+    /// The usage state.
+    pub usage: &'a mut Usage,
+    /// The config (windows).
+    pub config: &'a Config,
+    /// Now, unix ms.
+    pub now_ms: i64,
+}
+
+impl RemoteSink for UsageSink<'_> {
+    fn merge(&mut self, key: &CounterKey, counter: &Counter) -> bool {
+        if !window_is_open(self.config, self.now_ms, key) {
+            return false;
+        }
+        self.usage
+            .merge_remote(self.config, self.now_ms, key, counter);
+        true
+    }
+}
 
 /// Tuning of the protocol.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -236,6 +265,8 @@ pub struct Gossip {
     region: String,
     settings: GossipSettings,
     published: HashMap<CounterKey, Counter>,
+    // Key hash -> keys with that hash (collisions are possible, if rare).
+    by_hash: BTreeMap<u64, Vec<CounterKey>>,
     peers: BTreeMap<u64, PeerState>,
     // Peers that should get a digest at the next tick (new peers, start-up).
     digest_due: BTreeSet<u64>,
@@ -248,15 +279,23 @@ pub struct Gossip {
 
 impl Gossip {
     /// A node's gossip state; `region` orders peers (same region first).
-    pub fn new(me: u64, region: impl Into<String>, settings: GossipSettings) -> Self {
+    /// `seq_start` (random) starts the delta numbering, so a late ack for a
+    /// delta of this node's previous run does not clear a new one.
+    pub fn new(
+        me: u64,
+        region: impl Into<String>,
+        settings: GossipSettings,
+        seq_start: u64,
+    ) -> Self {
         Self {
             me,
             region: region.into(),
             settings,
             published: HashMap::new(),
+            by_hash: BTreeMap::new(),
             peers: BTreeMap::new(),
             digest_due: BTreeSet::new(),
-            next_seq: 1,
+            next_seq: seq_start.max(1),
             last_anti_entropy_ms: i64::MIN,
             anti_entropy_turn: 0,
             n_malformed: 0,
@@ -323,15 +362,31 @@ impl Gossip {
             Some(c) => c.merge(counter),
             None => {
                 self.published.insert(key.clone(), counter.clone());
+                self.by_hash
+                    .entry(key_hash(key))
+                    .or_default()
+                    .push(key.clone());
                 true
             }
         }
+    }
+
+    /// Published keys whose hash is in `range`.
+    fn keys_in(&self, range: std::ops::RangeInclusive<u64>) -> impl Iterator<Item = &CounterKey> {
+        self.by_hash.range(range).flat_map(|(_, keys)| keys.iter())
     }
 
     /// Stops gossiping these counters (garbage-collected windows).
     pub fn forget(&mut self, keys: &[CounterKey]) {
         for key in keys {
             self.published.remove(key);
+            let h = key_hash(key);
+            if let Some(list) = self.by_hash.get_mut(&h) {
+                list.retain(|k| k != key);
+                if list.is_empty() {
+                    self.by_hash.remove(&h);
+                }
+            }
             for peer in self.peers.values_mut() {
                 peer.pending.remove(key);
             }
@@ -364,9 +419,8 @@ impl Gossip {
         out
     }
 
-    /// Handles bytes from peer `from`: merges states into `usage` (which
-    /// ignores windows that are over) and into what this node relays, and
-    /// returns acks and answers. Malformed bytes are counted and dropped.
+    /// Handles bytes from peer `from` with the node's usage already in hand
+    /// (see [`Self::on_message_with`]).
     pub fn on_message(
         &mut self,
         from: u64,
@@ -374,6 +428,24 @@ impl Gossip {
         now_ms: i64,
         usage: &mut Usage,
         config: &Config,
+    ) -> Vec<Outgoing> {
+        let mut sink = UsageSink {
+            usage,
+            config,
+            now_ms,
+        };
+        self.on_message_with(from, bytes, now_ms, &mut sink)
+    }
+
+    /// Handles bytes from peer `from`: merges states into `sink` (which
+    /// ignores windows that are over) and into what this node relays, and
+    /// returns acks and answers. Malformed bytes are counted and dropped.
+    pub fn on_message_with(
+        &mut self,
+        from: u64,
+        bytes: &[u8],
+        now_ms: i64,
+        sink: &mut dyn RemoteSink,
     ) -> Vec<Outgoing> {
         let msg = match decode(bytes) {
             Ok(m) => m,
@@ -390,9 +462,7 @@ impl Gossip {
         match msg {
             Message::Delta { seq, entries } => {
                 for (key, counter) in entries {
-                    if !usage.merge_remote(config, now_ms, &key, &counter)
-                        && usage.counter(&key).is_none()
-                    {
+                    if !sink.merge(&key, &counter) {
                         // A window that is over here: neither kept nor relayed.
                         continue;
                     }
@@ -425,45 +495,47 @@ impl Gossip {
                 }
             }
             Message::Digest { lo, hi, entries } => {
+                if lo > hi {
+                    return out;
+                }
                 let theirs: HashMap<u64, u64> = entries.into_iter().collect();
                 let mut send = Vec::new();
-                let mut have = BTreeSet::new();
-                for (key, counter) in &self.published {
-                    let kh = key_hash(key);
-                    if kh < lo || kh > hi {
+                let mut pull = Vec::new();
+                for key in self.keys_in(lo..=hi) {
+                    let Some(counter) = self.published.get(key) else {
                         continue;
-                    }
-                    have.insert(kh);
-                    if theirs.get(&kh) != Some(&state_hash(counter)) {
-                        send.push(key.clone());
+                    };
+                    let kh = key_hash(key);
+                    match theirs.get(&kh) {
+                        Some(sh) if *sh == state_hash(counter) => {}
+                        Some(_) => {
+                            // Either side may be ahead: send ours, pull theirs.
+                            send.push((key.clone(), now_ms));
+                            pull.push(kh);
+                        }
+                        None => send.push((key.clone(), now_ms)),
                     }
                 }
-                let mut pull: Vec<u64> = theirs
-                    .iter()
-                    .filter(|(kh, sh)| {
-                        !have.contains(*kh)
-                            || self
-                                .published
-                                .iter()
-                                .any(|(k, c)| key_hash(k) == **kh && state_hash(c) != **sh)
-                    })
-                    .map(|(kh, _)| *kh)
-                    .collect();
+                pull.extend(
+                    theirs
+                        .keys()
+                        .filter(|kh| (lo..=hi).contains(*kh) && !self.by_hash.contains_key(*kh)),
+                );
                 pull.sort_unstable();
+                pull.dedup();
                 send.sort();
-                let send = send.into_iter().map(|k| (k, now_ms)).collect();
                 self.send_deltas(from, send, now_ms, usize::MAX, &mut out);
                 self.send_pulls(from, pull, &mut out);
             }
             Message::Pull { keys } => {
-                let wanted: BTreeSet<u64> = keys.into_iter().collect();
-                let mut send: Vec<(CounterKey, i64)> = self
-                    .published
-                    .keys()
-                    .filter(|k| wanted.contains(&key_hash(k)))
-                    .map(|k| (k.clone(), now_ms))
-                    .collect();
+                let mut send: Vec<(CounterKey, i64)> = Vec::new();
+                for kh in keys {
+                    if let Some(list) = self.by_hash.get(&kh) {
+                        send.extend(list.iter().map(|k| (k.clone(), now_ms)));
+                    }
+                }
                 send.sort();
+                send.dedup();
                 self.send_deltas(from, send, now_ms, usize::MAX, &mut out);
             }
         }

@@ -242,6 +242,7 @@ impl Usage {
                 license: license.id.clone(),
                 instance: req.instance.clone(),
                 expires_ms: expires,
+                counted: max > 0,
             },
         );
         self.dirty_leases.insert(lease_id.clone());
@@ -334,7 +335,7 @@ impl Usage {
         if let Some(lease) = self.leases.remove(lease_id) {
             self.dirty_leases.insert(lease_id.to_string());
             let key = seats_key(&lease.license);
-            if self.counter(&key).is_some() {
+            if lease.counted && self.counter(&key).is_some() {
                 let node = self.node_id();
                 self.counter_mut(&key, true).release(node, 1);
             }

@@ -217,6 +217,10 @@ pub struct Lease {
     pub instance: String,
     /// When the lease lapses unless renewed (unix ms).
     pub expires_ms: i64,
+    /// Whether it holds a unit of the seat counter (false when granted
+    /// while the license had no `max_instances`): only those give one back.
+    #[serde(default)]
+    pub counted: bool,
 }
 
 /// A license's seat counter key.
@@ -254,6 +258,8 @@ pub struct Usage {
     pub(crate) leases: BTreeMap<String, Lease>,
     pub(crate) dirty_leases: BTreeSet<String>,
     pub(crate) rates: HashMap<CounterKey, DemandRate, FastState>,
+    // Counters of licenses not in the config, and since when (GC grace).
+    unknown_since: HashMap<CounterKey, i64, FastState>,
     devices: HashMap<String, BTreeSet<String>, FastState>,
     dirty_devices: BTreeSet<String>,
     // license id -> (rate limit id, state); a short Vec per license keeps the
@@ -303,7 +309,15 @@ impl Usage {
     pub fn escrow_available(&self, key: &CounterKey, limit: u64) -> u64 {
         match self.counters.get(key) {
             Some(c) if c.is_escrow() => c.available(self.node_id, limit),
-            _ => Counter::escrow(&self.members).available(self.node_id, limit),
+            // A counter that was soft until now (the quota became strict
+            // mid-window, or a peer with older config sent it): its usage
+            // so far counts against this node's share.
+            Some(c) => {
+                let mut c = c.clone();
+                c.members = Counter::escrow(&self.members).members;
+                c.available(self.node_id, limit)
+            }
+            None => Counter::escrow(&self.members).available(self.node_id, limit),
         }
     }
 
@@ -396,18 +410,13 @@ impl Usage {
         if !self.dirty.contains(key) {
             self.dirty.insert(key.clone());
         }
-        if !self.counters.contains_key(key) {
-            let fresh = if escrow {
-                Counter::escrow(&self.members)
-            } else {
-                Counter::default()
-            };
-            self.counters.insert(key.clone(), fresh);
+        let members = &self.members;
+        let counter = self.counters.entry(key.clone()).or_default();
+        if escrow && !counter.is_escrow() {
+            // New, or soft until now: split the limit among the members.
+            counter.members = Counter::escrow(members).members;
         }
-        match self.counters.get_mut(key) {
-            Some(c) => c,
-            None => unreachable!("inserted above"),
-        }
+        counter
     }
 
     /// Decides and, if allowed, commits. The hot path.
@@ -480,8 +489,7 @@ impl Usage {
         key: &CounterKey,
         counter: &Counter,
     ) -> bool {
-        if window_of(config, key).is_some_and(|w| w != Window::Total && key.epoch < w.epoch(now_ms))
-        {
+        if !window_is_open(config, now_ms, key) {
             return false;
         }
         let changed = match self.counters.get_mut(key) {
@@ -526,11 +534,19 @@ impl Usage {
     /// removed keys (delete them from storage).
     pub fn gc(&mut self, config: &Config, now_ms: i64) -> Vec<CounterKey> {
         let mut removed = Vec::new();
+        let unknown_since = &mut self.unknown_since;
         self.counters.retain(|key, _| {
             let keep = match window_of(config, key) {
                 Some(Window::Total) => true,
                 Some(w) => key.epoch >= w.epoch(now_ms),
-                None => false,
+                // A license this node's config does not hold (yet): it may
+                // be behind (just restarted, or a peer counts a license
+                // applied there first), so the counter is kept until the
+                // license has been unknown for a while.
+                None => {
+                    let since = *unknown_since.entry(key.clone()).or_insert(now_ms);
+                    now_ms.saturating_sub(since) < UNKNOWN_LICENSE_GRACE_MS
+                }
             };
             if !keep {
                 removed.push(key.clone());
@@ -541,6 +557,9 @@ impl Usage {
             self.dirty.remove(key);
             self.rates.remove(key);
         }
+        let counters = &self.counters;
+        self.unknown_since
+            .retain(|k, _| counters.contains_key(k) && window_of(config, k).is_none());
         self.buckets
             .retain(|license, _| config.license(license).is_some());
         removed.sort();
@@ -548,8 +567,17 @@ impl Usage {
     }
 }
 
+/// How long a counter of a license the config does not hold is kept.
+pub const UNKNOWN_LICENSE_GRACE_MS: i64 = 600_000;
+
 /// Default retry hint for `quota_rights_unavailable`.
 pub const DEFAULT_RIGHTS_RETRY_MS: u64 = 100;
+
+/// Whether `key`'s window is still open by `config` and `now_ms` (true for a
+/// license or quota the config does not know: it may be behind).
+pub fn window_is_open(config: &Config, now_ms: i64, key: &CounterKey) -> bool {
+    window_of(config, key).is_none_or(|w| w == Window::Total || key.epoch >= w.epoch(now_ms))
+}
 
 /// The window of the quota (or seats) a counter belongs to, if configured.
 pub(crate) fn window_of(config: &Config, key: &CounterKey) -> Option<Window> {

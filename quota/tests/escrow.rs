@@ -352,3 +352,92 @@ fn a_window_that_is_over_is_not_merged_into() {
     assert!(u.counter(&old).is_none());
     assert_eq!(u.counter_value(&quota_key()), 0);
 }
+
+#[test]
+fn a_quota_that_turns_strict_mid_window_counts_its_soft_usage_against_the_share() {
+    let soft = {
+        let text = "apiVersion: tollgate/v1\nkind: License\nid: s\ncustomer: S\nkeys: [{key: k}]\nmodels: [{model: m}]\nquotas:\n  - {id: q, metric: inferences, limit: 100, window: month}\n";
+        let mut config = Config::default();
+        config.apply(
+            &ConfigCommand {
+                request_id: None,
+                actor: "p".into(),
+                reason: None,
+                at_ms: 0,
+                op: ConfigOp::PutLicense(parse_license(text).expect("valid")),
+            },
+            1,
+        );
+        config
+    };
+    let strict = strict_config(100, 0);
+    let mut u = Usage::new(1);
+    u.set_members(&[1, 2, 3]);
+    for _ in 0..30 {
+        assert_eq!(
+            u.check(&soft, &check(1), NOW_MS, String::new()).outcome,
+            Outcome::Allow
+        );
+    }
+    // Now strict: this node's share is 34, of which it used 30.
+    let mut allowed = 0;
+    for _ in 0..10 {
+        if u.check(&strict, &check(1), NOW_MS, String::new()).outcome == Outcome::Allow {
+            allowed += 1;
+        }
+    }
+    assert_eq!(allowed, 4);
+    assert!(u.counter(&quota_key()).is_some_and(Counter::is_escrow));
+}
+
+#[test]
+fn a_lease_from_before_max_instances_does_not_free_a_counted_seat() {
+    let unlimited = strict_config(100, 0);
+    let one = strict_config(100, 1);
+    let mut u = Usage::new(1);
+    let seat = |i: &str| SeatRequest {
+        key: "k".into(),
+        instance: i.into(),
+        ..SeatRequest::default()
+    };
+    assert!(
+        u.acquire_seat(&unlimited, &seat("a"), NOW_MS, "1.a".into())
+            .granted
+    );
+    assert!(
+        u.acquire_seat(&one, &seat("b"), NOW_MS, "1.b".into())
+            .granted
+    );
+    let release = SeatRequest {
+        key: "k".into(),
+        lease_id: "1.a".into(),
+        ..SeatRequest::default()
+    };
+    assert!(u.release_seat(&one, &release, NOW_MS).reasons.is_empty());
+    let c = u.acquire_seat(&one, &seat("c"), NOW_MS, "1.c".into());
+    assert_eq!(c.code(), Some(ReasonCode::SeatLimitReached), "{c:?}");
+}
+
+#[test]
+fn counters_of_a_license_the_config_lacks_survive_gc_for_a_grace_period() {
+    let config = strict_config(100, 0);
+    let mut u = Usage::new(1);
+    let key = CounterKey {
+        license: "not-yet-applied".into(),
+        quota: "q".into(),
+        epoch: Window::Month.epoch(NOW_MS),
+        scope: String::new(),
+    };
+    let mut state = Counter::default();
+    state.consume(2, 5);
+    assert!(u.merge_remote(&config, NOW_MS, &key, &state));
+    assert!(u.gc(&config, NOW_MS).is_empty());
+    assert!(u.gc(&config, NOW_MS + 60_000).is_empty());
+    assert_eq!(
+        u.gc(
+            &config,
+            NOW_MS + tollgate_quota::usage::UNKNOWN_LICENSE_GRACE_MS
+        ),
+        vec![key]
+    );
+}

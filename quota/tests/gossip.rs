@@ -59,7 +59,8 @@ impl Net {
             .collect();
         let nodes = (1..=n as u64)
             .map(|id| {
-                let mut gossip = Gossip::new(id, format!("r{}", id % 2), settings.clone());
+                let mut gossip =
+                    Gossip::new(id, format!("r{}", id % 2), settings.clone(), id * 1_000);
                 gossip.set_peers(&peers, NOW_MS);
                 Node {
                     usage: Usage::new(id),
@@ -252,7 +253,7 @@ proptest! {
     #[test]
     fn hostile_bytes_change_nothing(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
         let config = config(1);
-        let mut gossip = Gossip::new(1, "r", GossipSettings::default());
+        let mut gossip = Gossip::new(1, "r", GossipSettings::default(), 1);
         gossip.set_peers(&[PeerInfo { id: 2, region: "r".into() }], NOW_MS);
         let mut usage = Usage::new(1);
         let before = usage.clone();
