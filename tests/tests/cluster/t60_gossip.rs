@@ -107,7 +107,9 @@ async fn usage_counted_on_every_node_converges_everywhere() -> anyhow::Result<()
 #[tokio::test]
 async fn a_strict_quota_never_goes_over_and_rights_follow_demand() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let cluster = TestCluster::start(dir.path(), 3, |_| {}).await?;
+    // Strict Checks answer once their usage is flushed; one client in a
+    // loop waits for every flush, so flush often.
+    let cluster = TestCluster::start(dir.path(), 3, |s| s.usage_flush_interval_ms = 2).await?;
     // All demand on node 0: it starts with a third of the rights and gets
     // the rest as the others see its demand.
     let node = cluster.node(0)?;
@@ -161,11 +163,22 @@ async fn seats_hold_across_nodes_and_fault_injection_needs_the_flag() -> anyhow:
     };
     let mut leases = Vec::new();
     for i in 0..3 {
-        let (status, d) = cluster
-            .node(i)?
-            .post("/v1/seats/acquire", &acquire(i))
-            .await?;
-        assert_eq!((status, d["granted"].as_bool()), (200, Some(true)), "{d}");
+        // A node that has not learned the membership yet holds no share of
+        // the seats and says so; it gets one within a few gossip ticks.
+        let deadline = Instant::now() + WAIT;
+        let d = loop {
+            let (status, d) = cluster
+                .node(i)?
+                .post("/v1/seats/acquire", &acquire(i))
+                .await?;
+            assert_eq!(status, 200, "{d}");
+            if d["granted"] == true {
+                break d;
+            }
+            assert_eq!(d["reasons"][0]["code"], "quota_rights_unavailable", "{d}");
+            assert!(Instant::now() < deadline, "{d}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
         leases.push((i, d["lease_id"].as_str().unwrap_or_default().to_string()));
     }
     let deadline = Instant::now() + WAIT;
