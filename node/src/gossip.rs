@@ -25,7 +25,7 @@ use tollgate_consensus::storage::Storage;
 use tollgate_quota::counter::Counter;
 use tollgate_quota::escrow::RebalancePolicy;
 use tollgate_quota::gossip::{Gossip, GossipSettings, Outgoing, PeerInfo, RemoteSink};
-use tollgate_quota::usage::{CounterKey, window_is_open};
+use tollgate_quota::usage::{CounterKey, NEAR_LIMIT_DIVISOR, window_is_open};
 
 use crate::persist::{self, UsageTrees};
 use crate::quic::{Inbound, QuicTransport};
@@ -33,11 +33,6 @@ use crate::state::{NodeState, now_ms};
 
 /// How often expired window epochs are dropped.
 pub const GC_INTERVAL_MS: u64 = 60_000;
-
-/// A counter within this share of its limit is gossiped right after each
-/// flush, to every peer, instead of on the next tick: near the limit, a tick
-/// of lag is overshoot.
-pub const EAGER_FRACTION: f64 = 0.05;
 
 /// Gossip settings as the node's settings file spells them.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -252,7 +247,9 @@ impl RemoteSink for NodeSink<'_> {
     }
 }
 
-/// Counters within [`EAGER_FRACTION`] of their limit.
+/// Counters within `limit / NEAR_LIMIT_DIVISOR` of their limit: gossiped
+/// right after each flush, to every peer, instead of on the next tick; near
+/// the limit, a tick of lag is overshoot.
 fn near_limit(state: &NodeState, keys: &[CounterKey]) -> Vec<CounterKey> {
     let config = state.config();
     state.with_usage(|u| {
@@ -271,8 +268,8 @@ fn near_limit(state: &NodeState, keys: &[CounterKey]) -> Vec<CounterKey> {
                     return false;
                 };
                 let used = u.counter_value(k);
-                let margin = ((limit as f64) * EAGER_FRACTION).ceil() as u64;
-                limit.saturating_sub(used) <= margin.max(1)
+                let margin = limit.div_ceil(NEAR_LIMIT_DIVISOR).max(1);
+                limit.saturating_sub(used) <= margin
             })
             .cloned()
             .collect()

@@ -745,6 +745,9 @@ fn evaluate_quotas(
         let used_before = usage.counter_value(&key);
         let after = used_before.saturating_add(meter.quantity);
         let escrow = quota.mode == QuotaMode::Strict;
+        if !escrow && !is_report && after <= quota.limit {
+            near_limit_share(quota, usage, &key, used_before, meter.quantity, v);
+        }
         if escrow && after <= quota.limit && !is_report {
             let held = usage.escrow_available(&key, quota.limit);
             if meter.quantity > held {
@@ -830,6 +833,50 @@ fn evaluate_quotas(
             by: meter.quantity,
             escrow,
         });
+    }
+}
+
+/// Near the limit of a soft quota, each node takes at most an even share of
+/// what remained when it last flushed (and pushed) its usage, so nodes that
+/// have not heard of each other's last few ms cannot all spend the same
+/// remainder: this bounds the overshoot when every node is busy. The first
+/// use after a flush always passes (if it fits), so the quota is always
+/// used up, at worst at one use per node per flush.
+fn near_limit_share(
+    quota: &Quota,
+    usage: &Usage,
+    key: &CounterKey,
+    used_before: u64,
+    quantity: u64,
+    v: &mut Verdict,
+) {
+    let n = usage.members().len() as u64;
+    let margin = quota
+        .limit
+        .div_ceil(crate::usage::NEAR_LIMIT_DIVISOR)
+        .max(1);
+    if n <= 1 || used_before.saturating_add(quantity) <= quota.limit.saturating_sub(margin) {
+        return;
+    }
+    let unsynced = usage.own_unsynced(key);
+    if unsynced == 0 {
+        return;
+    }
+    let remaining_at_sync = quota
+        .limit
+        .saturating_sub(used_before.saturating_sub(unsynced));
+    let share = (remaining_at_sync / n).max(1);
+    if unsynced.saturating_add(quantity) > share {
+        let retry = usage.rights_retry_ms();
+        v.throttle_deny(
+            ReasonCode::QuotaRightsUnavailable,
+            format!("quotas[{}]", quota.id),
+            format!(
+                "quota {} is within 5% of its limit ({} of {} {} used); near the limit each node takes at most an even share of what remains between syncs, and this node has used its share; retry in {retry} ms",
+                quota.id, used_before, quota.limit, quota.metric
+            ),
+            retry,
+        );
     }
 }
 

@@ -260,6 +260,9 @@ pub struct Usage {
     pub(crate) rates: HashMap<CounterKey, DemandRate, FastState>,
     // Counters of licenses not in the config, and since when (GC grace).
     unknown_since: HashMap<CounterKey, i64, FastState>,
+    // This node's slot of each counter as last handed to a flush (and so to
+    // gossip): what other nodes can know of its usage, at best.
+    synced_own: HashMap<CounterKey, u64, FastState>,
     devices: HashMap<String, BTreeSet<String>, FastState>,
     dirty_devices: BTreeSet<String>,
     // license id -> (rate limit id, state); a short Vec per license keeps the
@@ -451,10 +454,21 @@ impl Usage {
     /// batched persistence and gossip.
     pub fn take_dirty(&mut self) -> Vec<(CounterKey, Counter)> {
         let dirty = std::mem::take(&mut self.dirty);
-        dirty
-            .into_iter()
-            .filter_map(|key| self.counters.get(&key).cloned().map(|c| (key, c)))
-            .collect()
+        let me = self.node_id;
+        let mut out = Vec::with_capacity(dirty.len());
+        for key in dirty {
+            if let Some(c) = self.counters.get(&key) {
+                self.synced_own.insert(key.clone(), c.slot(me));
+                out.push((key, c.clone()));
+            }
+        }
+        out
+    }
+
+    /// This node's usage of `key` not yet handed to a flush (and gossip).
+    pub fn own_unsynced(&self, key: &CounterKey) -> u64 {
+        let own = self.counters.get(key).map_or(0, |c| c.slot(self.node_id));
+        own.saturating_sub(self.synced_own.get(key).copied().unwrap_or(0))
     }
 
     /// Whether any counter is waiting for [`Self::take_dirty`].
@@ -464,6 +478,8 @@ impl Usage {
 
     /// Merges a stored counter at start-up (not marked dirty).
     pub fn restore(&mut self, key: CounterKey, counter: Counter) {
+        self.synced_own
+            .insert(key.clone(), counter.slot(self.node_id));
         self.counters.entry(key).or_default().merge(&counter);
     }
 
@@ -556,6 +572,7 @@ impl Usage {
         for key in &removed {
             self.dirty.remove(key);
             self.rates.remove(key);
+            self.synced_own.remove(key);
         }
         let counters = &self.counters;
         self.unknown_since
@@ -566,6 +583,12 @@ impl Usage {
         removed
     }
 }
+
+/// Near the limit of a soft quota means within `limit / NEAR_LIMIT_DIVISOR`
+/// (5%) of it: there a node takes at most an even share of what remains
+/// between two flushes, and counters are pushed to every peer after each
+/// flush instead of on the gossip tick.
+pub const NEAR_LIMIT_DIVISOR: u64 = 20;
 
 /// How long a counter of a license the config does not hold is kept.
 pub const UNKNOWN_LICENSE_GRACE_MS: i64 = 600_000;

@@ -441,3 +441,46 @@ fn counters_of_a_license_the_config_lacks_survive_gc_for_a_grace_period() {
         vec![key]
     );
 }
+
+#[test]
+fn near_a_soft_limit_a_node_takes_its_share_of_the_rest_per_flush() {
+    let text = "apiVersion: tollgate/v1\nkind: License\nid: s\ncustomer: S\nkeys: [{key: k}]\nmodels: [{model: m}]\nquotas:\n  - {id: q, metric: inferences, limit: 1000, window: month}\n";
+    let mut config = Config::default();
+    config.apply(
+        &ConfigCommand {
+            request_id: None,
+            actor: "p".into(),
+            reason: None,
+            at_ms: 0,
+            op: ConfigOp::PutLicense(parse_license(text).expect("valid")),
+        },
+        1,
+    );
+    let mut u = Usage::new(1);
+    u.set_members(&[1, 2, 3, 4, 5]);
+    // The other four nodes used 970 between them: within 5% of the limit,
+    // 30 remain, an even share is 6.
+    let mut others = Counter::default();
+    for n in 2..=5 {
+        others.consume(n, 242 + u64::from(n == 2) * 2);
+    }
+    assert_eq!(others.value(), 970);
+    assert!(u.merge_remote(&config, NOW_MS, &quota_key(), &others));
+    let mut allowed = 0;
+    for _ in 0..10 {
+        let d = u.check(&config, &check(1), NOW_MS, String::new());
+        if d.outcome == Outcome::Allow {
+            allowed += 1;
+        } else {
+            assert_eq!(d.code(), Some(ReasonCode::QuotaRightsUnavailable));
+            assert!(d.retry_after_ms.is_some());
+        }
+    }
+    assert_eq!(allowed, 6, "an even share of the 30 left");
+    // Once this node's usage is flushed (and so gossiped), it may go on.
+    u.take_dirty();
+    assert_eq!(
+        u.check(&config, &check(1), NOW_MS, String::new()).outcome,
+        Outcome::Allow
+    );
+}
