@@ -94,7 +94,9 @@ impl GossipNode {
                 node_id,
                 region,
                 config.protocol(),
-                rand::thread_rng().r#gen(),
+                // Small (a 5-byte varint), yet unlikely to repeat a
+                // previous run's numbers.
+                u64::from(rand::thread_rng().r#gen::<u32>()),
             )),
             transport,
             peers: Mutex::new(Vec::new()),

@@ -18,7 +18,9 @@
 //! **Deltas.** Every change marks the counter pending for every peer. Each
 //! tick, up to `fanout` peers with pending counters get them, least recently
 //! served first, peers in this node's region ahead of others. A peer acks
-//! each delta; a delta not acked within `ack_timeout_ms` is pending again.
+//! each delta, on the next delta it sends back or, failing one, in an ack of
+//! its own at its next tick; a delta not acked within `ack_timeout_ms` is
+//! pending again.
 //! States received from a peer are relayed the same way, so news spreads
 //! epidemically.
 //!
@@ -97,6 +99,9 @@ impl Default for GossipSettings {
     }
 }
 
+/// Most acks carried by one delta.
+const MAX_ACKS_PER_MESSAGE: usize = 16;
+
 /// A peer as the membership names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerInfo {
@@ -113,13 +118,15 @@ pub enum Message {
     Delta {
         /// Sequence number to ack.
         seq: u64,
+        /// Deltas of the receiver that arrived here (acks ride along).
+        acks: Vec<u64>,
         /// The states.
         entries: Vec<(CounterKey, Counter)>,
     },
-    /// A delta arrived.
+    /// Deltas that arrived, when no delta was going back to ride on.
     Ack {
-        /// Its sequence number.
-        seq: u64,
+        /// Their sequence numbers.
+        seqs: Vec<u64>,
     },
     /// (key hash, state hash) of every counter whose key hash is in [lo, hi].
     Digest {
@@ -191,6 +198,8 @@ struct PeerState {
     in_flight: BTreeMap<u64, (i64, Vec<(CounterKey, i64)>)>,
     last_sent_ms: i64,
     last_heard_ms: Option<i64>,
+    // Its deltas that arrived here and are not acked yet.
+    acks_due: Vec<u64>,
     n_deltas_sent: u64,
     n_acked: u64,
     n_received: u64,
@@ -204,6 +213,7 @@ impl PeerState {
             in_flight: BTreeMap::new(),
             last_sent_ms: i64::MIN,
             last_heard_ms: None,
+            acks_due: Vec::new(),
             n_deltas_sent: 0,
             n_acked: 0,
             n_received: 0,
@@ -460,7 +470,8 @@ impl Gossip {
         }
         let mut out = Vec::new();
         match msg {
-            Message::Delta { seq, entries } => {
+            Message::Delta { seq, acks, entries } => {
+                self.acked(from, &acks);
                 for (key, counter) in entries {
                     if !sink.merge(&key, &counter) {
                         // A window that is over here: neither kept nor relayed.
@@ -481,19 +492,18 @@ impl Gossip {
                     }
                 }
                 if seq != 0 {
-                    out.push(Outgoing {
-                        to: from,
-                        bytes: encode(&Message::Ack { seq }),
-                    });
+                    match self.peers.get_mut(&from) {
+                        // Acked with the next message to it, at the latest
+                        // at the next tick.
+                        Some(peer) => peer.acks_due.push(seq),
+                        None => out.push(Outgoing {
+                            to: from,
+                            bytes: encode(&Message::Ack { seqs: vec![seq] }),
+                        }),
+                    }
                 }
             }
-            Message::Ack { seq } => {
-                if let Some(peer) = self.peers.get_mut(&from)
-                    && peer.in_flight.remove(&seq).is_some()
-                {
-                    peer.n_acked += 1;
-                }
-            }
+            Message::Ack { seqs } => self.acked(from, &seqs),
             Message::Digest { lo, hi, entries } => {
                 if lo > hi {
                     return out;
@@ -542,6 +552,16 @@ impl Gossip {
         out
     }
 
+    fn acked(&mut self, from: u64, seqs: &[u64]) {
+        if let Some(peer) = self.peers.get_mut(&from) {
+            for seq in seqs {
+                if peer.in_flight.remove(seq).is_some() {
+                    peer.n_acked += 1;
+                }
+            }
+        }
+    }
+
     fn send_pulls(&self, to: u64, keys: Vec<u64>, out: &mut Vec<Outgoing>) {
         // A varint hash is at most 10 bytes.
         let per_message = (self.settings.max_message_bytes.saturating_sub(16) / 10).max(1);
@@ -565,7 +585,11 @@ impl Gossip {
         max_messages: usize,
         out: &mut Vec<Outgoing>,
     ) {
-        let budget = self.settings.max_message_bytes.saturating_sub(16);
+        // Header, and the acks that may ride along (at most 10 bytes each).
+        let budget = self
+            .settings
+            .max_message_bytes
+            .saturating_sub(16 + 10 * MAX_ACKS_PER_MESSAGE);
         let mut batch: Vec<(CounterKey, Counter)> = Vec::new();
         let mut since: Vec<(CounterKey, i64)> = Vec::new();
         let mut size = 0usize;
@@ -620,9 +644,17 @@ impl Gossip {
     ) {
         let seq = self.next_seq;
         self.next_seq += 1;
+        let acks = self
+            .peers
+            .get_mut(&to)
+            .map(|p| {
+                let n = p.acks_due.len().min(MAX_ACKS_PER_MESSAGE);
+                p.acks_due.drain(..n).collect()
+            })
+            .unwrap_or_default();
         out.push(Outgoing {
             to,
-            bytes: encode(&Message::Delta { seq, entries }),
+            bytes: encode(&Message::Delta { seq, acks, entries }),
         });
         if let Some(peer) = self.peers.get_mut(&to) {
             peer.in_flight.insert(seq, (now_ms, since));
@@ -691,6 +723,18 @@ impl Gossip {
         }
         for id in std::mem::take(&mut self.digest_due) {
             self.send_digest(id, &mut out);
+        }
+        // Acks that found no delta to ride on go alone.
+        for (id, peer) in self.peers.iter_mut() {
+            for chunk in peer.acks_due.chunks(MAX_ACKS_PER_MESSAGE * 4) {
+                out.push(Outgoing {
+                    to: *id,
+                    bytes: encode(&Message::Ack {
+                        seqs: chunk.to_vec(),
+                    }),
+                });
+            }
+            peer.acks_due.clear();
         }
         out
     }
