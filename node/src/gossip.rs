@@ -31,6 +31,9 @@ use crate::persist::{self, UsageTrees};
 use crate::quic::{Inbound, QuicTransport};
 use crate::state::{NodeState, now_ms};
 
+/// How often soft counters near their limit are pushed from memory.
+pub const HOT_PUSH_INTERVAL_MS: u64 = 2;
+
 /// How often expired window epochs are dropped.
 pub const GC_INTERVAL_MS: u64 = 60_000;
 
@@ -278,14 +281,27 @@ fn near_limit(state: &NodeState, keys: &[CounterKey]) -> Vec<CounterKey> {
     })
 }
 
-/// Flushes usage to disk, then hands what was written to gossip.
-async fn flush_and_publish(state: &NodeState, gossip: &GossipNode, trees: &UsageTrees) {
+/// Flushes usage to disk, then hands what was written to gossip. Counters
+/// near their limit go to every peer at once, and soft ones among them
+/// become `hot`.
+async fn flush_and_publish(
+    state: &NodeState,
+    gossip: &GossipNode,
+    trees: &UsageTrees,
+    hot: &mut BTreeSet<CounterKey>,
+) {
     match persist::flush(state, trees).await {
         Ok(written) if !written.is_empty() => {
             let now = now_ms();
+            let soft: BTreeSet<CounterKey> = written
+                .iter()
+                .filter(|(_, c)| !c.is_escrow())
+                .map(|(k, _)| k.clone())
+                .collect();
             let changed = gossip.protocol.lock().publish(written, now);
             let eager = near_limit(state, &changed);
             if !eager.is_empty() {
+                hot.extend(eager.iter().filter(|k| soft.contains(*k)).cloned());
                 let out = gossip.protocol.lock().push_now(&eager, now);
                 gossip.send(out);
             }
@@ -293,6 +309,27 @@ async fn flush_and_publish(state: &NodeState, gossip: &GossipNode, trees: &Usage
         Ok(_) => {}
         Err(e) => tracing::error!(error = %e, "usage flush failed; will retry"),
     }
+}
+
+/// Pushes the hot soft counters that changed since their last push to every
+/// peer, from memory: near a soft limit the lag between nodes is overshoot.
+/// (A soft counter needs no flush first; only escrow transfers do.)
+fn push_hot(state: &NodeState, gossip: &GossipNode, hot: &mut BTreeSet<CounterKey>) {
+    let keys: Vec<CounterKey> = hot.iter().cloned().collect();
+    let fresh = state.with_usage(|u| {
+        hot.retain(|k| u.counter(k).is_some());
+        u.take_unsynced_soft(&keys)
+    });
+    if fresh.is_empty() {
+        return;
+    }
+    let now = now_ms();
+    let changed: Vec<CounterKey> = fresh.iter().map(|(k, _)| k.clone()).collect();
+    let mut protocol = gossip.protocol.lock();
+    protocol.publish(fresh, now);
+    let out = protocol.push_now(&changed, now);
+    drop(protocol);
+    gossip.send(out);
 }
 
 /// Runs flushes, gossip, rebalancing, seat expiry and GC until `shutdown`
@@ -322,6 +359,8 @@ pub async fn run(
         t
     };
     let mut flush_tick = tick(flush_interval_ms);
+    let mut hot_tick = tick(HOT_PUSH_INTERVAL_MS);
+    let mut hot: BTreeSet<CounterKey> = BTreeSet::new();
     let mut gossip_tick = tick(interval_ms);
     // Not at start: the config may still be catching up with the log.
     let mut gc_tick = tokio::time::interval_at(
@@ -332,7 +371,8 @@ pub async fn run(
     let policy = RebalancePolicy::default();
     loop {
         tokio::select! {
-            _ = flush_tick.tick() => flush_and_publish(&state, &gossip, &trees).await,
+            _ = flush_tick.tick() => flush_and_publish(&state, &gossip, &trees, &mut hot).await,
+            _ = hot_tick.tick(), if !hot.is_empty() => push_hot(&state, &gossip, &mut hot),
             _ = gossip_tick.tick() => {
                 let now = now_ms();
                 gossip.refresh_peers(&state, now);
@@ -361,6 +401,9 @@ pub async fn run(
             _ = gc_tick.tick() => {
                 let config = state.config();
                 let removed = state.with_usage(|u| u.gc(&config, now_ms()));
+                for k in &removed {
+                    hot.remove(k);
+                }
                 gossip.protocol.lock().forget(&removed);
                 persist::delete_counters(&trees, &removed).await;
             }

@@ -155,10 +155,15 @@ impl Peer {
         }
     }
 
-    /// The connection to send on: a fresh one (outgoing first), else any
-    /// live one (outgoing first).
-    fn pick(&self, now: Instant) -> Option<&quinn::Connection> {
-        let links = [self.outgoing.as_ref(), self.incoming.as_ref()];
+    /// The connection to send on: a fresh one, else any live one; of two,
+    /// the one the lower node id dialled, so both sides send on the same
+    /// connection and QUIC's acks ride on data going the other way.
+    fn pick(&self, now: Instant, outgoing_first: bool) -> Option<&quinn::Connection> {
+        let links = if outgoing_first {
+            [self.outgoing.as_ref(), self.incoming.as_ref()]
+        } else {
+            [self.incoming.as_ref(), self.outgoing.as_ref()]
+        };
         links
             .iter()
             .flatten()
@@ -333,14 +338,16 @@ impl QuicTransport {
             peer.dropped_out += 1;
             return Err(SendError::Dropped);
         }
-        let outgoing_ok = peer
-            .outgoing
-            .as_ref()
-            .is_some_and(|l| l.fresh(now) && same_addr(l.conn.remote_address(), addr));
-        if !outgoing_ok {
+        let usable = |link: &Option<Link>| {
+            link.as_ref()
+                .is_some_and(|l| l.fresh(now) && same_addr(l.conn.remote_address(), addr))
+        };
+        // One connection per pair is enough: dial only when neither
+        // direction has a fresh one to the peer's current address.
+        if !usable(&peer.outgoing) && !usable(&peer.incoming) {
             inner.maybe_dial(peer, to, addr, now);
         }
-        let Some(conn) = peer.pick(now).cloned() else {
+        let Some(conn) = peer.pick(now, inner.node_id < to).cloned() else {
             peer.dropped_out += 1;
             return Err(SendError::NotConnected);
         };
@@ -369,7 +376,10 @@ impl QuicTransport {
     pub fn max_datagram(&self, to: u64) -> Option<usize> {
         let now = Instant::now();
         let peers = self.inner.peers.lock();
-        peers.get(&to)?.pick(now)?.max_datagram_size()
+        peers
+            .get(&to)?
+            .pick(now, self.inner.node_id < to)?
+            .max_datagram_size()
     }
 
     /// Per-peer figures, ordered by peer id.
@@ -556,6 +566,15 @@ fn transport_config() -> anyhow::Result<quinn::TransportConfig> {
         .max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(IDLE_TIMEOUT).context("idle timeout out of range")?,
         ));
+    // Gossip datagrams are unreliable by design (the protocol acks and
+    // resends what matters), so QUIC's own acks only serve congestion
+    // control: ask the peer to ack every few packets or after its delay
+    // (at most 25 ms here) instead of every other packet. At steady gossip
+    // load this removes most ack-only packets from the wire.
+    let mut acks = quinn::AckFrequencyConfig::default();
+    acks.ack_eliciting_threshold(VarInt::from_u32(8))
+        .max_ack_delay(Some(Duration::from_millis(25)));
+    config.ack_frequency_config(Some(acks));
     Ok(config)
 }
 

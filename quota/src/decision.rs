@@ -836,12 +836,12 @@ fn evaluate_quotas(
     }
 }
 
-/// Near the limit of a soft quota, each node takes at most an even share of
-/// what remained when it last flushed (and pushed) its usage, so nodes that
-/// have not heard of each other's last few ms cannot all spend the same
-/// remainder: this bounds the overshoot when every node is busy. The first
-/// use after a flush always passes (if it fits), so the quota is always
-/// used up, at worst at one use per node per flush.
+/// Near the limit of a soft quota, each node takes at most half an even
+/// share of what remained when it last pushed its usage to the others, so
+/// nodes that have not heard of each other's last few ms cannot all spend
+/// the same remainder: this bounds the overshoot when every node is busy.
+/// The first use after a push always passes (if it fits), so the quota is
+/// always used up, at worst at one use per node per push.
 fn near_limit_share(
     quota: &Quota,
     usage: &Usage,
@@ -865,14 +865,14 @@ fn near_limit_share(
     let remaining_at_sync = quota
         .limit
         .saturating_sub(used_before.saturating_sub(unsynced));
-    let share = (remaining_at_sync / n).max(1);
+    let share = (remaining_at_sync / (2 * n)).max(1);
     if unsynced.saturating_add(quantity) > share {
         let retry = usage.rights_retry_ms();
         v.throttle_deny(
             ReasonCode::QuotaRightsUnavailable,
             format!("quotas[{}]", quota.id),
             format!(
-                "quota {} is within 5% of its limit ({} of {} {} used); near the limit each node takes at most an even share of what remains between syncs, and this node has used its share; retry in {retry} ms",
+                "quota {} is close to its limit ({} of {} {} used); near the limit each node takes at most a share of what remains between syncs with the others, and this node has used its share; retry in {retry} ms",
                 quota.id, used_before, quota.limit, quota.metric
             ),
             retry,

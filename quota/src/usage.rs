@@ -465,6 +465,27 @@ impl Usage {
         out
     }
 
+    /// The states of those of `keys` that are soft counters and whose own
+    /// slot grew since it was last handed to a flush or to this call, to
+    /// gossip now from memory (near a soft limit, where waiting for the
+    /// flush costs overshoot). Escrow counters are never returned: their
+    /// transfers must be on disk before anyone sees them.
+    pub fn take_unsynced_soft(&mut self, keys: &[CounterKey]) -> Vec<(CounterKey, Counter)> {
+        let me = self.node_id;
+        let mut out = Vec::new();
+        for key in keys {
+            let Some(c) = self.counters.get(key) else {
+                continue;
+            };
+            let synced = self.synced_own.get(key).copied().unwrap_or(0);
+            if !c.is_escrow() && c.slot(me) > synced {
+                self.synced_own.insert(key.clone(), c.slot(me));
+                out.push((key.clone(), c.clone()));
+            }
+        }
+        out
+    }
+
     /// This node's usage of `key` not yet handed to a flush (and gossip).
     pub fn own_unsynced(&self, key: &CounterKey) -> u64 {
         let own = self.counters.get(key).map_or(0, |c| c.slot(self.node_id));
@@ -585,10 +606,10 @@ impl Usage {
 }
 
 /// Near the limit of a soft quota means within `limit / NEAR_LIMIT_DIVISOR`
-/// (5%) of it: there a node takes at most an even share of what remains
-/// between two flushes, and counters are pushed to every peer after each
-/// flush instead of on the gossip tick.
-pub const NEAR_LIMIT_DIVISOR: u64 = 20;
+/// (25%) of it: there a node takes at most half an even share of what
+/// remains between two pushes of its usage, and pushes it to every peer
+/// every few ms instead of on the gossip tick.
+pub const NEAR_LIMIT_DIVISOR: u64 = 4;
 
 /// How long a counter of a license the config does not hold is kept.
 pub const UNKNOWN_LICENSE_GRACE_MS: i64 = 600_000;

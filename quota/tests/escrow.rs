@@ -443,7 +443,7 @@ fn counters_of_a_license_the_config_lacks_survive_gc_for_a_grace_period() {
 }
 
 #[test]
-fn near_a_soft_limit_a_node_takes_its_share_of_the_rest_per_flush() {
+fn near_a_soft_limit_a_node_takes_its_share_of_the_rest_per_sync() {
     let text = "apiVersion: tollgate/v1\nkind: License\nid: s\ncustomer: S\nkeys: [{key: k}]\nmodels: [{model: m}]\nquotas:\n  - {id: q, metric: inferences, limit: 1000, window: month}\n";
     let mut config = Config::default();
     config.apply(
@@ -458,8 +458,8 @@ fn near_a_soft_limit_a_node_takes_its_share_of_the_rest_per_flush() {
     );
     let mut u = Usage::new(1);
     u.set_members(&[1, 2, 3, 4, 5]);
-    // The other four nodes used 970 between them: within 5% of the limit,
-    // 30 remain, an even share is 6.
+    // The other four nodes used 970 between them: close to the limit, 30
+    // remain, half an even share is 3.
     let mut others = Counter::default();
     for n in 2..=5 {
         others.consume(n, 242 + u64::from(n == 2) * 2);
@@ -476,7 +476,7 @@ fn near_a_soft_limit_a_node_takes_its_share_of_the_rest_per_flush() {
             assert!(d.retry_after_ms.is_some());
         }
     }
-    assert_eq!(allowed, 6, "an even share of the 30 left");
+    assert_eq!(allowed, 3, "half an even share of the 30 left");
     // Once this node's usage is flushed (and so gossiped), it may go on.
     u.take_dirty();
     assert_eq!(
