@@ -87,16 +87,29 @@ impl Drop for ProcCluster {
     }
 }
 
-fn free_port() -> anyhow::Result<String> {
-    // The OS picks a free port; it is released again right away and reused
-    // by the node a moment later.
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.to_string())
+/// Free loopback ports, held until every one of a cluster is picked (so
+/// the OS cannot hand the same one out twice), then released for the nodes
+/// to bind a moment later.
+#[derive(Default)]
+struct Ports {
+    tcp: Vec<TcpListener>,
+    udp: Vec<UdpSocket>,
 }
 
-fn free_udp_port() -> anyhow::Result<String> {
-    let s = UdpSocket::bind("127.0.0.1:0")?;
-    Ok(s.local_addr()?.to_string())
+impl Ports {
+    fn tcp(&mut self) -> anyhow::Result<String> {
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        let addr = l.local_addr()?.to_string();
+        self.tcp.push(l);
+        Ok(addr)
+    }
+
+    fn udp(&mut self) -> anyhow::Result<String> {
+        let s = UdpSocket::bind("127.0.0.1:0")?;
+        let addr = s.local_addr()?.to_string();
+        self.udp.push(s);
+        Ok(addr)
+    }
 }
 
 /// `tollgate certs init --out DIR --nodes N`: a CA and one certificate per
@@ -132,18 +145,20 @@ impl ProcCluster {
         let token = "tga_process_test_token".to_string();
         std::fs::write(dir.join("admin.token"), format!("{token}\n"))?;
         let mut nodes = Vec::new();
+        let mut ports = Ports::default();
         for i in 0..n {
             nodes.push(Addrs {
                 id: u64::try_from(i)? + 1,
-                grpc: free_port()?,
-                http: free_port()?,
-                raft: free_port()?,
+                grpc: ports.tcp()?,
+                http: ports.tcp()?,
+                raft: ports.tcp()?,
                 gossip: match opts.gossip {
-                    Some(_) => Some(free_udp_port()?),
+                    Some(_) => Some(ports.udp()?),
                     None => None,
                 },
             });
         }
+        drop(ports);
         let certs = dir.join("certs");
         if opts.gossip.is_some() {
             make_certs(&certs, n)?;
