@@ -746,7 +746,7 @@ fn evaluate_quotas(
         let after = used_before.saturating_add(meter.quantity);
         let escrow = quota.mode == QuotaMode::Strict;
         if !escrow && !is_report && after <= quota.limit {
-            near_limit_share(quota, usage, &key, used_before, meter.quantity, v);
+            near_limit_share(quota, usage, &key, used_before, meter.quantity, now_ms, v);
         }
         if escrow && after <= quota.limit && !is_report {
             let held = usage.escrow_available(&key, quota.limit);
@@ -837,7 +837,8 @@ fn evaluate_quotas(
 }
 
 /// Near the limit of a soft quota, each node takes at most half an even
-/// share of what remained when it last pushed its usage to the others, so
+/// share (among the nodes using the counter within the last second) of what
+/// remained when it last pushed its usage to the others, so
 /// nodes that have not heard of each other's last few ms cannot all spend
 /// the same remainder: this bounds the overshoot when every node is busy.
 /// The first use after a push always passes (if it fits), so the quota is
@@ -848,9 +849,12 @@ fn near_limit_share(
     key: &CounterKey,
     used_before: u64,
     quantity: u64,
+    now_ms: i64,
     v: &mut Verdict,
 ) {
-    let n = usage.members().len() as u64;
+    // Only the nodes using the counter right now share the remainder; a
+    // node alone on it is not held back.
+    let n = usage.active_nodes(key, now_ms);
     let margin = quota
         .limit
         .div_ceil(crate::usage::NEAR_LIMIT_DIVISOR)

@@ -263,6 +263,8 @@ pub struct Usage {
     // This node's slot of each counter as last handed to a flush (and so to
     // gossip): what other nodes can know of its usage, at best.
     synced_own: HashMap<CounterKey, u64, FastState>,
+    // When each other node's slot of a counter was last seen to grow.
+    active: HashMap<CounterKey, BTreeMap<u64, i64>, FastState>,
     devices: HashMap<String, BTreeSet<String>, FastState>,
     dirty_devices: BTreeSet<String>,
     // license id -> (rate limit id, state); a short Vec per license keeps the
@@ -486,6 +488,17 @@ impl Usage {
         out
     }
 
+    /// How many nodes, this one included, used `key` within the last
+    /// [`ACTIVE_WINDOW_MS`] as far as this node has heard.
+    pub fn active_nodes(&self, key: &CounterKey, now_ms: i64) -> u64 {
+        let others = self.active.get(key).map_or(0, |m| {
+            m.values()
+                .filter(|t| now_ms.saturating_sub(**t) < ACTIVE_WINDOW_MS)
+                .count()
+        });
+        1 + others as u64
+    }
+
     /// This node's usage of `key` not yet handed to a flush (and gossip).
     pub fn own_unsynced(&self, key: &CounterKey) -> u64 {
         let own = self.counters.get(key).map_or(0, |c| c.slot(self.node_id));
@@ -528,6 +541,22 @@ impl Usage {
     ) -> bool {
         if !window_is_open(config, now_ms, key) {
             return false;
+        }
+        // Which other nodes are using this counter right now (their slot
+        // grew): near a soft limit, the remainder is shared among them.
+        let me = self.node_id;
+        let known = self.counters.get(key);
+        let grew: Vec<u64> = counter
+            .slots
+            .iter()
+            .filter(|(n, v)| **n != me && known.is_none_or(|c| **v > c.slot(**n)))
+            .map(|(n, _)| *n)
+            .collect();
+        if !grew.is_empty() {
+            let active = self.active.entry(key.clone()).or_default();
+            for n in grew {
+                active.insert(n, now_ms);
+            }
         }
         let changed = match self.counters.get_mut(key) {
             Some(c) => c.merge(counter),
@@ -594,6 +623,7 @@ impl Usage {
             self.dirty.remove(key);
             self.rates.remove(key);
             self.synced_own.remove(key);
+            self.active.remove(key);
         }
         let counters = &self.counters;
         self.unknown_since
@@ -610,6 +640,9 @@ impl Usage {
 /// remains between two pushes of its usage, and pushes it to every peer
 /// every few ms instead of on the gossip tick.
 pub const NEAR_LIMIT_DIVISOR: u64 = 4;
+
+/// A node counts as using a counter if its slot grew this recently (ms).
+pub const ACTIVE_WINDOW_MS: i64 = 1_000;
 
 /// How long a counter of a license the config does not hold is kept.
 pub const UNKNOWN_LICENSE_GRACE_MS: i64 = 600_000;
