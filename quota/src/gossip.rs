@@ -464,7 +464,22 @@ impl Gossip {
                 return Vec::new();
             }
         };
+        let timeout = i64::try_from(self.settings.ack_timeout_ms).unwrap_or(i64::MAX);
         if let Some(peer) = self.peers.get_mut(&from) {
+            // A peer heard again after a silence (a heal, a restart): what
+            // is in flight to it was surely lost, so it is pending again at
+            // once, and it gets a digest to pull what it missed.
+            let silent = peer
+                .last_heard_ms
+                .is_none_or(|t| now_ms.saturating_sub(t) > timeout);
+            if silent {
+                for (_, keys) in std::mem::take(&mut peer.in_flight).into_values() {
+                    for (key, t) in keys {
+                        peer.mark(&key, t);
+                    }
+                }
+                self.digest_due.insert(from);
+            }
             peer.last_heard_ms = Some(now_ms);
             peer.n_received += 1;
         }
