@@ -372,6 +372,12 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = flush_tick.tick() => flush_and_publish(&state, &gossip, &trees, &mut hot).await,
+            // Someone waits for durability (strict quotas, seats, or
+            // `durable_usage_ack`): flush now instead of at the next tick.
+            _ = state.flush_wanted.notified() => {
+                flush_and_publish(&state, &gossip, &trees, &mut hot).await;
+                flush_tick.reset();
+            }
             _ = hot_tick.tick(), if !hot.is_empty() => push_hot(&state, &gossip, &mut hot),
             _ = gossip_tick.tick() => {
                 let now = now_ms();

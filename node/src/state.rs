@@ -58,6 +58,9 @@ pub struct NodeState {
     usage_seq: AtomicU64,
     usage_persisted_seq: AtomicU64,
     persisted_tx: tokio::sync::watch::Sender<u64>,
+    /// Wakes the flusher early when a caller waits for durability (group
+    /// commit: one fsync covers everyone waiting at that moment).
+    pub flush_wanted: tokio::sync::Notify,
     /// Whether a Check, Report or seat call that records usage answers only
     /// once that usage is on disk.
     pub durable_usage_ack: bool,
@@ -112,6 +115,7 @@ impl NodeState {
             usage_seq: AtomicU64::new(0),
             usage_persisted_seq: AtomicU64::new(0),
             persisted_tx: tokio::sync::watch::channel(0).0,
+            flush_wanted: tokio::sync::Notify::new(),
             durable_usage_ack: false,
             gossip: OnceLock::new(),
         }
@@ -144,6 +148,10 @@ impl NodeState {
             return;
         };
         let mut rx = self.persisted_tx.subscribe();
+        if *rx.borrow() >= seq {
+            return;
+        }
+        self.flush_wanted.notify_one();
         // Err only when the sender is gone, i.e. the node is shutting down.
         let _ = rx.wait_for(|persisted| *persisted >= seq).await;
     }
