@@ -26,8 +26,9 @@ pub struct NodeInfo {
     pub grpc_addr: String,
     /// Address of the HTTP/JSON API, `host:port`.
     pub http_addr: String,
-    /// Address of the usage gossip transport, `host:port`. Reserved: empty
-    /// until gossip exists; absent in membership written before it.
+    /// Address of the usage gossip transport (QUIC over UDP), `host:port`.
+    /// Empty in membership written before gossip existed; such a member is
+    /// assumed at its gRPC port + 200.
     #[serde(default)]
     pub gossip_addr: String,
 }
