@@ -12,9 +12,6 @@
 mod common;
 
 #[allow(dead_code)]
-#[path = "../src/gossip_bench.rs"]
-mod gossip_bench;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -24,6 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use common::{ClusterOptions, ProcCluster};
 use serde_json::{Value, json};
+use tollgate_node::gossip_bench;
 
 /// Each test starts five processes; two clusters at once on a small
 /// machine would measure the machine, not the nodes.
@@ -486,13 +484,7 @@ async fn convergence_run(heals: usize) -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn usage_converges_within_three_gossip_intervals_after_a_heal() -> anyhow::Result<()> {
-    convergence_run(10).await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "long: 50 partitions and heals"]
-async fn convergence_50_heals() -> anyhow::Result<()> {
+async fn usage_converges_within_three_gossip_intervals_over_50_heals() -> anyhow::Result<()> {
     convergence_run(50).await
 }
 

@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+pub use tollgate_node::gossip_bench::join_all;
 
 /// How long helpers wait for a condition.
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -649,30 +650,6 @@ pub fn counters(usage: &serde_json::Value) -> Vec<CounterView> {
         (&a.license, &a.quota, a.epoch, &a.scope).cmp(&(&b.license, &b.quota, b.epoch, &b.scope))
     });
     out
-}
-
-/// Awaits every future, concurrently, in order.
-pub async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
-    let mut pinned: Vec<_> = futures.into_iter().map(Box::pin).collect();
-    let mut results: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (f, slot) in pinned.iter_mut().zip(results.iter_mut()) {
-            if slot.is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => *slot = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    results.into_iter().flatten().collect()
 }
 
 /// One failover's timings, from the SIGKILL of the leader.
