@@ -128,6 +128,19 @@ fn strict_config(limit: u64, max_instances: u32) -> Config {
     config
 }
 
+/// `n` nodes (ids 1..=n) that know each other as members.
+fn cluster(n: usize) -> Vec<Usage> {
+    let members: Vec<u64> = (1..=n as u64).collect();
+    members
+        .iter()
+        .map(|&id| {
+            let mut u = Usage::new(id);
+            u.set_members(&members);
+            u
+        })
+        .collect()
+}
+
 fn check(q: u64) -> CheckRequest {
     let mut req = CheckRequest::new("k", "m", "1.0.0");
     req.meters = vec![Meter {
@@ -178,15 +191,7 @@ proptest! {
         })
     ) {
         let config = strict_config(limit, 0);
-        let members: Vec<u64> = (1..=n as u64).collect();
-        let mut nodes: Vec<Usage> = members
-            .iter()
-            .map(|&id| {
-                let mut u = Usage::new(id);
-                u.set_members(&members);
-                u
-            })
-            .collect();
+        let mut nodes = cluster(n);
         let key = quota_key();
         let policy = RebalancePolicy::default();
         let mut wire: Vec<(usize, Counter)> = Vec::new();
@@ -235,15 +240,7 @@ proptest! {
         })
     ) {
         let config = strict_config(1_000, max);
-        let members: Vec<u64> = (1..=n as u64).collect();
-        let mut nodes: Vec<Usage> = members
-            .iter()
-            .map(|&id| {
-                let mut u = Usage::new(id);
-                u.set_members(&members);
-                u
-            })
-            .collect();
+        let mut nodes = cluster(n);
         let key = seats_key("s");
         let policy = RebalancePolicy::default();
         let mut wire: Vec<(usize, Counter)> = Vec::new();
