@@ -189,7 +189,7 @@ impl Usage {
                 }
                 let amount = (gap.round() as u64).max(1).min(surplus);
                 surplus -= amount;
-                self.counter_mut(&key, true).transfer(me, to, amount);
+                self.update_counter(&key, true, |c| c.transfer(me, to, amount));
                 out.push(Transfer {
                     key: key.clone(),
                     to,

@@ -206,7 +206,7 @@ impl Usage {
                 if in_use < max {
                     let retry = self.rights_retry_ms();
                     let node = self.node_id();
-                    self.counter_mut(&key, true).starve(node, 1);
+                    self.update_counter(&key, true, |c| c.starve(node, 1));
                     d.retry_after_ms = Some(retry);
                     return d.refuse(
                         ReasonCode::QuotaRightsUnavailable,
@@ -233,7 +233,7 @@ impl Usage {
                 );
             }
             let node = self.node_id();
-            self.counter_mut(&key, true).consume(node, 1);
+            self.update_counter(&key, true, |c| c.consume(node, 1));
             d.in_use = self.counter_value(&key);
         }
         self.leases.insert(
@@ -337,7 +337,7 @@ impl Usage {
             let key = seats_key(&lease.license);
             if lease.counted && self.counter(&key).is_some() {
                 let node = self.node_id();
-                self.counter_mut(&key, true).release(node, 1);
+                self.update_counter(&key, true, |c| c.release(node, 1));
             }
         }
     }

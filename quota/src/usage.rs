@@ -382,14 +382,14 @@ impl Usage {
         let effects = &decision.effects;
         for (key, by) in &effects.starved {
             let node = self.node_id;
-            self.counter_mut(key, true).starve(node, *by);
+            self.update_counter(key, true, |c| c.starve(node, *by));
         }
         if decision.outcome != Outcome::Allow {
             return;
         }
         for inc in &effects.increments {
             let node = self.node_id;
-            self.counter_mut(&inc.key, inc.escrow).consume(node, inc.by);
+            self.update_counter(&inc.key, inc.escrow, |c| c.consume(node, inc.by));
         }
         if let Some((license, device)) = &effects.new_device
             && self
@@ -409,19 +409,38 @@ impl Usage {
         }
     }
 
-    /// The counter for `key`, created (an escrow one over [`Self::members`]
-    /// when `escrow`) if absent, and marked dirty.
-    pub(crate) fn counter_mut(&mut self, key: &CounterKey, escrow: bool) -> &mut Counter {
+    /// Changes the counter for `key` with `change`, creating it (an escrow
+    /// one over [`Self::members`] when `escrow`) if absent, and marks it
+    /// dirty. The key is cloned only for a new counter or a newly dirty
+    /// one: this runs for every counted use.
+    pub(crate) fn update_counter(
+        &mut self,
+        key: &CounterKey,
+        escrow: bool,
+        change: impl FnOnce(&mut Counter),
+    ) {
         if !self.dirty.contains(key) {
             self.dirty.insert(key.clone());
         }
         let members = &self.members;
-        let counter = self.counters.entry(key.clone()).or_default();
-        if escrow && !counter.is_escrow() {
-            // New, or soft until now: split the limit among the members.
-            counter.members = Counter::escrow(members).members;
+        let make_escrow = |c: &mut Counter| {
+            if escrow && !c.is_escrow() {
+                // New, or soft until now: split the limit among the members.
+                c.members = Counter::escrow(members).members;
+            }
+        };
+        match self.counters.get_mut(key) {
+            Some(c) => {
+                make_escrow(c);
+                change(c);
+            }
+            None => {
+                let mut c = Counter::default();
+                make_escrow(&mut c);
+                change(&mut c);
+                self.counters.insert(key.clone(), c);
+            }
         }
-        counter
     }
 
     /// Decides and, if allowed, commits. The hot path.
