@@ -748,7 +748,7 @@ fn evaluate_quotas(
         if !escrow && !is_report && after <= quota.limit {
             near_limit_share(quota, usage, &key, used_before, meter.quantity, now_ms, v);
         }
-        if escrow && after <= quota.limit && !is_report {
+        if escrow && after <= quota.limit && !is_report && !escrow_check_skipped() {
             let held = usage.escrow_available(&key, quota.limit);
             if meter.quantity > held {
                 let retry = usage.rights_retry_ms();
@@ -988,6 +988,18 @@ fn quota_warnings(quota: &Quota, used_before: u64, after: u64, warnings: &mut Ve
             });
         }
     }
+}
+
+/// Whether a planted bug turns the escrow check off (simulator builds only).
+#[cfg(feature = "planted-bugs")]
+fn escrow_check_skipped() -> bool {
+    crate::planted::skip_escrow_check()
+}
+
+#[cfg(not(feature = "planted-bugs"))]
+#[inline(always)]
+fn escrow_check_skipped() -> bool {
+    false
 }
 
 #[cfg(test)]

@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::counter::Counter;
+use crate::hashing::FastState;
 use crate::usage::{CounterKey, Usage, window_is_open};
 
 /// Where received counter states go: the node's usage. The node may take a
@@ -274,7 +275,7 @@ pub struct Gossip {
     me: u64,
     region: String,
     settings: GossipSettings,
-    published: HashMap<CounterKey, Counter>,
+    published: HashMap<CounterKey, Counter, FastState>,
     // Key hash -> keys with that hash (collisions are possible, if rare).
     by_hash: BTreeMap<u64, Vec<CounterKey>>,
     peers: BTreeMap<u64, PeerState>,
@@ -301,7 +302,7 @@ impl Gossip {
             me,
             region: region.into(),
             settings,
-            published: HashMap::new(),
+            published: HashMap::default(),
             by_hash: BTreeMap::new(),
             peers: BTreeMap::new(),
             digest_due: BTreeSet::new(),

@@ -25,9 +25,12 @@ pub mod counter;
 pub mod decision;
 pub mod escrow;
 pub mod gossip;
+pub mod hashing;
 pub mod history;
 pub mod keys;
 pub mod license;
+#[cfg(feature = "planted-bugs")]
+pub mod planted;
 pub mod request;
 pub mod seats;
 pub mod usage;

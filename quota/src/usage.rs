@@ -28,11 +28,11 @@ use crate::decision::{self, Decision, Outcome};
 pub use crate::license::Window;
 use crate::request::CheckRequest;
 
-/// Hasher of the usage maps. Their keys hold request-supplied text (the
-/// subject), so the hash must be randomly seeded; foldhash is, and costs a
-/// fraction of std's SipHash on these short keys, which `decide` hashes
-/// several times per call.
-type FastState = foldhash::fast::RandomState;
+// Hasher of the usage maps. Their keys hold request-supplied text (the
+// subject), so the hash must be randomly seeded; foldhash is, and costs a
+// fraction of std's SipHash on these short keys, which `decide` hashes
+// several times per call.
+use crate::hashing::FastState;
 
 const MINUTE_MS: i64 = 60_000;
 const HOUR_MS: i64 = 3_600_000;
