@@ -4,9 +4,12 @@
 //! This module owns the engine boundary: sled in production ([`SledStorage`])
 //! and a BTreeMap engine for tests and the deterministic simulator
 //! ([`MemStorage`]), because sled runs its own threads and cannot be made
-//! deterministic under turmoil. It must not know what the bytes mean: the
-//! Raft log, vote, snapshots and the node's usage counters all encode their
-//! own values on top of it.
+//! deterministic under turmoil. Both engines give the same durability
+//! contract: a write is visible at once and survives a crash only once a
+//! `flush` (of any tree of the same engine) has returned after it;
+//! [`MemStorage::crash`] plays the crash. It must not know what the bytes
+//! mean: the Raft log, vote, snapshots and the node's usage counters all
+//! encode their own values on top of it.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -61,6 +64,13 @@ pub trait Storage: Send + Sync + 'static {
     /// Opens (creating if needed) the tree called `name`. Opening the same
     /// name twice yields handles onto the same data.
     fn tree(&self, name: &str) -> Result<Arc<dyn Tree>, StorageError>;
+
+    /// Whether [`Tree::flush`] (and large writes) may block the calling
+    /// thread on disk I/O, so an async caller should run them on a blocking
+    /// thread (`tokio::task::spawn_blocking`). Engines that answer `false`
+    /// must be called inline instead: a blocking thread is a real OS thread
+    /// whose scheduling the simulator cannot control.
+    fn needs_blocking_thread(&self) -> bool;
 }
 
 /// An ordered map from byte keys to byte values. Keys are compared
@@ -68,7 +78,10 @@ pub trait Storage: Send + Sync + 'static {
 ///
 /// Writes are visible to readers at once but durable only after
 /// [`Tree::flush`] returns: anything acknowledged to a peer (Raft log
-/// entries, votes) must be flushed first.
+/// entries, votes) must be flushed first. A flush makes every earlier write
+/// to every tree of the engine durable, not only this tree's (sled flushes
+/// its whole database); callers that need several trees durable may still
+/// flush each, which costs little once the first flush is done.
 pub trait Tree: Send + Sync {
     /// The value of `key`, if any.
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
@@ -88,7 +101,8 @@ pub trait Tree: Send + Sync {
     /// Applies every op atomically: after a crash either all or none are
     /// present (once flushed).
     fn apply_batch(&self, ops: Vec<BatchOp>) -> Result<(), StorageError>;
-    /// Makes every write so far durable (fsync). Blocks until done.
+    /// Makes every write so far, to any tree of this engine, durable
+    /// (fsync). Blocks until done; see [`Storage::needs_blocking_thread`].
     fn flush(&self) -> Result<(), StorageError>;
 }
 
@@ -135,6 +149,11 @@ impl Storage for SledStorage {
             .open_tree(name)
             .map_err(StorageError::sled("open_tree"))?;
         Ok(Arc::new(SledTree { tree }))
+    }
+
+    fn needs_blocking_thread(&self) -> bool {
+        // A flush is an fsync.
+        true
     }
 }
 
@@ -209,21 +228,58 @@ impl Tree for SledTree {
     }
 
     fn flush(&self) -> Result<(), StorageError> {
+        // sled's `Tree::flush` flushes the page cache shared by every tree
+        // of the database, which is the whole-engine durability point the
+        // `Tree` contract promises.
         self.tree.flush().map_err(StorageError::sled("flush"))?;
         Ok(())
     }
 }
 
-/// An in-memory engine for tests and the simulator.
+/// An in-memory engine for tests and the simulator, with sled's crash
+/// semantics.
 ///
-/// Every write is immediately "durable": `flush` is a no-op, and the data
-/// lives as long as any clone of this value. Crash semantics (dropping
-/// writes made since the last `flush`, as the design asks of the simulator)
-/// are not modelled yet; a later change can keep a flushed copy per tree and
-/// add a `crash()` that rolls back to it.
+/// Every write is visible at once; [`MemStorage::crash`] throws away every
+/// write (insert, remove or batch, to any tree) made since the last
+/// [`Tree::flush`] of any tree of this engine, as power loss would. A flush
+/// is whole-engine, as in sled. Each tree keeps, for every key written since
+/// the last flush, the value the key had at that flush: a flush forgets
+/// these (cost proportional to the writes since the last flush, not to the
+/// data), a crash puts them back.
+///
+/// The data lives as long as any clone of this value or any tree handle.
+/// Handles stay valid across a crash and see the rolled-back data; the
+/// simulator still drops every handle of a crashed node (with its tasks) and
+/// reopens the trees, which see the same durable state.
+///
+/// Flush and crash never block on I/O, so
+/// [`Storage::needs_blocking_thread`] is `false` and callers run them inline.
 #[derive(Clone, Default)]
 pub struct MemStorage {
-    trees: Arc<Mutex<BTreeMap<String, Arc<MemTree>>>>,
+    db: Arc<MemDb>,
+}
+
+/// The trees of one [`MemStorage`].
+///
+/// Lock order: `trees` first, then the trees' states in name order. Tree
+/// operations take only their own tree's lock, so they cannot deadlock
+/// against a flush or a crash.
+#[derive(Default)]
+struct MemDb {
+    trees: Mutex<BTreeMap<String, Arc<RwLock<MemTreeState>>>>,
+}
+
+impl MemDb {
+    /// Runs `f` on every tree's state with every tree locked at once, so a
+    /// flush or crash is one cut across all trees: the durable state is
+    /// always some prefix of the writes, as after a real crash.
+    fn for_each_tree(&self, mut f: impl FnMut(&mut MemTreeState)) {
+        let trees = self.trees.lock();
+        let mut states: Vec<_> = trees.values().map(|tree| tree.write()).collect();
+        for state in &mut states {
+            f(state);
+        }
+    }
 }
 
 impl MemStorage {
@@ -231,52 +287,110 @@ impl MemStorage {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// Simulates a crash of the machine holding this engine: every write
+    /// made since the last flush, to any tree, is rolled back; flushed data
+    /// stays. Call it while nothing writes (the simulator crashes a node by
+    /// stopping its tasks first); the engine is usable again at once.
+    pub fn crash(&self) {
+        self.db.for_each_tree(MemTreeState::roll_back);
+    }
 }
 
 impl std::fmt::Debug for MemStorage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<String> = self.trees.lock().keys().cloned().collect();
+        let names: Vec<String> = self.db.trees.lock().keys().cloned().collect();
         f.debug_struct("MemStorage").field("trees", &names).finish()
     }
 }
 
 impl Storage for MemStorage {
     fn tree(&self, name: &str) -> Result<Arc<dyn Tree>, StorageError> {
-        let tree = self
+        let state = self
+            .db
             .trees
             .lock()
             .entry(name.to_string())
             .or_default()
             .clone();
-        Ok(tree)
+        Ok(Arc::new(MemTree {
+            db: self.db.clone(),
+            state,
+        }))
+    }
+
+    fn needs_blocking_thread(&self) -> bool {
+        false
     }
 }
 
-/// A [`Tree`] held in a `BTreeMap` behind a lock; readers never see half a
-/// batch because a batch holds the write lock throughout.
+/// The contents of one in-memory tree and what a crash would undo.
 #[derive(Default)]
+struct MemTreeState {
+    /// What readers see.
+    live: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// For each key written since the last flush, its value at that flush
+    /// (`None`: absent). `live` with these put back is the durable state.
+    undo: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl MemTreeState {
+    /// Sets `key` to `value` (`None` removes it), remembering the durable
+    /// value on the first write since the last flush.
+    fn set(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        if !self.undo.contains_key(&key) {
+            let durable = self.live.get(&key).cloned();
+            self.undo.insert(key.clone(), durable);
+        }
+        match value {
+            Some(value) => self.live.insert(key, value),
+            None => self.live.remove(&key),
+        };
+    }
+
+    /// Makes the live state durable.
+    fn make_durable(&mut self) {
+        self.undo.clear();
+    }
+
+    /// Returns to the durable state.
+    fn roll_back(&mut self) {
+        for (key, durable) in std::mem::take(&mut self.undo) {
+            match durable {
+                Some(value) => self.live.insert(key, value),
+                None => self.live.remove(&key),
+            };
+        }
+    }
+}
+
+/// A handle onto one tree of a [`MemStorage`]. Readers never see half a
+/// batch, and a flush or crash never cuts one, because a batch holds the
+/// tree's write lock throughout.
 struct MemTree {
-    map: RwLock<BTreeMap<Vec<u8>, Vec<u8>>>,
+    db: Arc<MemDb>,
+    state: Arc<RwLock<MemTreeState>>,
 }
 
 impl Tree for MemTree {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(self.map.read().get(key).cloned())
+        Ok(self.state.read().live.get(key).cloned())
     }
 
     fn insert(&self, key: &[u8], value: &[u8]) -> Result<(), StorageError> {
-        self.map.write().insert(key.to_vec(), value.to_vec());
+        self.state.write().set(key.to_vec(), Some(value.to_vec()));
         Ok(())
     }
 
     fn remove(&self, key: &[u8]) -> Result<(), StorageError> {
-        self.map.write().remove(key);
+        self.state.write().set(key.to_vec(), None);
         Ok(())
     }
 
     fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<KvPair>, StorageError> {
-        let map = self.map.read();
-        Ok(map
+        let state = self.state.read();
+        Ok(state
+            .live
             .range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded))
             .take_while(|(k, _)| k.starts_with(prefix))
             .map(|(k, v)| (k.clone(), v.clone()))
@@ -287,39 +401,43 @@ impl Tree for MemTree {
         if range_is_empty(start, end) {
             return Ok(Vec::new());
         }
-        let map = self.map.read();
-        Ok(map
+        let state = self.state.read();
+        Ok(state
+            .live
             .range::<[u8], _>((start, end))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
     }
 
     fn first(&self) -> Result<Option<KvPair>, StorageError> {
-        let map = self.map.read();
-        Ok(map.first_key_value().map(|(k, v)| (k.clone(), v.clone())))
+        let state = self.state.read();
+        Ok(state
+            .live
+            .first_key_value()
+            .map(|(k, v)| (k.clone(), v.clone())))
     }
 
     fn last(&self) -> Result<Option<KvPair>, StorageError> {
-        let map = self.map.read();
-        Ok(map.last_key_value().map(|(k, v)| (k.clone(), v.clone())))
+        let state = self.state.read();
+        Ok(state
+            .live
+            .last_key_value()
+            .map(|(k, v)| (k.clone(), v.clone())))
     }
 
     fn apply_batch(&self, ops: Vec<BatchOp>) -> Result<(), StorageError> {
-        let mut map = self.map.write();
+        let mut state = self.state.write();
         for op in ops {
             match op {
-                BatchOp::Insert { key, value } => {
-                    map.insert(key, value);
-                }
-                BatchOp::Remove { key } => {
-                    map.remove(&key);
-                }
+                BatchOp::Insert { key, value } => state.set(key, Some(value)),
+                BatchOp::Remove { key } => state.set(key, None),
             }
         }
         Ok(())
     }
 
     fn flush(&self) -> Result<(), StorageError> {
+        self.db.for_each_tree(MemTreeState::make_durable);
         Ok(())
     }
 }
@@ -434,5 +552,174 @@ mod tests {
         let storage = SledStorage::open(dir.path()).expect("reopen sled");
         let t = storage.tree("t").expect("tree");
         assert_eq!(t.get(b"k").expect("get"), Some(b"v".to_vec()));
+    }
+
+    #[test]
+    fn only_sled_needs_a_blocking_thread() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(
+            SledStorage::open(dir.path())
+                .expect("open sled")
+                .needs_blocking_thread()
+        );
+        assert!(!MemStorage::new().needs_blocking_thread());
+    }
+
+    fn insert_op(key: &[u8], value: &[u8]) -> BatchOp {
+        BatchOp::Insert {
+            key: key.to_vec(),
+            value: value.to_vec(),
+        }
+    }
+
+    /// Every pair of `tree`, for comparing whole states.
+    fn contents(tree: &dyn Tree) -> Vec<KvPair> {
+        tree.range(Bound::Unbounded, Bound::Unbounded)
+            .expect("full range")
+    }
+
+    fn pairs(items: &[(&[u8], &[u8])]) -> Vec<KvPair> {
+        items
+            .iter()
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn mem_crash_keeps_flushed_writes_and_drops_the_rest() {
+        let storage = MemStorage::new();
+        let t = storage.tree("t").expect("tree");
+        t.insert(b"kept", b"1").expect("insert");
+        t.insert(b"overwritten", b"old").expect("insert");
+        t.insert(b"removed", b"r").expect("insert");
+        t.apply_batch(vec![insert_op(b"batched", b"b")])
+            .expect("batch");
+        t.flush().expect("flush");
+
+        // Unflushed: an insert of a new key, an overwrite (twice), a remove,
+        // a batch mixing both, and a key inserted then removed.
+        t.insert(b"new", b"n").expect("insert");
+        t.insert(b"overwritten", b"mid").expect("insert");
+        t.insert(b"overwritten", b"new").expect("insert");
+        t.remove(b"removed").expect("remove");
+        t.apply_batch(vec![
+            insert_op(b"batch-new", b"x"),
+            BatchOp::Remove {
+                key: b"batched".to_vec(),
+            },
+        ])
+        .expect("batch");
+        t.insert(b"fleeting", b"f").expect("insert");
+        t.remove(b"fleeting").expect("remove");
+        // Visible before the crash.
+        assert_eq!(t.get(b"new").expect("get"), Some(b"n".to_vec()));
+        assert_eq!(t.get(b"removed").expect("get"), None);
+
+        storage.crash();
+        let durable = pairs(&[
+            (b"batched", b"b"),
+            (b"kept", b"1"),
+            (b"overwritten", b"old"),
+            (b"removed", b"r"),
+        ]);
+        // The handle kept across the crash and a reopened one agree.
+        assert_eq!(contents(t.as_ref()), durable);
+        let reopened = storage.tree("t").expect("reopen");
+        assert_eq!(contents(reopened.as_ref()), durable);
+
+        // A second crash with nothing written changes nothing.
+        storage.crash();
+        assert_eq!(contents(reopened.as_ref()), durable);
+    }
+
+    #[test]
+    fn mem_writes_after_a_crash_follow_the_same_rules() {
+        let storage = MemStorage::new();
+        let t = storage.tree("t").expect("tree");
+        t.insert(b"a", b"1").expect("insert");
+        storage.crash();
+        assert_eq!(t.get(b"a").expect("get"), None);
+
+        t.insert(b"a", b"2").expect("insert");
+        t.flush().expect("flush");
+        t.remove(b"a").expect("remove");
+        storage.crash();
+        assert_eq!(t.get(b"a").expect("get"), Some(b"2".to_vec()));
+
+        t.remove(b"a").expect("remove");
+        t.flush().expect("flush");
+        storage.crash();
+        assert_eq!(t.get(b"a").expect("get"), None);
+    }
+
+    #[test]
+    fn mem_flush_of_one_tree_makes_every_tree_durable() {
+        let storage = MemStorage::new();
+        let log = storage.tree("log").expect("tree");
+        let meta = storage.tree("meta").expect("tree");
+        log.insert(b"1", b"entry").expect("insert");
+        meta.insert(b"vote", b"v").expect("insert");
+        // As in sled, one flush covers the whole engine.
+        meta.flush().expect("flush");
+        log.insert(b"2", b"lost").expect("insert");
+        storage.crash();
+
+        assert_eq!(contents(log.as_ref()), pairs(&[(b"1", b"entry")]));
+        assert_eq!(contents(meta.as_ref()), pairs(&[(b"vote", b"v")]));
+    }
+
+    #[test]
+    fn mem_tree_created_since_the_last_flush_is_empty_after_a_crash() {
+        let storage = MemStorage::new();
+        storage
+            .tree("old")
+            .expect("tree")
+            .insert(b"k", b"v")
+            .expect("insert");
+        storage.tree("old").expect("tree").flush().expect("flush");
+        let fresh = storage.tree("fresh").expect("tree");
+        fresh
+            .apply_batch(vec![insert_op(b"a", b"1"), insert_op(b"b", b"2")])
+            .expect("batch");
+        storage.crash();
+
+        assert!(contents(storage.tree("fresh").expect("reopen").as_ref()).is_empty());
+        assert_eq!(
+            contents(storage.tree("old").expect("reopen").as_ref()),
+            pairs(&[(b"k", b"v")])
+        );
+    }
+
+    #[test]
+    fn mem_batch_is_all_or_nothing_across_a_crash() {
+        let storage = MemStorage::new();
+        let t = storage.tree("t").expect("tree");
+        let batch: Vec<BatchOp> = (0..50u8).map(|i| insert_op(&[i], &[i])).collect();
+        t.apply_batch(batch.clone()).expect("batch");
+        storage.crash();
+        assert!(contents(t.as_ref()).is_empty());
+
+        t.apply_batch(batch).expect("batch");
+        t.flush().expect("flush");
+        storage.crash();
+        assert_eq!(contents(t.as_ref()).len(), 50);
+    }
+
+    #[test]
+    fn mem_clones_share_data_and_crashes() {
+        let storage = MemStorage::new();
+        let clone = storage.clone();
+        storage
+            .tree("t")
+            .expect("tree")
+            .insert(b"k", b"v")
+            .expect("insert");
+        let t = clone.tree("t").expect("tree");
+        assert_eq!(t.get(b"k").expect("get"), Some(b"v".to_vec()));
+        clone.crash();
+        assert_eq!(
+            storage.tree("t").expect("tree").get(b"k").expect("get"),
+            None
+        );
     }
 }

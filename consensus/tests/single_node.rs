@@ -1,5 +1,7 @@
 //! Single-node Raft on sled: initialization, writes visible through the
-//! published config, restart recovery, and snapshot + purge + restore.
+//! published config, restart recovery, and snapshot + purge + restore; and
+//! on the in-memory engine: restart, and a crash that loses unflushed
+//! writes but no acknowledged one.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -227,6 +229,37 @@ async fn t50_mem_storage_node_survives_restart_on_same_engine() -> Result<()> {
     node.wait_for_leader(WAIT).await?;
     node.wait_for_applied(version, WAIT).await?;
     assert_eq!(node.current_config().licenses.len(), 3);
+    node.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn t51_mem_storage_node_keeps_acknowledged_writes_across_a_crash() -> Result<()> {
+    let storage = tollgate_consensus::MemStorage::new();
+    // Small snapshots, so the crash also hits a snapshot and a purged log.
+    let settings = RaftSettings {
+        snapshot_after_entries: 4,
+        max_in_snapshot_log_to_keep: 1,
+        ..fast_settings()
+    };
+    let (version, before) = {
+        let shared: Arc<dyn Storage> = Arc::new(storage.clone());
+        let node = ConsensusNode::start(1, info(), shared, NoNetwork, &settings).await?;
+        node.initialize_single().await?;
+        node.wait_for_leader(WAIT).await?;
+        let version = write_n(&node, 0..10).await?;
+        let before = node.current_config();
+        node.shutdown().await?;
+        (version, before)
+    };
+    // Every acknowledged write was flushed; whatever was not is lost here.
+    storage.crash();
+    let shared: Arc<dyn Storage> = Arc::new(storage);
+    let node = ConsensusNode::start(1, info(), shared, NoNetwork, &settings).await?;
+    assert!(!node.initialize_single().await?);
+    node.wait_for_leader(WAIT).await?;
+    node.wait_for_applied(version, WAIT).await?;
+    assert!(same_config(&before, &node.current_config())?);
     node.shutdown().await?;
     Ok(())
 }
