@@ -3,17 +3,18 @@
 //! with a gRPC transport between cluster members.
 //!
 //! This crate owns the openraft type config ([`types`]), the log store
-//! ([`log_store`]), the state machine and its snapshots
-//! ([`state_machine`]), the storage engines ([`storage`]), the Raft
-//! transport — its wire encoding ([`wire`]), client ([`grpc_network`]) and
-//! server ([`raft_service`]) — and the facade the node runs
-//! ([`ConsensusNode`]): starting, forming and joining a cluster, writes
-//! forwarded to the leader, membership changes and metrics. It replicates
-//! and applies `tollgate_quota::config::ConfigCommand`s and publishes each
-//! applied `Config` through an `ArcSwap`; it must not know about the
-//! decision hot path or usage counters (the node may store those in a
-//! [`storage::Tree`], but their meaning is not ours), and it never binds a
-//! socket: the caller serves [`raft_server`] on a listener it owns.
+//! ([`log_store`]), the state machine and its snapshots ([`state_machine`]),
+//! the storage engines ([`storage`]), the async runtime and the process's one
+//! seedable random source ([`runtime`]), the Raft transport — its wire
+//! encoding ([`wire`]), client ([`grpc_network`]) and server
+//! ([`raft_service`]) — and the facade the node runs ([`ConsensusNode`]):
+//! starting, forming and joining a cluster, writes forwarded to the leader,
+//! membership changes and metrics. It replicates and applies
+//! `tollgate_quota::config::ConfigCommand`s and publishes each applied
+//! `Config` through an `ArcSwap`; it must not know about the decision hot
+//! path or usage counters (the node may store those in a [`storage::Tree`],
+//! but their meaning is not ours), and it never binds a socket: the caller
+//! serves [`raft_server`] on a listener it owns.
 //!
 //! Typical use, single node: [`ConsensusNode::start`] with [`NoNetwork`],
 //! then [`ConsensusNode::initialize_single`] (idempotent), then
@@ -32,6 +33,7 @@ pub mod log_store;
 pub mod network;
 pub mod node;
 pub mod raft_service;
+pub mod runtime;
 pub mod state_machine;
 pub mod storage;
 pub mod types;
@@ -45,6 +47,7 @@ pub use grpc_network::{
 pub use network::NoNetwork;
 pub use node::{ConsensusMetrics, ConsensusNode, Member, RaftSettings};
 pub use raft_service::{RaftService, raft_server};
+pub use runtime::TollgateRuntime;
 pub use storage::{BatchOp, MemStorage, SledStorage, Storage, StorageError, Tree};
 pub use types::{NodeId, NodeInfo, TypeConfig};
 pub use wire::WireError;
