@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use openraft::error::{ChangeMembershipError, ClientWriteError, InitializeError, RaftError};
@@ -27,6 +27,7 @@ use openraft::metrics::{RaftMetrics, WaitError};
 use openraft::network::RaftNetworkFactory;
 use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
 use tollgate_quota::config::{ApplyOutcome, Config, ConfigCommand};
 
 use crate::error::{ConsensusError, WriteError};

@@ -10,12 +10,13 @@
 //! A bad payload is answered with `INVALID_ARGUMENT`, never a panic.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
+use tokio::time::Instant;
 use tollgate_proto::v1::RaftMessage;
 use tollgate_proto::v1::raft_server::{Raft, RaftServer};
 use tollgate_quota::config::ConfigCommand;
