@@ -3,7 +3,8 @@
 //! forwarded writes, join/remove requests and status queries.
 //!
 //! This module owns connections to peers (one lazily connected tonic
-//! `Channel` per address, cached), the cluster token sent with every call,
+//! `Channel` per address, cached, whose streams a [`Dial`] opens), the
+//! cluster token sent with every call,
 //! timeouts, retry backoff, and the mapping of transport failures onto
 //! openraft's `RPCError`s. It must not decide anything about Raft state:
 //! requests and answers are encoded by [`crate::wire`] and handled by
@@ -31,6 +32,7 @@ use tonic::Code;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::dial::{Dial, DialConnector, TcpDialer};
 use crate::types::{NodeId, NodeInfo, TypeConfig};
 use crate::wire::{self, SnapshotChunk, WireError};
 
@@ -56,7 +58,7 @@ pub(crate) const AUTHORIZATION: &str = "authorization";
 /// Timeouts and retry pacing of the Raft transport.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TransportSettings {
-    /// Bound on establishing a TCP connection to a peer.
+    /// Bound on establishing a connection to a peer (one [`Dial::dial`]).
     pub connect_timeout_ms: u64,
     /// Timeout of one InstallSnapshot RPC (one chunk, and for the last one
     /// also installing the snapshot). Used when larger than the per-RPC
@@ -184,6 +186,7 @@ impl CallError {
 struct PeerClientInner {
     settings: TransportSettings,
     authorization: AsciiMetadataValue,
+    dialer: Arc<dyn Dial>,
     channels: Mutex<HashMap<String, Channel>>,
 }
 
@@ -205,8 +208,20 @@ impl std::fmt::Debug for PeerClient {
 }
 
 impl PeerClient {
-    /// A client that authenticates with `cluster_token`.
+    /// A client that authenticates with `cluster_token` and reaches peers
+    /// over TCP ([`TcpDialer`]).
     pub fn new(settings: &TransportSettings, cluster_token: &str) -> Result<Self, TransportError> {
+        Self::with_dialer(settings, cluster_token, Arc::new(TcpDialer))
+    }
+
+    /// A client that authenticates with `cluster_token` and opens its
+    /// connections with `dialer` (each attempt bounded by
+    /// `settings.connect_timeout_ms`).
+    pub fn with_dialer(
+        settings: &TransportSettings,
+        cluster_token: &str,
+        dialer: Arc<dyn Dial>,
+    ) -> Result<Self, TransportError> {
         if cluster_token.is_empty() {
             return Err(TransportError::InvalidToken);
         }
@@ -217,6 +232,7 @@ impl PeerClient {
             inner: Arc::new(PeerClientInner {
                 settings: settings.clone(),
                 authorization,
+                dialer,
                 channels: Mutex::new(HashMap::new()),
             }),
         })
@@ -238,12 +254,14 @@ impl PeerClient {
                 detail: e.to_string(),
             }
         })?;
-        let channel = endpoint
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_millis(
-                self.inner.settings.connect_timeout_ms,
-            ))
-            .connect_lazy();
+        // The connector bounds each attempt by the connect timeout itself,
+        // so the endpoint sets none.
+        let connector = DialConnector::new(
+            self.inner.dialer.clone(),
+            addr,
+            Duration::from_millis(self.inner.settings.connect_timeout_ms),
+        );
+        let channel = endpoint.connect_with_connector_lazy(connector);
         if channels.len() >= MAX_CACHED_CHANNELS {
             channels.clear();
         }

@@ -6,15 +6,16 @@
 //! ([`log_store`]), the state machine and its snapshots ([`state_machine`]),
 //! the storage engines ([`storage`]), the async runtime and the process's one
 //! seedable random source ([`runtime`]), the Raft transport — its wire
-//! encoding ([`wire`]), client ([`grpc_network`]) and server
-//! ([`raft_service`]) — and the facade the node runs ([`ConsensusNode`]):
-//! starting, forming and joining a cluster, writes forwarded to the leader,
-//! membership changes and metrics. It replicates and applies
-//! `tollgate_quota::config::ConfigCommand`s and publishes each applied
-//! `Config` through an `ArcSwap`; it must not know about the decision hot
-//! path or usage counters (the node may store those in a [`storage::Tree`],
-//! but their meaning is not ours), and it never binds a socket: the caller
-//! serves [`raft_server`] on a listener it owns.
+//! encoding ([`wire`]), client ([`grpc_network`]), server ([`raft_service`])
+//! and the dialer that opens its connections ([`dial`]) — and the facade the
+//! node runs ([`ConsensusNode`]): starting, forming and joining a cluster,
+//! writes forwarded to the leader, membership changes and metrics. It
+//! replicates and applies `tollgate_quota::config::ConfigCommand`s and
+//! publishes each applied `Config` through an `ArcSwap`; it must not know
+//! about the decision hot path or usage counters (the node may store those in
+//! a [`storage::Tree`], but their meaning is not ours), and it never binds a
+//! socket: the caller serves [`raft_server`] on a listener it owns, and may
+//! plug in how connections to peers are opened (a [`Dial`]; TCP by default).
 //!
 //! Typical use, single node: [`ConsensusNode::start`] with [`NoNetwork`],
 //! then [`ConsensusNode::initialize_single`] (idempotent), then
@@ -24,9 +25,13 @@
 //! [`raft_server`] on its `raft_addr`; on one node
 //! [`ConsensusNode::initialize`] with the founding members (or, for a node
 //! added later, [`ConsensusNode::join_cluster`] against any member); then
-//! [`ConsensusNode::write_forwarded`] on any node.
+//! [`ConsensusNode::write_forwarded`] on any node. A deterministic simulation
+//! does the same with [`ConsensusNode::start_grpc_with_dialer`] and
+//! [`ConsensusNode::join_cluster_with_dialer`] over its own network, on
+//! [`MemStorage`], with [`runtime::seed_thread_rng`] called first.
 
 pub mod codec;
+pub mod dial;
 pub mod error;
 pub mod grpc_network;
 pub mod log_store;
@@ -39,6 +44,7 @@ pub mod storage;
 pub mod types;
 pub mod wire;
 
+pub use dial::{BoxIo, Dial, DialFuture, Io, TcpDialer};
 pub use error::{ConsensusError, WriteError};
 pub use grpc_network::{
     CallError, GrpcNetwork, MAX_RAFT_MESSAGE_BYTES, PeerClient, SNAPSHOT_CHUNK_BYTES,

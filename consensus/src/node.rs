@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tollgate_quota::config::{ApplyOutcome, Config, ConfigCommand};
 
+use crate::dial::{Dial, TcpDialer};
 use crate::error::{ConsensusError, WriteError};
 use crate::grpc_network::{
     CallError, GrpcNetwork, PeerClient, RaftRpc, SNAPSHOT_CHUNK_BYTES, TransportSettings,
@@ -259,7 +260,31 @@ impl ConsensusNode {
         transport: &TransportSettings,
         cluster_token: &str,
     ) -> Result<Self, ConsensusError> {
-        let peers = PeerClient::new(transport, cluster_token)
+        Self::start_grpc_with_dialer(
+            node_id,
+            info,
+            storage,
+            settings,
+            transport,
+            cluster_token,
+            Arc::new(TcpDialer),
+        )
+        .await
+    }
+
+    /// [`ConsensusNode::start_grpc`], with connections to peers opened by
+    /// `dialer` instead of TCP (the simulator passes its in-process
+    /// network). Forwarded writes and status queries use it too.
+    pub async fn start_grpc_with_dialer(
+        node_id: NodeId,
+        info: NodeInfo,
+        storage: Arc<dyn Storage>,
+        settings: &RaftSettings,
+        transport: &TransportSettings,
+        cluster_token: &str,
+        dialer: Arc<dyn Dial>,
+    ) -> Result<Self, ConsensusError> {
+        let peers = PeerClient::with_dialer(transport, cluster_token, dialer)
             .map_err(|e| ConsensusError::InvalidSettings(e.to_string()))?;
         let network = GrpcNetwork::with_client(node_id, peers.clone());
         Self::start_inner(node_id, info, storage, network, settings, Some(peers)).await
@@ -412,12 +437,34 @@ impl ConsensusNode {
         info: NodeInfo,
         timeout: Duration,
     ) -> Result<u64, WriteError> {
+        Self::join_cluster_with_dialer(
+            seed_raft_addr,
+            cluster_token,
+            id,
+            info,
+            timeout,
+            Arc::new(TcpDialer),
+        )
+        .await
+    }
+
+    /// [`ConsensusNode::join_cluster`], reaching the seed with `dialer`
+    /// instead of TCP.
+    pub async fn join_cluster_with_dialer(
+        seed_raft_addr: &str,
+        cluster_token: &str,
+        id: NodeId,
+        info: NodeInfo,
+        timeout: Duration,
+        dialer: Arc<dyn Dial>,
+    ) -> Result<u64, WriteError> {
         let transport = TransportSettings::default();
-        let peers =
-            PeerClient::new(&transport, cluster_token).map_err(|e| WriteError::Transport {
+        let peers = PeerClient::with_dialer(&transport, cluster_token, dialer).map_err(|e| {
+            WriteError::Transport {
                 target: seed_raft_addr.to_string(),
                 detail: e.to_string(),
-            })?;
+            }
+        })?;
         let deadline = Instant::now() + timeout;
         let mut backoff = transport.backoff();
         let request = JoinRequest {

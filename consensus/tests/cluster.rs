@@ -1,21 +1,24 @@
 //! Multi-node Raft over the gRPC transport on real loopback sockets:
 //! election and forwarded writes, leader failover, refusing writes without
-//! a quorum, catching a new node up through a snapshot, and the cluster
-//! token.
+//! a quorum, catching a new node up through a snapshot, the cluster token,
+//! and connections opened by a plugged-in dialer.
 
 use std::collections::BTreeMap;
+use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use tokio::net::TcpListener;
+use parking_lot::Mutex;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_stream::wrappers::TcpListenerStream;
 use tollgate_consensus::{
-    CallError, ConsensusNode, MemStorage, NodeId, NodeInfo, RaftSettings, Storage,
-    TransportSettings, WriteError, raft_server,
+    BoxIo, CallError, ConsensusNode, Dial, DialFuture, MemStorage, NodeId, NodeInfo, RaftSettings,
+    Storage, TransportSettings, WriteError, raft_server,
 };
 use tollgate_proto::v1::RaftMessage;
 use tollgate_proto::v1::raft_client::RaftClient;
@@ -78,6 +81,17 @@ impl TestNode {
     }
 
     async fn spawn_with_token(id: NodeId, settings: &RaftSettings, token: &str) -> Result<Self> {
+        Self::spawn_with(id, settings, token, None).await
+    }
+
+    /// A node whose connections to peers `dialer` opens (`None`: the
+    /// default TCP transport, through `start_grpc`).
+    async fn spawn_with(
+        id: NodeId,
+        settings: &RaftSettings,
+        token: &str,
+        dialer: Option<Arc<dyn Dial>>,
+    ) -> Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let info = NodeInfo {
             region: format!("region-{id}"),
@@ -85,17 +99,25 @@ impl TestNode {
             ..NodeInfo::default()
         };
         let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
-        let node = Arc::new(
-            ConsensusNode::start_grpc(
-                id,
-                info.clone(),
-                storage,
-                settings,
-                &fast_transport(),
-                token,
-            )
-            .await?,
-        );
+        let transport = fast_transport();
+        let node = Arc::new(match dialer {
+            None => {
+                ConsensusNode::start_grpc(id, info.clone(), storage, settings, &transport, token)
+                    .await?
+            }
+            Some(dialer) => {
+                ConsensusNode::start_grpc_with_dialer(
+                    id,
+                    info.clone(),
+                    storage,
+                    settings,
+                    &transport,
+                    token,
+                    dialer,
+                )
+                .await?
+            }
+        });
         let (stop_server, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(
             tonic::transport::Server::builder()
@@ -139,6 +161,12 @@ async fn cluster(n: u64, settings: &RaftSettings) -> Result<Vec<TestNode>> {
     for id in 1..=n {
         nodes.push(TestNode::spawn(id, settings).await?);
     }
+    form(nodes).await
+}
+
+/// Initializes a cluster of all of `nodes` on the first one and waits until
+/// each knows a leader.
+async fn form(nodes: Vec<TestNode>) -> Result<Vec<TestNode>> {
     let members: BTreeMap<NodeId, NodeInfo> =
         nodes.iter().map(|n| (n.id, n.info.clone())).collect();
     ensure!(
@@ -458,5 +486,182 @@ async fn t60_a_wrong_or_missing_cluster_token_is_unauthenticated() -> Result<()>
         other => bail!("expected an unauthenticated peer, got {other:?}"),
     }
     stranger.stop().await?;
+    stop_all(&mut nodes).await
+}
+
+/// A dialer that records every attempt and then connects over TCP, or
+/// refuses every attempt.
+struct RecordingDialer {
+    refuse: bool,
+    dials: AtomicUsize,
+    addrs: Mutex<Vec<String>>,
+}
+
+impl RecordingDialer {
+    fn new(refuse: bool) -> Arc<Self> {
+        Arc::new(Self {
+            refuse,
+            dials: AtomicUsize::new(0),
+            addrs: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn dials(&self) -> usize {
+        self.dials.load(Ordering::Relaxed)
+    }
+}
+
+impl Dial for RecordingDialer {
+    fn dial(&self, addr: &str) -> DialFuture {
+        self.dials.fetch_add(1, Ordering::Relaxed);
+        self.addrs.lock().push(addr.to_string());
+        let addr = addr.to_string();
+        let refuse = self.refuse;
+        Box::pin(async move {
+            if refuse {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    format!("test dialer refuses {addr}"),
+                ));
+            }
+            let stream = TcpStream::connect(addr.as_str()).await?;
+            Ok(Box::new(stream) as BoxIo)
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t70_peers_are_reached_through_the_plugged_in_dialer() -> Result<()> {
+    let settings = fast_settings();
+    let mut dialers = Vec::new();
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        let dialer = RecordingDialer::new(false);
+        nodes.push(TestNode::spawn_with(id, &settings, TOKEN, Some(dialer.clone())).await?);
+        dialers.push(dialer);
+    }
+    let mut nodes = form(nodes).await?;
+    let leader = agreed_leader(&nodes.iter().collect::<Vec<_>>()).await?;
+    let follower_idx = nodes
+        .iter()
+        .position(|n| n.id != leader)
+        .context("a follower")?;
+    let leader_idx = nodes
+        .iter()
+        .position(|n| n.id == leader)
+        .context("the leader")?;
+
+    // The forwarded write goes through the follower's dialer, replication
+    // through the leader's.
+    let version = applied_version(nodes[follower_idx].node.write_forwarded(put_cmd(1)).await?)?;
+    for n in &nodes {
+        n.node.wait_for_applied(version, WAIT).await?;
+    }
+    let raft_addrs: Vec<&str> = nodes.iter().map(|n| n.info.raft_addr.as_str()).collect();
+    ensure!(
+        dialers[follower_idx].dials() >= 1,
+        "the follower never dialled"
+    );
+    ensure!(
+        dialers[leader_idx].dials() >= 2,
+        "the leader dialled {} times for two followers",
+        dialers[leader_idx].dials()
+    );
+    for (dialer, n) in dialers.iter().zip(&nodes) {
+        let addrs = dialer.addrs.lock().clone();
+        ensure!(
+            addrs
+                .iter()
+                .all(|a| raft_addrs.contains(&a.as_str()) && a != &n.info.raft_addr),
+            "node {} dialled {addrs:?}, not only its peers' Raft addresses",
+            n.id
+        );
+    }
+    // Channels are cached: dials count connections, not requests.
+    let before: usize = dialers.iter().map(|d| d.dials()).sum();
+    let follower = &nodes[follower_idx];
+    for i in 2..6 {
+        applied_version(follower.node.write_forwarded(put_cmd(i)).await?)?;
+    }
+    let after: usize = dialers.iter().map(|d| d.dials()).sum();
+    ensure!(
+        after == before,
+        "{} more dials for 4 writes",
+        after - before
+    );
+    stop_all(&mut nodes).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t71_a_dialer_that_fails_leaves_the_peer_unreachable() -> Result<()> {
+    let settings = fast_settings();
+    let refusing = RecordingDialer::new(true);
+    let nodes = vec![
+        TestNode::spawn(1, &settings).await?,
+        TestNode::spawn_with(2, &settings, TOKEN, Some(refusing.clone())).await?,
+    ];
+    // Node 2 cannot open a connection, but node 1 can reach it, and node 2
+    // answers on node 1's connections: node 1 leads (node 2 can never win
+    // an election it cannot call).
+    let mut nodes = form(nodes).await?;
+    ensure!(agreed_leader(&nodes.iter().collect::<Vec<_>>()).await? == 1);
+    let version = applied_version(nodes[0].node.write(put_cmd(1)).await?)?;
+    nodes[1].node.wait_for_applied(version, WAIT).await?;
+
+    match nodes[1].node.peer_status(&nodes[0].info).await {
+        Err(e @ CallError::Unreachable { .. }) => {
+            ensure!(e.not_delivered(), "{e}");
+        }
+        other => bail!("expected node 1 unreachable from node 2, got {other:?}"),
+    }
+    ensure!(
+        refusing.dials() >= 1,
+        "the refusing dialer was never called"
+    );
+    // Node 2 keeps working as a follower.
+    let version = applied_version(nodes[0].node.write(put_cmd(2)).await?)?;
+    nodes[1].node.wait_for_applied(version, WAIT).await?;
+    stop_all(&mut nodes).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t72_a_node_joins_through_a_plugged_in_dialer() -> Result<()> {
+    let mut nodes = cluster(1, &fast_settings()).await?;
+    let dialer = RecordingDialer::new(false);
+    let newcomer = TestNode::spawn(2, &fast_settings()).await?;
+    let index = ConsensusNode::join_cluster_with_dialer(
+        &nodes[0].info.raft_addr,
+        TOKEN,
+        2,
+        newcomer.info.clone(),
+        WAIT,
+        dialer.clone(),
+    )
+    .await?;
+    newcomer.node.wait_for_applied(index, WAIT).await?;
+    ensure!(
+        dialer.addrs.lock().first() == Some(&nodes[0].info.raft_addr),
+        "{:?}",
+        dialer.addrs.lock()
+    );
+
+    // A seed that cannot be dialled fails the join within its timeout.
+    let refused = ConsensusNode::join_cluster_with_dialer(
+        &nodes[0].info.raft_addr,
+        TOKEN,
+        3,
+        NodeInfo {
+            raft_addr: "127.0.0.1:1".to_string(),
+            ..NodeInfo::default()
+        },
+        Duration::from_millis(300),
+        RecordingDialer::new(true),
+    )
+    .await;
+    match refused {
+        Err(WriteError::Transport { .. }) => {}
+        other => bail!("expected a transport error, got {other:?}"),
+    }
+    nodes.push(newcomer);
     stop_all(&mut nodes).await
 }
