@@ -14,7 +14,7 @@ use tollgate_quota::keys;
 use tollgate_quota::license::{self, Document, License, StoredKey};
 
 use crate::api::ApiError;
-use crate::state::{NodeState, now_ms};
+use crate::state::NodeState;
 
 /// Who makes an admin call: the name of the token it presented, and the
 /// idempotency key it sent (or one drawn for this call), which the state
@@ -98,7 +98,7 @@ fn precheck(state: &NodeState, ops: &[ConfigOp]) -> Result<(), ApiError> {
             request_id: None,
             actor: String::new(),
             reason: None,
-            at_ms: now_ms(),
+            at_ms: state.now_ms(),
             op: op.clone(),
         };
         let next = trial.version + 1;
@@ -121,7 +121,7 @@ pub async fn write(
         request_id: Some(caller.request_id.clone()),
         actor: caller.actor.clone(),
         reason,
-        at_ms: now_ms(),
+        at_ms: state.now_ms(),
         op,
     };
     // Any node takes admin writes: a follower forwards to the leader.

@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tollgate_consensus::storage::Storage;
@@ -29,7 +28,7 @@ use tollgate_quota::usage::{CounterKey, NEAR_LIMIT_DIVISOR, window_is_open};
 
 use crate::persist::{self, UsageTrees};
 use crate::quic::{Inbound, QuicTransport};
-use crate::state::{NodeState, now_ms};
+use crate::state::NodeState;
 
 /// How often soft counters near their limit are pushed from memory.
 pub const HOT_PUSH_INTERVAL_MS: u64 = 2;
@@ -99,7 +98,7 @@ impl GossipNode {
                 config.protocol(),
                 // Small (a 5-byte varint), yet unlikely to repeat a
                 // previous run's numbers.
-                u64::from(rand::thread_rng().r#gen::<u32>()),
+                u64::from(tollgate_consensus::runtime::random_u64() as u32),
             )),
             transport,
             peers: Mutex::new(Vec::new()),
@@ -292,7 +291,7 @@ async fn flush_and_publish(
 ) {
     match persist::flush(state, trees).await {
         Ok(written) if !written.is_empty() => {
-            let now = now_ms();
+            let now = state.now_ms();
             let soft: BTreeSet<CounterKey> = written
                 .iter()
                 .filter(|(_, c)| !c.is_escrow())
@@ -323,7 +322,7 @@ fn push_hot(state: &NodeState, gossip: &GossipNode, hot: &mut BTreeSet<CounterKe
     if fresh.is_empty() {
         return;
     }
-    let now = now_ms();
+    let now = state.now_ms();
     let changed: Vec<CounterKey> = fresh.iter().map(|(k, _)| k.clone()).collect();
     let mut protocol = gossip.protocol.lock();
     protocol.publish(fresh, now);
@@ -347,7 +346,7 @@ pub async fn run(
     state.with_usage(|u| u.set_rights_retry_ms(interval_ms * 2));
     // Everything already on disk may be gossiped; peers get it, and their
     // digests bring back what they hold for this node.
-    let now = now_ms();
+    let now = state.now_ms();
     let stored: Vec<_> =
         state.with_usage(|u| u.counters().map(|(k, c)| (k.clone(), c.clone())).collect());
     gossip.protocol.lock().publish(stored, now);
@@ -380,19 +379,19 @@ pub async fn run(
             }
             _ = hot_tick.tick(), if !hot.is_empty() => push_hot(&state, &gossip, &mut hot),
             _ = gossip_tick.tick() => {
-                let now = now_ms();
+                let now = state.now_ms();
                 gossip.refresh_peers(&state, now);
                 let config = state.config();
                 state.with_usage(|u| {
                     u.expire_seats(now);
                     u.rebalance(&config, now, &policy);
                 });
-                let random: u64 = rand::thread_rng().r#gen();
+                let random = tollgate_consensus::runtime::random_u64();
                 let out = gossip.protocol.lock().on_tick(now, random);
                 gossip.send(out);
             }
             Some(msg) = inbound.recv() => {
-                let now = now_ms();
+                let now = state.now_ms();
                 let mut sink = NodeSink {
                     state: &state,
                     config: state.config(),
@@ -406,7 +405,7 @@ pub async fn run(
             }
             _ = gc_tick.tick() => {
                 let config = state.config();
-                let removed = state.with_usage(|u| u.gc(&config, now_ms()));
+                let removed = state.with_usage(|u| u.gc(&config, state.now_ms()));
                 for k in &removed {
                     hot.remove(k);
                 }

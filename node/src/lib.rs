@@ -10,6 +10,7 @@ pub mod api;
 pub mod bench;
 pub mod certs;
 pub mod client;
+pub mod clock;
 pub mod gossip;
 pub mod gossip_bench;
 pub mod grpc;

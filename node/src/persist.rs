@@ -69,6 +69,25 @@ pub struct UsageTrees {
     pub(crate) counters: Arc<dyn Tree>,
     devices: Arc<dyn Tree>,
     seats: Arc<dyn Tree>,
+    // Whether writes go to a thread of their own (a real fsync) or run
+    // inline (the in-memory engine, where a thread would break the
+    // simulator's determinism).
+    blocking: bool,
+}
+
+/// Runs storage work `f` on a blocking thread when the engine needs one,
+/// inline otherwise.
+async fn run_storage<T: Send + 'static>(
+    blocking: bool,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<T> {
+    if blocking {
+        tokio::task::spawn_blocking(f)
+            .await
+            .context("usage storage task")
+    } else {
+        Ok(f())
+    }
 }
 
 impl UsageTrees {
@@ -78,6 +97,7 @@ impl UsageTrees {
             counters: storage.tree(USAGE_TREE).context("opening usage tree")?,
             devices: storage.tree(DEVICES_TREE).context("opening devices tree")?,
             seats: storage.tree(SEATS_TREE).context("opening seats tree")?,
+            blocking: storage.needs_blocking_thread(),
         })
     }
 }
@@ -155,7 +175,7 @@ async fn write_batch(
         });
     }
     let t = trees.clone();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+    run_storage(t.blocking, move || -> anyhow::Result<()> {
         t.devices.apply_batch(device_ops)?;
         t.seats.apply_batch(seat_ops)?;
         t.counters.apply_batch(ops)?;
@@ -164,8 +184,7 @@ async fn write_batch(
         t.counters.flush()?;
         Ok(())
     })
-    .await
-    .context("usage flush task")?
+    .await?
 }
 
 /// Deletes garbage-collected counters from disk, off the async runtime.
@@ -178,7 +197,7 @@ pub async fn delete_counters(trees: &UsageTrees, keys: &[CounterKey]) {
         .map(|k| BatchOp::Remove { key: k.to_bytes() })
         .collect();
     let counters = Arc::clone(&trees.counters);
-    let removed = tokio::task::spawn_blocking(move || counters.apply_batch(ops)).await;
+    let removed = run_storage(trees.blocking, move || counters.apply_batch(ops)).await;
     if !matches!(removed, Ok(Ok(()))) {
         tracing::warn!(
             "usage GC could not delete expired counters from disk; a later GC drops them again"

@@ -12,11 +12,13 @@
 //! when they die; datagrams sent while no connection is up are dropped and
 //! reported to the caller, who retries at the gossip level.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use anyhow::{Context, anyhow, bail};
 use bytes::Bytes;
@@ -186,7 +188,7 @@ struct Inner {
     client_config: quinn::ClientConfig,
     local_addr: SocketAddr,
     runtime: tokio::runtime::Handle,
-    peers: Mutex<HashMap<u64, Peer>>,
+    peers: Mutex<BTreeMap<u64, Peer>>,
     dropped: RwLock<BTreeSet<u64>>,
     inbound: mpsc::Sender<Inbound>,
     closed: AtomicBool,
@@ -215,6 +217,22 @@ impl std::fmt::Debug for QuicTransport {
     }
 }
 
+/// The UDP socket a [`QuicTransport`] runs on.
+pub enum GossipSocket {
+    /// An OS socket, driven by Tokio.
+    Std(std::net::UdpSocket),
+    /// Any socket and runtime quinn can drive (the simulator's), with the
+    /// seed of quinn's own random choices (connection ids, tokens).
+    Abstract {
+        /// The socket.
+        socket: Arc<dyn quinn::AsyncUdpSocket>,
+        /// Timers, spawning and the clock.
+        runtime: Arc<dyn quinn::Runtime>,
+        /// Seed for quinn's random choices; `None` draws from the OS.
+        rng_seed: Option<[u8; 32]>,
+    },
+}
+
 impl QuicTransport {
     /// Binds the endpoint on `socket` (already bound, so callers pick the
     /// port), acting as both server and client with mutual TLS from `tls`.
@@ -222,6 +240,16 @@ impl QuicTransport {
     /// be node `node_id`'s.
     pub fn bind(
         socket: std::net::UdpSocket,
+        node_id: u64,
+        tls: &TlsMaterial,
+    ) -> anyhow::Result<(Self, mpsc::Receiver<Inbound>)> {
+        Self::bind_socket(GossipSocket::Std(socket), node_id, tls)
+    }
+
+    /// [`QuicTransport::bind`] on any socket quinn can drive, e.g. the
+    /// simulator's.
+    pub fn bind_socket(
+        socket: GossipSocket,
         node_id: u64,
         tls: &TlsMaterial,
     ) -> anyhow::Result<(Self, mpsc::Receiver<Inbound>)> {
@@ -279,15 +307,33 @@ impl QuicTransport {
         let mut client_config = quinn::ClientConfig::new(Arc::new(client_crypto));
         client_config.transport_config(transport);
 
-        socket
-            .set_nonblocking(true)
-            .context("making the gossip socket non-blocking")?;
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(server_config),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
+        let endpoint = match socket {
+            GossipSocket::Std(socket) => {
+                socket
+                    .set_nonblocking(true)
+                    .context("making the gossip socket non-blocking")?;
+                quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    Some(server_config),
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+            }
+            GossipSocket::Abstract {
+                socket,
+                runtime,
+                rng_seed,
+            } => {
+                let mut config = quinn::EndpointConfig::default();
+                config.rng_seed(rng_seed);
+                quinn::Endpoint::new_with_abstract_socket(
+                    config,
+                    Some(server_config),
+                    socket,
+                    runtime,
+                )
+            }
+        }
         .context("starting the QUIC endpoint")?;
         let local_addr = endpoint
             .local_addr()
@@ -299,7 +345,7 @@ impl QuicTransport {
             client_config,
             local_addr,
             runtime: runtime.clone(),
-            peers: Mutex::new(HashMap::new()),
+            peers: Mutex::new(BTreeMap::new()),
             dropped: RwLock::new(BTreeSet::new()),
             inbound: tx,
             closed: AtomicBool::new(false),

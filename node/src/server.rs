@@ -11,20 +11,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
+use tollgate_consensus::dial::Dial;
 use tollgate_consensus::storage::{SledStorage, Storage};
 use tollgate_consensus::{ConsensusNode, NodeInfo, RaftSettings, TransportSettings};
 use tollgate_proto::v1::admin_server::AdminServer;
 use tollgate_proto::v1::edge_server::EdgeServer;
+use tonic::transport::server::Connected;
 
 use crate::admin;
+use crate::clock::Clock;
 use crate::gossip::GossipNode;
 use crate::grpc::{AdminService, EdgeService};
 use crate::persist;
+use crate::quic::GossipSocket;
 use crate::settings::{MAX_BODY_BYTES, MemberSettings, NodeSettings};
 use crate::state::NodeState;
 
@@ -189,27 +194,110 @@ pub async fn start_with_listeners(
         grpc,
         http,
         raft,
-        gossip: gossip_socket,
+        gossip,
     } = listeners;
-    let grpc_addr = grpc.local_addr()?;
-    let http_addr = http.local_addr()?;
-    let raft_addr = raft.local_addr()?;
-    let gossip_addr = gossip_socket.local_addr()?;
+    let addrs = Addrs {
+        grpc: grpc.local_addr()?,
+        http: http.local_addr()?,
+        raft: raft.local_addr()?,
+        gossip: None,
+    };
+    let env = Environment {
+        addrs,
+        grpc: nodelay_incoming(grpc),
+        raft: nodelay_incoming(raft),
+        http: Some(http),
+        gossip: GossipSocket::Std(gossip),
+        storage: None,
+        clock: Arc::new(Clock::system()),
+        raft_dialer: None,
+    };
+    start_in(settings, env, seed).await
+}
+
+/// The addresses a node serves on, as peers and clients reach them.
+#[derive(Clone, Copy, Debug)]
+pub struct Addrs {
+    /// Edge and admin gRPC.
+    pub grpc: SocketAddr,
+    /// HTTP/JSON.
+    pub http: SocketAddr,
+    /// Raft transport.
+    pub raft: SocketAddr,
+    /// Usage gossip; `None` advertises the address the socket is bound to.
+    pub gossip: Option<SocketAddr>,
+}
+
+/// Everything a node runs on besides its settings. [`start_with_listeners`]
+/// fills it with OS sockets, sled in the data dir and the system clock; the
+/// deterministic simulator fills it with simulated ones, so that both run
+/// the same node.
+pub struct Environment<G, R> {
+    /// The advertised addresses.
+    pub addrs: Addrs,
+    /// Incoming edge and admin gRPC connections.
+    pub grpc: G,
+    /// Incoming Raft connections.
+    pub raft: R,
+    /// The HTTP listener; `None` serves no HTTP.
+    pub http: Option<TcpListener>,
+    /// The usage gossip socket.
+    pub gossip: GossipSocket,
+    /// The storage engine; `None` opens sled in the data dir.
+    pub storage: Option<Arc<dyn Storage>>,
+    /// The wall clock.
+    pub clock: Arc<Clock>,
+    /// How the Raft transport reaches peers; `None` dials TCP.
+    pub raft_dialer: Option<Arc<dyn Dial>>,
+}
+
+/// Starts the node in `env`. `seed` holds documents applied when the config
+/// is still empty (first start of a bootstrapping node), once a leader is
+/// known.
+pub async fn start_in<G, R, GIo, RIo, GE, RE>(
+    settings: NodeSettings,
+    env: Environment<G, R>,
+    seed: Option<String>,
+) -> anyhow::Result<RunningNode>
+where
+    G: tokio_stream::Stream<Item = Result<GIo, GE>> + Send + 'static,
+    R: tokio_stream::Stream<Item = Result<RIo, RE>> + Send + 'static,
+    GIo: Connected + AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    RIo: Connected + AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    GIo::ConnectInfo: Clone + Send + Sync + 'static,
+    RIo::ConnectInfo: Clone + Send + Sync + 'static,
+    GE: Into<Box<dyn std::error::Error + Send + Sync>>,
+    RE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let Environment {
+        addrs,
+        grpc,
+        raft,
+        http,
+        gossip: gossip_socket,
+        storage,
+        clock,
+        raft_dialer,
+    } = env;
+    let Addrs {
+        grpc: grpc_addr,
+        http: http_addr,
+        raft: raft_addr,
+        gossip: advertised_gossip,
+    } = addrs;
     let tokens = read_admin_tokens(&settings)?;
     let cluster_token = read_token_file(settings.cluster_token_file())?;
-    std::fs::create_dir_all(&settings.data_dir)
-        .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
-    let storage: Arc<dyn Storage> = Arc::new(
-        SledStorage::open(settings.data_dir.join("db"))
-            .with_context(|| format!("opening storage in {}", settings.data_dir.display()))?,
-    );
-
-    let info = NodeInfo {
-        region: settings.region.clone(),
-        raft_addr: raft_addr.to_string(),
-        grpc_addr: grpc_addr.to_string(),
-        http_addr: http_addr.to_string(),
-        gossip_addr: gossip_addr.to_string(),
+    let storage: Arc<dyn Storage> = match storage {
+        Some(storage) => storage,
+        None => {
+            std::fs::create_dir_all(&settings.data_dir)
+                .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
+            Arc::new(
+                SledStorage::open(settings.data_dir.join("db")).with_context(|| {
+                    format!("opening storage in {}", settings.data_dir.display())
+                })?,
+            )
+        }
     };
     let tls_files = match &settings.tls {
         Some(files) => files.clone(),
@@ -227,8 +315,16 @@ pub async fn start_with_listeners(
     };
     let tls = crate::certs::TlsMaterial::load(&tls_files)?;
     let (transport, inbound) =
-        crate::quic::QuicTransport::bind(gossip_socket, settings.node_id, &tls)
+        crate::quic::QuicTransport::bind_socket(gossip_socket, settings.node_id, &tls)
             .context("starting gossip transport")?;
+    let gossip_addr = advertised_gossip.unwrap_or_else(|| transport.local_addr());
+    let info = NodeInfo {
+        region: settings.region.clone(),
+        raft_addr: raft_addr.to_string(),
+        grpc_addr: grpc_addr.to_string(),
+        http_addr: http_addr.to_string(),
+        gossip_addr: gossip_addr.to_string(),
+    };
     let raft_settings = RaftSettings {
         heartbeat_interval_ms: settings.raft.heartbeat_interval_ms,
         election_timeout_min_ms: settings.raft.election_timeout_min_ms,
@@ -238,18 +334,32 @@ pub async fn start_with_listeners(
         max_in_snapshot_log_to_keep: settings.snapshot_keep_entries,
         ..RaftSettings::default()
     };
-    let consensus = Arc::new(
-        ConsensusNode::start_grpc(
-            settings.node_id,
-            info.clone(),
-            Arc::clone(&storage),
-            &raft_settings,
-            &TransportSettings::default(),
-            &cluster_token,
-        )
-        .await
-        .context("starting raft")?,
-    );
+    let consensus = match raft_dialer.clone() {
+        None => {
+            ConsensusNode::start_grpc(
+                settings.node_id,
+                info.clone(),
+                Arc::clone(&storage),
+                &raft_settings,
+                &TransportSettings::default(),
+                &cluster_token,
+            )
+            .await
+        }
+        Some(dialer) => {
+            ConsensusNode::start_grpc_with_dialer(
+                settings.node_id,
+                info.clone(),
+                Arc::clone(&storage),
+                &raft_settings,
+                &TransportSettings::default(),
+                &cluster_token,
+                dialer,
+            )
+            .await
+        }
+    };
+    let consensus = Arc::new(consensus.context("starting raft")?);
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
@@ -260,14 +370,22 @@ pub async fn start_with_listeners(
     tasks.push(tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(raft_svc)
-            .serve_with_incoming_shutdown(nodelay_incoming(raft), async move {
+            .serve_with_incoming_shutdown(raft, async move {
                 let _ = rx.changed().await;
             })
             .await
             .context("Raft server")
     }));
 
-    if let Err(e) = form_or_join(&consensus, &settings, &info, &cluster_token).await {
+    if let Err(e) = form_or_join(
+        &consensus,
+        &settings,
+        &info,
+        &cluster_token,
+        raft_dialer.clone(),
+    )
+    .await
+    {
         // Leave nothing running: the caller may retry on the same ports
         // and data dir.
         let _ = shutdown_tx.send(true);
@@ -290,6 +408,7 @@ pub async fn start_with_listeners(
         settings.strict_fields,
     );
     state.durable_usage_ack = settings.durable_usage_ack;
+    state.clock = clock;
     // Escrow counters split their limit among the members: know them
     // before the first Check can create one.
     let member_ids: Vec<u64> = consensus.members().iter().map(|m| m.id).collect();
@@ -342,23 +461,25 @@ pub async fn start_with_listeners(
         tonic::transport::Server::builder()
             .add_service(edge)
             .add_service(admin_svc)
-            .serve_with_incoming_shutdown(nodelay_incoming(grpc), async move {
+            .serve_with_incoming_shutdown(grpc, async move {
                 let _ = rx.changed().await;
             })
             .await
             .context("gRPC server")
     }));
 
-    let router = crate::http::router(Arc::clone(&state));
-    let mut rx = shutdown_rx.clone();
-    tasks.push(tokio::spawn(async move {
-        axum::serve(http, router)
-            .with_graceful_shutdown(async move {
-                let _ = rx.changed().await;
-            })
-            .await
-            .context("HTTP server")
-    }));
+    if let Some(http) = http {
+        let router = crate::http::router(Arc::clone(&state));
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            axum::serve(http, router)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.changed().await;
+                })
+                .await
+                .context("HTTP server")
+        }));
+    }
 
     tracing::info!(node_id = settings.node_id, %grpc_addr, %http_addr, %raft_addr, %gossip_addr, "node serving");
     Ok(RunningNode {
@@ -379,6 +500,7 @@ async fn form_or_join(
     settings: &NodeSettings,
     info: &NodeInfo,
     cluster_token: &str,
+    dialer: Option<Arc<dyn Dial>>,
 ) -> anyhow::Result<()> {
     let raft_addr: SocketAddr = info.raft_addr.parse().context("raft address")?;
     anyhow::ensure!(
@@ -415,15 +537,31 @@ async fn form_or_join(
     }
     if let Some(seed_addr) = &settings.join {
         tracing::info!(node_id = settings.node_id, member = %seed_addr, "joining cluster");
-        ConsensusNode::join_cluster(
-            seed_addr,
-            cluster_token,
-            settings.node_id,
-            info.clone(),
-            Duration::from_millis(JOIN_TIMEOUT_MS),
-        )
-        .await
-        .with_context(|| format!("joining the cluster through {seed_addr}"))?;
+        let timeout = Duration::from_millis(JOIN_TIMEOUT_MS);
+        let joined = match dialer {
+            None => {
+                ConsensusNode::join_cluster(
+                    seed_addr,
+                    cluster_token,
+                    settings.node_id,
+                    info.clone(),
+                    timeout,
+                )
+                .await
+            }
+            Some(dialer) => {
+                ConsensusNode::join_cluster_with_dialer(
+                    seed_addr,
+                    cluster_token,
+                    settings.node_id,
+                    info.clone(),
+                    timeout,
+                    dialer,
+                )
+                .await
+            }
+        };
+        joined.with_context(|| format!("joining the cluster through {seed_addr}"))?;
     } else if settings.bootstrap {
         let mut members: BTreeMap<u64, NodeInfo> = BTreeMap::new();
         for m in &settings.initial_members {

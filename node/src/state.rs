@@ -7,11 +7,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
-use rand::Rng;
 use sha2::{Digest, Sha256};
 use tollgate_consensus::ConsensusNode;
 use tollgate_quota::config::Config;
@@ -20,6 +18,7 @@ use tollgate_quota::request::{CheckRequest, RequestError};
 use tollgate_quota::seats::{SeatDecision, SeatRequest};
 use tollgate_quota::usage::Usage;
 
+use crate::clock::Clock;
 use crate::gossip::GossipNode;
 
 /// Counters for the status API (and, later, /metrics).
@@ -66,6 +65,8 @@ pub struct NodeState {
     pub durable_usage_ack: bool,
     /// The usage gossip of this node, once started.
     pub gossip: OnceLock<Arc<GossipNode>>,
+    /// The wall clock every decision, window and lease is measured by.
+    pub clock: Arc<Clock>,
 }
 
 /// A seat call.
@@ -77,14 +78,6 @@ pub enum SeatOp {
     Renew,
     /// Give a seat back.
     Release,
-}
-
-/// Unix time in milliseconds, read here so that quota/ never reads a clock.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 impl NodeState {
@@ -118,7 +111,14 @@ impl NodeState {
             flush_wanted: tokio::sync::Notify::new(),
             durable_usage_ack: false,
             gossip: OnceLock::new(),
+            clock: Arc::new(Clock::system()),
         }
+    }
+
+    /// Unix time in milliseconds on this node's clock, read here so that
+    /// quota/ never reads a clock.
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
     }
 
     /// The config as last applied on this node.
@@ -167,7 +167,7 @@ impl NodeState {
             self.stats.n_invalid.fetch_add(1, Ordering::Relaxed);
             return Err(e);
         }
-        let now = now_ms();
+        let now = self.now_ms();
         let decision_id = self.next_decision_id(now);
         let config = self.config.load();
         let (decision, seq) = {
@@ -200,13 +200,13 @@ impl NodeState {
 
     /// Acquires, renews or releases a seat lease.
     pub async fn seat(&self, op: SeatOp, req: &SeatRequest) -> SeatDecision {
-        let now = now_ms();
+        let now = self.now_ms();
         let config = self.config.load();
         let d = {
             let mut usage = self.usage.lock();
             let d = match op {
                 SeatOp::Acquire => {
-                    let salt: u64 = rand::thread_rng().r#gen();
+                    let salt = tollgate_consensus::runtime::random_u64();
                     let lease_id = format!("{:x}.{salt:016x}", self.node_id);
                     usage.acquire_seat(&config, req, now, lease_id)
                 }
@@ -222,7 +222,7 @@ impl NodeState {
     }
 
     fn next_decision_id(&self, now: i64) -> String {
-        let salt: u32 = rand::thread_rng().r#gen();
+        let salt = tollgate_consensus::runtime::random_u64() as u32;
         format!("{:x}-{:x}-{:08x}", self.node_id, now, salt)
     }
 
@@ -265,7 +265,7 @@ impl NodeState {
     pub fn status_json(&self) -> serde_json::Value {
         let config = self.config();
         let m = self.consensus.metrics();
-        let now = now_ms();
+        let now = self.now_ms();
         let rights = self.with_usage(|u| u.rights_status(&config, now));
         let gossip = self
             .gossip
