@@ -19,8 +19,10 @@
 //!    to serve with. A node without demand keeps no reserve: idle rights
 //!    move to busy nodes.
 //! 4. **Give.** What this node holds above max(target, reserve) (target
-//!    rounded down) goes to the nodes with demand that are furthest below
-//!    their targets, largest shortfall first, at least one unit each.
+//!    rounded down) goes to the nodes with demand that are at least one
+//!    unit below their targets, largest shortfall first. A node holding
+//!    nothing gets a unit on a smaller shortfall only if its demand exceeds
+//!    this node's, so a last unit moves to demand but never ping-pongs.
 
 use std::collections::BTreeMap;
 
@@ -173,14 +175,23 @@ impl Usage {
             if surplus == 0 {
                 continue;
             }
-            // Nodes below their target, by shortfall. A shortfall under one
-            // unit still gets one: with few rights left (seats), the last
-            // unit must be able to move.
+            // Nodes below their target by at least one unit, by shortfall.
+            // A smaller shortfall moves a unit only to a node that holds
+            // nothing and has more demand than this one: with few rights
+            // left (seats), the last unit must be able to move, but never
+            // back and forth between two nodes whose targets are fractions
+            // of a unit (that ping-pong kept replicas from ever agreeing
+            // while demand decayed; found by the simulator).
             let mut short: Vec<(u64, f64)> = nodes
                 .iter()
                 .filter(|&&n| n != me && rates.contains_key(&n))
                 .map(|&n| (n, target(n) - counter.available(n, limit) as f64))
-                .filter(|(_, gap)| *gap > 0.0)
+                .filter(|&(n, gap)| {
+                    gap >= 1.0
+                        || (gap > 0.0
+                            && counter.available(n, limit) == 0
+                            && rates.get(&n).copied().unwrap_or(0.0) > my_rate)
+                })
                 .collect();
             short.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
             for (to, gap) in short {
