@@ -52,6 +52,11 @@ pub const SNAPSHOT_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
 /// starts over rather than growing.
 const MAX_CACHED_CHANNELS: usize = 256;
 
+/// How often an HTTP/2 ping checks a peer connection.
+const KEEPALIVE_INTERVAL_MS: u64 = 1_000;
+/// How long a ping may go unanswered before the connection is dropped.
+const KEEPALIVE_TIMEOUT_MS: u64 = 1_000;
+
 /// The metadata key carrying the cluster token.
 pub(crate) const AUTHORIZATION: &str = "authorization";
 
@@ -261,7 +266,16 @@ impl PeerClient {
             addr,
             Duration::from_millis(self.inner.settings.connect_timeout_ms),
         );
-        let channel = endpoint.connect_with_connector_lazy(connector);
+        // A peer cut off without a reset (a partition, a dead host) leaves
+        // the HTTP/2 connection open but silent, and every call on it times
+        // out while the channel never reconnects. Pings find such a
+        // connection and drop it, so the next call dials afresh (found by
+        // the simulator: a follower cut off once never caught up again).
+        let channel = endpoint
+            .http2_keep_alive_interval(Duration::from_millis(KEEPALIVE_INTERVAL_MS))
+            .keep_alive_timeout(Duration::from_millis(KEEPALIVE_TIMEOUT_MS))
+            .keep_alive_while_idle(true)
+            .connect_with_connector_lazy(connector);
         if channels.len() >= MAX_CACHED_CHANNELS {
             channels.clear();
         }
