@@ -990,16 +990,11 @@ fn quota_warnings(quota: &Quota, used_before: u64, after: u64, warnings: &mut Ve
     }
 }
 
-/// Whether a planted bug turns the escrow check off (simulator builds only).
-#[cfg(feature = "planted-bugs")]
-fn escrow_check_skipped() -> bool {
-    crate::planted::skip_escrow_check()
-}
-
-#[cfg(not(feature = "planted-bugs"))]
+/// Whether a planted bug turns the escrow check off (simulator builds
+/// only; a constant `false` elsewhere).
 #[inline(always)]
 fn escrow_check_skipped() -> bool {
-    false
+    crate::planted::COMPILED && crate::planted::skip_escrow_check()
 }
 
 #[cfg(test)]

@@ -29,7 +29,6 @@ pub mod hashing;
 pub mod history;
 pub mod keys;
 pub mod license;
-#[cfg(feature = "planted-bugs")]
 pub mod planted;
 pub mod request;
 pub mod seats;

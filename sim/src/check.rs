@@ -73,7 +73,10 @@ pub struct Figures {
 pub fn check(run: &Run) -> (Vec<Verdict>, Figures) {
     let mut figures = Figures::default();
     let verdicts = vec![
-        Verdict::from("strict-quota-safety", strict_quota_safety(run, &mut figures)),
+        Verdict::from(
+            "strict-quota-safety",
+            strict_quota_safety(run, &mut figures),
+        ),
         Verdict::from("soft-quota-counter", soft_quota_counter(run, &mut figures)),
         Verdict::from("convergence", convergence(run, &mut figures)),
         Verdict::from("config-linearizability", config_linearizability(run)),
@@ -377,14 +380,24 @@ fn liveness(run: &Run) -> Result<(), String> {
         .filter(|c| c.client == "probe" && c.op == Op::Probe)
         .map(|c| c.node)
         .collect();
-    let expected: BTreeSet<u64> = run.final_configs.keys().copied().collect();
-    let missing: Vec<u64> = run
+    let expected: BTreeSet<u64> = run
         .scenario
         .all_node_ids()
         .into_iter()
-        .filter(|id| !probed.contains(id) && (expected.contains(id) || !run.live_nodes.contains(id)))
-        .filter(|id| run.live_nodes.contains(id) || !expected.contains(id))
-        .filter(|id| run.live_nodes.contains(id))
+        .filter(|id| !run.removed.contains(id))
+        .collect();
+    let down: Vec<u64> = expected
+        .iter()
+        .copied()
+        .filter(|id| !run.live_nodes.contains(id))
+        .collect();
+    if !down.is_empty() {
+        return Err(format!("nodes {down:?} were not serving at the end"));
+    }
+    let missing: Vec<u64> = expected
+        .iter()
+        .copied()
+        .filter(|id| !probed.contains(id))
         .collect();
     if !missing.is_empty() {
         return Err(format!(
@@ -402,7 +415,10 @@ fn liveness(run: &Run) -> Result<(), String> {
         ));
     }
     if run.live_nodes.len() < expected.len() {
-        return Err(format!("only nodes {:?} were running at the end", run.live_nodes));
+        return Err(format!(
+            "only nodes {:?} were running at the end",
+            run.live_nodes
+        ));
     }
     Ok(())
 }

@@ -15,7 +15,10 @@ use tollgate_sim::runner;
 use tollgate_sim::scenario::Scenario;
 
 #[derive(Parser, Debug)]
-#[command(name = "tollgate-sim", about = "Deterministic simulation of a Tollgate cluster")]
+#[command(
+    name = "tollgate-sim",
+    about = "Deterministic simulation of a Tollgate cluster"
+)]
 struct Args {
     /// Seeds to run, `A..B` (B excluded) or `A..=B`. Without `--scenario`,
     /// seed N runs scenario N mod (number of scenarios).
@@ -78,9 +81,9 @@ fn main() -> anyhow::Result<()> {
     }
     let plant = match &args.plant {
         None => None,
-        Some(name) => Some(
-            Plant::parse(name).with_context(|| format!("--plant {name}: unknown bug"))?,
-        ),
+        Some(name) => {
+            Some(Plant::parse(name).with_context(|| format!("--plant {name}: unknown bug"))?)
+        }
     };
     let scenarios: Vec<Scenario> = match (&args.scenario, &args.scenario_file) {
         (Some(name), _) => vec![Scenario::builtin(name)?],

@@ -148,9 +148,7 @@ struct SimTimer(Pin<Box<tokio::time::Sleep>>);
 
 impl AsyncTimer for SimTimer {
     fn reset(mut self: Pin<&mut Self>, i: Instant) {
-        self.0
-            .as_mut()
-            .reset(tokio::time::Instant::from_std(i));
+        self.0.as_mut().reset(tokio::time::Instant::from_std(i));
     }
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context) -> Poll<()> {
@@ -256,8 +254,10 @@ pub fn channel(addr: &str) -> Result<tonic::transport::Channel, tonic::transport
     let target = addr.to_string();
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(CONNECT_TIMEOUT);
-    Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri| {
-        let target = target.clone();
-        async move { dial(&target).await.map(hyper_util::rt::TokioIo::new) }
-    })))
+    Ok(
+        endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri| {
+            let target = target.clone();
+            async move { dial(&target).await.map(hyper_util::rt::TokioIo::new) }
+        })),
+    )
 }

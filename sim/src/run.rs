@@ -109,6 +109,8 @@ pub struct Run {
     pub node_failures: Vec<String>,
     /// Nodes alive at the end.
     pub live_nodes: BTreeSet<u64>,
+    /// Nodes removed from the membership (and stopped) on purpose.
+    pub removed: BTreeSet<u64>,
 }
 
 /// A node's config at the end of a run.
@@ -260,8 +262,7 @@ async fn serve_node(
         clock: Arc::new(clock),
         raft_dialer: Some(Arc::new(SimDialer)),
     };
-    let node: RunningNode = match tollgate_node::server::start_in(settings, env, seed_docs).await
-    {
+    let node: RunningNode = match tollgate_node::server::start_in(settings, env, seed_docs).await {
         Ok(node) => node,
         Err(e) => {
             *slot.failure.lock() = Some(format!("node {} failed to start: {e:#}", slot.id));
@@ -469,15 +470,19 @@ async fn edge_client(mut c: ClientCtx) -> turmoil::Result {
                                 lease = Some((id.clone(), node));
                                 (Op::Renew { lease: id }, Outcome::Allow)
                             }
-                            Ok(r) => (Op::Renew { lease: id }, Outcome::Deny(deny_code(&r.reasons))),
+                            Ok(r) => (
+                                Op::Renew { lease: id },
+                                Outcome::Deny(deny_code(&r.reasons)),
+                            ),
                             Err(e) => (Op::Renew { lease: id }, Outcome::Unknown(e)),
                         }
                     } else {
                         match with_timeout(edge.release_seat(req)).await {
                             Ok(r) if r.granted => (Op::Release { lease: id }, Outcome::Allow),
-                            Ok(r) => {
-                                (Op::Release { lease: id }, Outcome::Deny(deny_code(&r.reasons)))
-                            }
+                            Ok(r) => (
+                                Op::Release { lease: id },
+                                Outcome::Deny(deny_code(&r.reasons)),
+                            ),
                             Err(e) => (Op::Release { lease: id }, Outcome::Unknown(e)),
                         }
                     }
@@ -527,7 +532,10 @@ async fn admin_client(
                 document: licenses::churn_license(rev),
                 reason: format!("sim put {rev}"),
             });
-            ("put", with_timeout(admin.apply(req)).await.map(|r| r.version))
+            (
+                "put",
+                with_timeout(admin.apply(req)).await.map(|r| r.version),
+            )
         } else if roll < 8 {
             let req = admin_request(pb::RevokeLicenseRequest {
                 id: CHURN_ID.into(),
@@ -535,7 +543,9 @@ async fn admin_client(
             });
             (
                 "revoke",
-                with_timeout(admin.revoke_license(req)).await.map(|r| r.version),
+                with_timeout(admin.revoke_license(req))
+                    .await
+                    .map(|r| r.version),
             )
         } else {
             let to = acked[rng.gen_range(0..acked.len())];
@@ -581,7 +591,12 @@ async fn admin_client(
 
 /// After the heal: asks every live node for a dry-run Check until each has
 /// answered, and commits one admin write.
-async fn probe_client(nodes: Vec<u64>, calls: Calls, start_ms: u64, stop_at_ms: u64) -> turmoil::Result {
+async fn probe_client(
+    nodes: Vec<u64>,
+    calls: Calls,
+    start_ms: u64,
+    stop_at_ms: u64,
+) -> turmoil::Result {
     while now_ms() < start_ms {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -719,16 +734,24 @@ impl<'a> Driver<'a> {
     }
 
     fn started(&self, id: u64) -> bool {
-        self.slots
-            .get(&id)
-            .is_some_and(|s| s.state.lock().as_ref().is_some_and(|w| w.strong_count() > 0))
+        self.slots.get(&id).is_some_and(|s| {
+            s.state
+                .lock()
+                .as_ref()
+                .is_some_and(|w| w.strong_count() > 0)
+        })
     }
 
     fn leader(&self) -> Option<u64> {
         let live = self.live();
         let mut best: Option<(u64, u64)> = None;
         for id in &live {
-            if let Some(state) = self.slots[id].state.lock().as_ref().and_then(std::sync::Weak::upgrade) {
+            if let Some(state) = self.slots[id]
+                .state
+                .lock()
+                .as_ref()
+                .and_then(std::sync::Weak::upgrade)
+            {
                 let m = state.consensus.metrics();
                 if m.is_leader && best.is_none_or(|(t, _)| m.term > t) {
                     best = Some((m.term, *id));
@@ -745,13 +768,14 @@ impl<'a> Driver<'a> {
             Target::Leader => self.leader(),
             Target::Follower => {
                 let leader = self.leader();
-                let followers: Vec<u64> =
-                    live.iter().copied().filter(|n| Some(*n) != leader).collect();
+                let followers: Vec<u64> = live
+                    .iter()
+                    .copied()
+                    .filter(|n| Some(*n) != leader)
+                    .collect();
                 (!followers.is_empty()).then(|| followers[self.rng.gen_range(0..followers.len())])
             }
-            Target::Random => {
-                (!live.is_empty()).then(|| live[self.rng.gen_range(0..live.len())])
-            }
+            Target::Random => (!live.is_empty()).then(|| live[self.rng.gen_range(0..live.len())]),
         }
     }
 
@@ -759,8 +783,7 @@ impl<'a> Driver<'a> {
         if from == to {
             return;
         }
-        self.sim
-            .partition_oneway(host_name(from), host_name(to));
+        self.sim.partition_oneway(host_name(from), host_name(to));
         self.cuts.pairs.insert((from, to));
     }
 
@@ -901,7 +924,8 @@ impl<'a> Driver<'a> {
                 for &a in from {
                     for &b in to {
                         if a != b {
-                            self.sim.set_link_fail_rate(host_name(a), host_name(b), *rate);
+                            self.sim
+                                .set_link_fail_rate(host_name(a), host_name(b), *rate);
                         }
                     }
                 }
@@ -967,7 +991,11 @@ impl<'a> Driver<'a> {
                             at_ms: self.sim_ms(),
                             what: format!("remove_node {id} requested via {l}"),
                         });
-                        let state = self.slots[&l].state.lock().as_ref().and_then(std::sync::Weak::upgrade);
+                        let state = self.slots[&l]
+                            .state
+                            .lock()
+                            .as_ref()
+                            .and_then(std::sync::Weak::upgrade);
                         if let Some(state) = state {
                             self.spawn_removal(state, id);
                         }
@@ -1004,7 +1032,10 @@ fn lic_of(license: &str) -> Option<Lic> {
 
 /// The window id (its reset time, ms) of a monthly counter epoch.
 fn window_id(epoch: u64) -> i64 {
-    tollgate_quota::usage::Window::Month.bounds(epoch).1.unwrap_or(0)
+    tollgate_quota::usage::Window::Month
+        .bounds(epoch)
+        .1
+        .unwrap_or(0)
 }
 
 /// Every usage counter a node holds, by encoded key.
@@ -1037,21 +1068,8 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Run> {
 }
 
 fn set_plant(plant: Option<Plant>) -> anyhow::Result<()> {
-    #[cfg(feature = "planted-bugs")]
-    {
-        tollgate_quota::planted::set_skip_escrow_check(plant == Some(Plant::SkipEscrowCheck));
-        Ok(())
-    }
-    #[cfg(not(feature = "planted-bugs"))]
-    {
-        match plant {
-            None => Ok(()),
-            Some(p) => anyhow::bail!(
-                "planting {} needs a build with `--features planted-bugs`",
-                p.name()
-            ),
-        }
-    }
+    tollgate_quota::planted::set_skip_escrow_check(plant == Some(Plant::SkipEscrowCheck))
+        .with_context(|| format!("planting {}", plant.map_or("", Plant::name)))
 }
 
 fn run_seeded(scenario: &Scenario, seed: u64) -> anyhow::Result<Run> {
@@ -1135,7 +1153,13 @@ fn run_seeded(scenario: &Scenario, seed: u64) -> anyhow::Result<Run> {
         .collect();
 
     let calls: Calls = Arc::new(Mutex::new(Vec::new()));
-    let weights = [w.mix.soft, w.mix.strict, w.mix.report, w.mix.seat, w.mix.rate];
+    let weights = [
+        w.mix.soft,
+        w.mix.strict,
+        w.mix.report,
+        w.mix.seat,
+        w.mix.rate,
+    ];
     for k in 1..=w.clients {
         let ctx = ClientCtx {
             name: format!("c{k}"),
@@ -1255,7 +1279,12 @@ fn all_agree(d: &Driver<'_>) -> bool {
     }
     let mut first: Option<BTreeMap<Vec<u8>, tollgate_quota::counter::Counter>> = None;
     for id in &live {
-        let Some(state) = d.slots[id].state.lock().as_ref().and_then(std::sync::Weak::upgrade) else {
+        let Some(state) = d.slots[id]
+            .state
+            .lock()
+            .as_ref()
+            .and_then(std::sync::Weak::upgrade)
+        else {
             return false;
         };
         let u = usage_of(&state);
@@ -1270,7 +1299,12 @@ fn all_agree(d: &Driver<'_>) -> bool {
 
 fn sample(d: &mut Driver<'_>, now: u64) {
     for (id, slot) in &d.slots {
-        let Some(state) = slot.state.lock().as_ref().and_then(std::sync::Weak::upgrade) else {
+        let Some(state) = slot
+            .state
+            .lock()
+            .as_ref()
+            .and_then(std::sync::Weak::upgrade)
+        else {
             continue;
         };
         let mut strict: BTreeMap<i64, u64> = BTreeMap::new();
@@ -1303,7 +1337,12 @@ fn finish(
     let mut final_usage: BTreeMap<(Lic, i64), u64> = BTreeMap::new();
     let mut final_configs = BTreeMap::new();
     for id in &live {
-        let Some(state) = d.slots[id].state.lock().as_ref().and_then(std::sync::Weak::upgrade) else {
+        let Some(state) = d.slots[id]
+            .state
+            .lock()
+            .as_ref()
+            .and_then(std::sync::Weak::upgrade)
+        else {
             continue;
         };
         if final_usage.is_empty() {
@@ -1330,7 +1369,12 @@ fn finish(
     }
     if std::env::var_os("TOLLGATE_SIM_DEBUG").is_some() {
         for (id, slot) in &d.slots {
-            let Some(state) = slot.state.lock().as_ref().and_then(std::sync::Weak::upgrade) else {
+            let Some(state) = slot
+                .state
+                .lock()
+                .as_ref()
+                .and_then(std::sync::Weak::upgrade)
+            else {
                 eprintln!("node {id}: down");
                 continue;
             };
@@ -1374,5 +1418,6 @@ fn finish(
         max_skew_ms: d.max_skew_ms,
         node_failures,
         live_nodes: live,
+        removed: d.removed.clone(),
     })
 }

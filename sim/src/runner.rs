@@ -46,7 +46,9 @@ impl SeedResult {
 /// The command that replays one seed.
 pub fn reproduce_line(seed: u64, scenario: &str, plant: Option<Plant>) -> String {
     match plant {
-        None => format!("REPRODUCE: cargo run -p tollgate-sim -- --seed {seed} --scenario {scenario}"),
+        None => {
+            format!("REPRODUCE: cargo run -p tollgate-sim -- --seed {seed} --scenario {scenario}")
+        }
         Some(p) => format!(
             "REPRODUCE: cargo run -p tollgate-sim --features planted-bugs -- --seed {seed} --scenario {scenario} --plant {}",
             p.name()
@@ -57,9 +59,8 @@ pub fn reproduce_line(seed: u64, scenario: &str, plant: Option<Plant>) -> String
 /// Runs one seed and checks it.
 pub fn run_seed(scenario: &Scenario, seed: u64, plant: Option<Plant>) -> SeedResult {
     let opts = RunOptions { seed, plant };
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        run::run(scenario, &opts)
-    }));
+    let outcome =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run::run(scenario, &opts)));
     match outcome {
         Ok(Ok(r)) => {
             let (verdicts, figures) = check::check(&r);

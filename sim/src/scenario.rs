@@ -461,14 +461,25 @@ impl Scenario {
                     from.iter().chain(to).copied().collect()
                 }
                 FaultKind::Latency { nodes, .. } => nodes.clone(),
-                FaultKind::Crash { target: Target::Node(n) }
-                | FaultKind::Restart { target: Target::Node(n) }
-                | FaultKind::Skew { target: Target::Node(n), .. }
-                | FaultKind::RemoveNode { target: Target::Node(n) } => vec![*n],
+                FaultKind::Crash {
+                    target: Target::Node(n),
+                }
+                | FaultKind::Restart {
+                    target: Target::Node(n),
+                }
+                | FaultKind::Skew {
+                    target: Target::Node(n),
+                    ..
+                }
+                | FaultKind::RemoveNode {
+                    target: Target::Node(n),
+                } => vec![*n],
                 _ => Vec::new(),
             };
             if let Some(bad) = listed.iter().find(|id| !known(id)) {
-                return Err(self.invalid(format!("faults[{i}] names node {bad}, which never exists")));
+                return Err(
+                    self.invalid(format!("faults[{i}] names node {bad}, which never exists"))
+                );
             }
             if let FaultKind::Loss { rate, .. } = f.kind
                 && !(0.0..=1.0).contains(&rate)

@@ -17,7 +17,9 @@ fn replay_args(line: &str) -> (u64, String, Option<Plant>) {
             .and_then(|i| args.get(i + 1))
             .map(|s| (*s).to_string())
     };
-    let seed = value("--seed").and_then(|s| s.parse().ok()).expect("--seed N");
+    let seed = value("--seed")
+        .and_then(|s| s.parse().ok())
+        .expect("--seed N");
     let scenario = value("--scenario").expect("--scenario NAME");
     let plant = value("--plant").map(|p| Plant::parse(&p).expect("a known plant"));
     (seed, scenario, plant)
@@ -25,8 +27,7 @@ fn replay_args(line: &str) -> (u64, String, Option<Plant>) {
 
 #[test]
 fn skipping_the_escrow_check_breaks_strict_quota_safety_and_replays() {
-    let scenario =
-        Scenario::builtin("region-partition-during-load").expect("builtin scenario");
+    let scenario = Scenario::builtin("region-partition-during-load").expect("builtin scenario");
     let plant = Some(Plant::SkipEscrowCheck);
     // The first seed (of a few) whose run exposes the bug.
     let failing = (1..=4)
@@ -53,7 +54,10 @@ fn skipping_the_escrow_check_breaks_strict_quota_safety_and_replays() {
         .find(|v| v.checker == "strict-quota-safety")
         .expect("verdict");
     assert!(!verdict.ok, "the REPRODUCE line replays the failure");
-    assert_eq!(replay.trace_hash, failing.trace_hash, "and replays it exactly");
+    assert_eq!(
+        replay.trace_hash, failing.trace_hash,
+        "and replays it exactly"
+    );
 
     // The same seed without the bug passes.
     let sound = run_seed(&scenario, seed, None);
