@@ -130,21 +130,15 @@ fn strict_quota_safety(run: &Run, figures: &mut Figures) -> Result<(), String> {
 /// acknowledged increments and those plus the ones with unknown outcome;
 /// and the soft quota's overshoot stays within the documented bound.
 fn soft_quota_counter(run: &Run, figures: &mut Figures) -> Result<(), String> {
-    // (license, window) -> (acknowledged, unknown)
-    let mut bounds: BTreeMap<(Lic, i64), (u64, u64)> = BTreeMap::new();
+    // (license, window) -> acknowledged units
+    let mut bounds: BTreeMap<(Lic, i64), u64> = BTreeMap::new();
     let mut unknown_any: BTreeMap<Lic, u64> = BTreeMap::new();
     for c in &run.history.calls {
-        let (lic, quantity, window) = match &c.op {
-            Op::Check {
-                lic,
-                quantity,
-                window,
-            } if matches!(lic, Lic::Soft | Lic::Strict) => (*lic, *quantity, *window),
-            Op::Report { quantity, window } => (Lic::Metered, *quantity, *window),
-            _ => continue,
+        let Some((lic, quantity, window)) = c.op.counted() else {
+            continue;
         };
         match &c.outcome {
-            Outcome::Allow => bounds.entry((lic, window)).or_default().0 += quantity,
+            Outcome::Allow => *bounds.entry((lic, window)).or_default() += quantity,
             // The window of an unanswered call is unknown: it may count in
             // any window.
             Outcome::Unknown(_) => *unknown_any.entry(lic).or_default() += quantity,
@@ -156,7 +150,7 @@ fn soft_quota_counter(run: &Run, figures: &mut Figures) -> Result<(), String> {
         // reports that failure.
         return Ok(());
     }
-    for (&(lic, window), &(acked, _)) in &bounds {
+    for (&(lic, window), &acked) in &bounds {
         let value = run.final_usage.get(&(lic, window)).copied().unwrap_or(0);
         let unknown = unknown_any.get(&lic).copied().unwrap_or(0);
         if value < acked {
@@ -177,7 +171,7 @@ fn soft_quota_counter(run: &Run, figures: &mut Figures) -> Result<(), String> {
     let nodes = run.scenario.all_node_ids().len() as u64;
     let sides = run.max_components.max(1) as u64;
     let bound = limit * (sides - 1) + nodes + limit / 100;
-    for (&(lic, window), &(acked, _)) in &bounds {
+    for (&(lic, window), &acked) in &bounds {
         if lic != Lic::Soft {
             continue;
         }
@@ -285,14 +279,8 @@ fn durability(run: &Run) -> Result<(), String> {
             if c.node != node || c.done_ms > at {
                 continue;
             }
-            let (lic, q, window) = match &c.op {
-                Op::Check {
-                    lic,
-                    quantity,
-                    window,
-                } if matches!(lic, Lic::Soft | Lic::Strict) => (*lic, *quantity, *window),
-                Op::Report { quantity, window } => (Lic::Metered, *quantity, *window),
-                _ => continue,
+            let Some((lic, q, window)) = c.op.counted() else {
+                continue;
             };
             if c.outcome == Outcome::Allow {
                 *acked.entry((lic, window)).or_default() += q;

@@ -101,6 +101,22 @@ pub enum Op {
     Probe,
 }
 
+impl Op {
+    /// The counted units of a Check or Report, with the license counted
+    /// and the window id: what the counter checkers add up.
+    pub fn counted(&self) -> Option<(Lic, u64, i64)> {
+        match self {
+            Op::Check {
+                lic,
+                quantity,
+                window,
+            } if matches!(lic, Lic::Soft | Lic::Strict) => Some((*lic, *quantity, *window)),
+            Op::Report { quantity, window } => Some((Lic::Metered, *quantity, *window)),
+            _ => None,
+        }
+    }
+}
+
 /// A fault the driver injected, or a node lifecycle event.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct FaultEvent {

@@ -28,7 +28,6 @@ use tollgate_node::server::{Addrs, Environment, RunningNode};
 use tollgate_node::settings::{MemberSettings, NodeSettings, RaftTiming};
 use tollgate_node::state::NodeState;
 use tollgate_proto::v1 as pb;
-use tollgate_quota::config::Config;
 
 use crate::history::{Call, FaultEvent, History, Lic, Op, Outcome, Sample};
 use crate::licenses::{self, CHURN_ID, QUOTA_ID};
@@ -170,6 +169,16 @@ struct Slot {
     state: Mutex<Option<std::sync::Weak<NodeState>>>,
     incarnation: Mutex<u32>,
     failure: Mutex<Option<String>>,
+}
+
+impl Slot {
+    /// The running node, if it is serving.
+    fn node(&self) -> Option<Arc<NodeState>> {
+        self.state
+            .lock()
+            .as_ref()
+            .and_then(std::sync::Weak::upgrade)
+    }
 }
 
 fn host_name(id: u64) -> String {
@@ -746,12 +755,7 @@ impl<'a> Driver<'a> {
         let live = self.live();
         let mut best: Option<(u64, u64)> = None;
         for id in &live {
-            if let Some(state) = self.slots[id]
-                .state
-                .lock()
-                .as_ref()
-                .and_then(std::sync::Weak::upgrade)
-            {
+            if let Some(state) = self.slots[id].node() {
                 let m = state.consensus.metrics();
                 if m.is_leader && best.is_none_or(|(t, _)| m.term > t) {
                     best = Some((m.term, *id));
@@ -991,11 +995,7 @@ impl<'a> Driver<'a> {
                             at_ms: self.sim_ms(),
                             what: format!("remove_node {id} requested via {l}"),
                         });
-                        let state = self.slots[&l]
-                            .state
-                            .lock()
-                            .as_ref()
-                            .and_then(std::sync::Weak::upgrade);
+                        let state = self.slots[&l].node();
                         if let Some(state) = state {
                             self.spawn_removal(state, id);
                         }
@@ -1047,15 +1047,10 @@ fn usage_of(state: &NodeState) -> BTreeMap<Vec<u8>, tollgate_quota::counter::Cou
     })
 }
 
-fn config_version(config: &Config) -> u64 {
-    config.version
-}
-
 /// Runs `scenario` with `opts.seed` and returns what happened.
 pub fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Run> {
     let seed = opts.seed;
-    let fx = fixtures()?;
-    let _ = fx;
+    fixtures()?;
     // Every random choice on this thread derives from the seed.
     tollgate_quota::hashing::pin_seed(Some(seed));
     tollgate_consensus::runtime::seed_thread_rng(seed);
@@ -1279,12 +1274,7 @@ fn all_agree(d: &Driver<'_>) -> bool {
     }
     let mut first: Option<BTreeMap<Vec<u8>, tollgate_quota::counter::Counter>> = None;
     for id in &live {
-        let Some(state) = d.slots[id]
-            .state
-            .lock()
-            .as_ref()
-            .and_then(std::sync::Weak::upgrade)
-        else {
+        let Some(state) = d.slots[id].node() else {
             return false;
         };
         let u = usage_of(&state);
@@ -1299,12 +1289,7 @@ fn all_agree(d: &Driver<'_>) -> bool {
 
 fn sample(d: &mut Driver<'_>, now: u64) {
     for (id, slot) in &d.slots {
-        let Some(state) = slot
-            .state
-            .lock()
-            .as_ref()
-            .and_then(std::sync::Weak::upgrade)
-        else {
+        let Some(state) = slot.node() else {
             continue;
         };
         let mut strict: BTreeMap<i64, u64> = BTreeMap::new();
@@ -1320,7 +1305,7 @@ fn sample(d: &mut Driver<'_>, now: u64) {
             at_ms: now,
             node: *id,
             incarnation: *slot.incarnation.lock(),
-            config_version: config_version(&state.config()),
+            config_version: state.config().version,
             strict_used: strict.into_iter().collect(),
         });
     }
@@ -1337,12 +1322,7 @@ fn finish(
     let mut final_usage: BTreeMap<(Lic, i64), u64> = BTreeMap::new();
     let mut final_configs = BTreeMap::new();
     for id in &live {
-        let Some(state) = d.slots[id]
-            .state
-            .lock()
-            .as_ref()
-            .and_then(std::sync::Weak::upgrade)
-        else {
+        let Some(state) = d.slots[id].node() else {
             continue;
         };
         if final_usage.is_empty() {
@@ -1369,12 +1349,7 @@ fn finish(
     }
     if std::env::var_os("TOLLGATE_SIM_DEBUG").is_some() {
         for (id, slot) in &d.slots {
-            let Some(state) = slot
-                .state
-                .lock()
-                .as_ref()
-                .and_then(std::sync::Weak::upgrade)
-            else {
+            let Some(state) = slot.node() else {
                 eprintln!("node {id}: down");
                 continue;
             };
