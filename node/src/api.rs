@@ -18,8 +18,11 @@ pub enum ApiError {
     #[error("{0}")]
     InvalidArgument(String),
     /// Missing or wrong bearer token; nothing changed.
-    #[error("missing or invalid admin token")]
+    #[error("missing or invalid token")]
     Unauthenticated,
+    /// A valid token whose role may not do this; nothing changed.
+    #[error("{0}")]
+    Forbidden(String),
     /// The named object does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -52,6 +55,7 @@ impl ApiError {
         match self {
             ApiError::InvalidArgument(_) => "invalid_argument",
             ApiError::Unauthenticated => "unauthenticated",
+            ApiError::Forbidden(_) => "permission_denied",
             ApiError::NotFound(_) => "not_found",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::NoQuorum(_) => "no_quorum",
@@ -67,6 +71,7 @@ impl ApiError {
         match self {
             ApiError::InvalidArgument(_) => 400,
             ApiError::Unauthenticated => 401,
+            ApiError::Forbidden(_) => 403,
             ApiError::NotFound(_) => 404,
             ApiError::Unavailable(_) | ApiError::NoQuorum(_) => 503,
             ApiError::OutcomeUnknown(_) => 504,
@@ -77,12 +82,24 @@ impl ApiError {
     }
 }
 
+impl From<crate::roles::AuthError> for ApiError {
+    fn from(e: crate::roles::AuthError) -> Self {
+        match e {
+            crate::roles::AuthError::Unauthenticated => ApiError::Unauthenticated,
+            forbidden @ crate::roles::AuthError::Forbidden { .. } => {
+                ApiError::Forbidden(forbidden.to_string())
+            }
+        }
+    }
+}
+
 impl From<ApiError> for tonic::Status {
     fn from(e: ApiError) -> Self {
         let msg = e.to_string();
         match e {
             ApiError::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
             ApiError::Unauthenticated => tonic::Status::unauthenticated(msg),
+            ApiError::Forbidden(_) => tonic::Status::permission_denied(msg),
             ApiError::NotFound(_) => tonic::Status::not_found(msg),
             ApiError::Unavailable(_) | ApiError::NoQuorum(_) => tonic::Status::unavailable(msg),
             ApiError::OutcomeUnknown(_) => tonic::Status::deadline_exceeded(msg),

@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::admin;
 use crate::api::{self, ApiError};
+use crate::roles::Role;
 use crate::state::{NodeState, SeatOp};
 
 /// The edge service.
@@ -96,15 +97,17 @@ impl AdminService {
     }
 
     /// The authenticated caller, with the `idempotency-key` metadata if sent.
-    fn actor<T>(&self, req: &Request<T>) -> Result<admin::Caller, Status> {
+    fn actor<T>(&self, req: &Request<T>, needed: Role) -> Result<admin::Caller, Status> {
         let header = req
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
         let name = self
             .state
-            .authorize_admin(header)
-            .ok_or_else(|| Status::from(ApiError::Unauthenticated))?;
+            .tokens
+            .authorize(header, needed)
+            .map_err(|e| Status::from(ApiError::from(e)))?
+            .actor;
         let key = match req.metadata().get("idempotency-key") {
             Some(v) => Some(v.to_str().map_err(|_| {
                 Status::from(ApiError::InvalidArgument(
@@ -123,7 +126,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::ApplyRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
-        let actor = self.actor(&req)?;
+        let actor = self.actor(&req, Role::Admin)?;
         let r = req.into_inner();
         let applied = admin::apply_documents(&self.state, &actor, &r.document, &r.reason).await?;
         let version = applied.iter().map(|a| a.version).max().unwrap_or(0);
@@ -144,7 +147,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::PutLicenseRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
-        let actor = self.actor(&req)?;
+        let actor = self.actor(&req, Role::Admin)?;
         let r = req.into_inner();
         let version =
             admin::put_license(&self.state, &actor, &r.id, &r.document, &r.reason).await?;
@@ -155,7 +158,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::GetLicenseRequest>,
     ) -> Result<Response<pb::LicenseResponse>, Status> {
-        self.actor(&req)?;
+        self.actor(&req, Role::Viewer)?;
         let (lic, version) = admin::get_license(&self.state, &req.into_inner().id)?;
         let license_json = serde_json::to_string_pretty(&*lic)
             .map_err(|e| Status::from(ApiError::Internal(e.to_string())))?;
@@ -169,7 +172,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::ListLicensesRequest>,
     ) -> Result<Response<pb::ListLicensesResponse>, Status> {
-        self.actor(&req)?;
+        self.actor(&req, Role::Viewer)?;
         let config = self.state.config();
         let licenses = config
             .licenses
@@ -186,7 +189,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::RevokeLicenseRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
-        let actor = self.actor(&req)?;
+        let actor = self.actor(&req, Role::Admin)?;
         let r = req.into_inner();
         let version = admin::revoke(&self.state, &actor, &r.id, &r.reason).await?;
         Ok(Response::new(pb::WriteResponse { version }))
@@ -196,7 +199,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::IssueKeyRequest>,
     ) -> Result<Response<pb::IssueKeyResponse>, Status> {
-        let actor = self.actor(&req)?;
+        let actor = self.actor(&req, Role::Admin)?;
         let r = req.into_inner();
         let k = admin::issue_key(&self.state, &actor, &r.license_id, &r.name, &r.reason).await?;
         Ok(Response::new(pb::IssueKeyResponse {
@@ -210,7 +213,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::PutModelRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
-        let actor = self.actor(&req)?;
+        let actor = self.actor(&req, Role::Admin)?;
         let r = req.into_inner();
         let version = admin::put_model(&self.state, &actor, &r.id, &r.document, &r.reason).await?;
         Ok(Response::new(pb::WriteResponse { version }))
@@ -220,7 +223,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        self.actor(&req)?;
+        self.actor(&req, Role::Viewer)?;
         Ok(Response::new(pb::StatusResponse {
             status_json: self.state.status_json().to_string(),
         }))
@@ -230,7 +233,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::LicenseHistoryRequest>,
     ) -> Result<Response<pb::LicenseHistoryResponse>, Status> {
-        self.actor(&req)?;
+        self.actor(&req, Role::Viewer)?;
         let (records, version) = admin::history(&self.state, &req.into_inner().id)?;
         Ok(Response::new(pb::LicenseHistoryResponse {
             history_json: records.to_string(),
@@ -242,7 +245,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::ModelHistoryRequest>,
     ) -> Result<Response<pb::LicenseHistoryResponse>, Status> {
-        self.actor(&req)?;
+        self.actor(&req, Role::Viewer)?;
         let (records, version) = admin::model_history(&self.state, &req.into_inner().id)?;
         Ok(Response::new(pb::LicenseHistoryResponse {
             history_json: records.to_string(),
@@ -254,7 +257,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::RollbackLicenseRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
-        let actor = self.actor(&req)?;
+        let actor = self.actor(&req, Role::Admin)?;
         let r = req.into_inner();
         let version = admin::rollback(&self.state, &actor, &r.id, r.to_version, &r.reason).await?;
         Ok(Response::new(pb::WriteResponse { version }))
@@ -264,7 +267,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::RevokeKeyRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
-        let actor = self.actor(&req)?;
+        let actor = self.actor(&req, Role::Admin)?;
         let r = req.into_inner();
         let version =
             admin::revoke_key(&self.state, &actor, &r.license_id, &r.key_id, &r.reason).await?;
@@ -275,7 +278,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
-        self.actor(&req)?;
+        self.actor(&req, Role::Viewer)?;
         let cluster = admin::cluster_status(&self.state).await;
         Ok(Response::new(pb::ClusterStatusResponse {
             cluster_json: cluster.to_string(),
@@ -286,7 +289,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
-        let actor = self.actor(&req)?;
+        let actor = self.actor(&req, Role::Admin)?;
         let r = req.into_inner();
         let version = admin::remove_node(&self.state, &actor, r.node_id, &r.reason).await?;
         Ok(Response::new(pb::WriteResponse { version }))

@@ -3,7 +3,8 @@
 //!
 //! Same contract as gRPC (see `api`): snake_case fields, the same reason
 //! codes. Bodies over `MAX_BODY_BYTES` get 413; malformed ones get 400 with
-//! a reason; a missing or wrong admin token gets 401. None of them changes
+//! a reason; a missing or wrong token gets 401, and a token whose role is too low
+//! (see `roles`) gets 403. None of them changes
 //! state.
 
 use std::collections::HashMap;
@@ -19,6 +20,7 @@ use serde::Deserialize;
 
 use crate::admin;
 use crate::api::{self, ApiError, DecisionJson};
+use crate::roles::{Principal, Role};
 use crate::settings::MAX_BODY_BYTES;
 use crate::state::{NodeState, SeatOp};
 
@@ -107,14 +109,10 @@ fn parse(
     })
 }
 
-/// The authenticated caller, with the `Idempotency-Key` header if sent.
-fn actor(state: &NodeState, headers: &HeaderMap) -> Result<admin::Caller, ApiError> {
-    let auth = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    let name = state
-        .authorize_admin(auth)
-        .ok_or(ApiError::Unauthenticated)?;
+/// The authenticated caller, if its token holds at least `needed`, with the
+/// `Idempotency-Key` header if sent.
+fn actor(state: &NodeState, headers: &HeaderMap, needed: Role) -> Result<admin::Caller, ApiError> {
+    let name = authorize(state, headers, needed)?.actor;
     let key = match headers.get("idempotency-key") {
         Some(v) => Some(v.to_str().map_err(|_| {
             ApiError::InvalidArgument("idempotency key: not printable ASCII".into())
@@ -122,6 +120,19 @@ fn actor(state: &NodeState, headers: &HeaderMap) -> Result<admin::Caller, ApiErr
         None => None,
     };
     admin::Caller::new(name, key)
+}
+
+/// The caller, if the `Authorization` header carries a token of at least
+/// `needed`: 401 without a known token, 403 with one of a lower role.
+pub(crate) fn authorize(
+    state: &NodeState,
+    headers: &HeaderMap,
+    needed: Role,
+) -> Result<Principal, ApiError> {
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    Ok(state.tokens.authorize(auth, needed)?)
 }
 
 fn body_text(body: &Bytes) -> Result<&str, ApiError> {
@@ -148,7 +159,7 @@ async fn apply(
     Query(q): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let actor = actor(&state, &headers)?;
+    let actor = actor(&state, &headers, Role::Admin)?;
     let applied =
         admin::apply_documents(&state, &actor, body_text(&body)?, &reason(&q, &headers)).await?;
     let version = applied.iter().map(|a| a.version).max().unwrap_or(0);
@@ -162,7 +173,7 @@ async fn put_license(
     Query(q): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let actor = actor(&state, &headers)?;
+    let actor = actor(&state, &headers, Role::Admin)?;
     let version = admin::put_license(
         &state,
         &actor,
@@ -179,7 +190,7 @@ async fn get_license(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    actor(&state, &headers)?;
+    actor(&state, &headers, Role::Viewer)?;
     let (lic, version) = admin::get_license(&state, &id)?;
     Ok(axum::Json(serde_json::json!({"license": &*lic, "version": version})).into_response())
 }
@@ -188,7 +199,7 @@ async fn list_licenses(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    actor(&state, &headers)?;
+    actor(&state, &headers, Role::Viewer)?;
     let config = state.config();
     let licenses: Vec<_> = config
         .licenses
@@ -244,7 +255,7 @@ async fn revoke(
     Query(q): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let actor = actor(&state, &headers)?;
+    let actor = actor(&state, &headers, Role::Admin)?;
     let why = action_body(&body)?.reason_or(&q, &headers);
     let version = admin::revoke(&state, &actor, &id, &why).await?;
     Ok(
@@ -260,7 +271,7 @@ async fn issue_key(
     Query(q): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let actor = actor(&state, &headers)?;
+    let actor = actor(&state, &headers, Role::Admin)?;
     let b = action_body(&body)?;
     let name = b.name.clone();
     let why = b.reason_or(&q, &headers);
@@ -276,7 +287,7 @@ async fn list_models(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    actor(&state, &headers)?;
+    actor(&state, &headers, Role::Viewer)?;
     let config = state.config();
     let models: Vec<_> = config.models.values().map(|m| &**m).collect();
     Ok(
@@ -292,7 +303,7 @@ async fn put_model(
     Query(q): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let actor = actor(&state, &headers)?;
+    let actor = actor(&state, &headers, Role::Admin)?;
     let version = admin::put_model(
         &state,
         &actor,
@@ -313,7 +324,7 @@ async fn usage(
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    actor(&state, &headers)?;
+    actor(&state, &headers, Role::Viewer)?;
     let license = q.get("license").map(String::as_str);
     Ok(axum::Json(state.usage_json(license)).into_response())
 }
@@ -355,7 +366,7 @@ async fn gossip_faults(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    actor(&state, &headers)?;
+    actor(&state, &headers, Role::Viewer)?;
     let gossip = state
         .gossip
         .get()
@@ -381,7 +392,7 @@ async fn revoke_key(
     Query(q): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let actor = actor(&state, &headers)?;
+    let actor = actor(&state, &headers, Role::Admin)?;
     let why = action_body(&body)?.reason_or(&q, &headers);
     let version = admin::revoke_key(&state, &actor, &id, &key_id, &why).await?;
     Ok(axum::Json(
@@ -395,7 +406,7 @@ async fn history(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    actor(&state, &headers)?;
+    actor(&state, &headers, Role::Viewer)?;
     let (records, version) = admin::history(&state, &id)?;
     Ok(
         axum::Json(serde_json::json!({"license": id, "history": records, "version": version}))
@@ -410,7 +421,7 @@ async fn rollback(
     Query(q): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let actor = actor(&state, &headers)?;
+    let actor = actor(&state, &headers, Role::Admin)?;
     let b = action_body(&body)?;
     let to_version = b
         .to_version
@@ -425,7 +436,7 @@ async fn rollback(
 }
 
 async fn cluster(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    actor(&state, &headers)?;
+    actor(&state, &headers, Role::Viewer)?;
     Ok(axum::Json(admin::cluster_status(&state).await).into_response())
 }
 
@@ -435,7 +446,7 @@ async fn remove_node(
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let actor = actor(&state, &headers)?;
+    let actor = actor(&state, &headers, Role::Admin)?;
     let version = admin::remove_node(&state, &actor, node_id, &reason(&q, &headers)).await?;
     Ok(axum::Json(serde_json::json!({"removed": node_id, "version": version})).into_response())
 }
@@ -445,7 +456,7 @@ async fn model_history(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    actor(&state, &headers)?;
+    actor(&state, &headers, Role::Viewer)?;
     let (records, version) = admin::model_history(&state, &id)?;
     Ok(
         axum::Json(serde_json::json!({"model": id, "history": records, "version": version}))

@@ -18,6 +18,7 @@ pub mod http;
 pub mod persist;
 pub mod quic;
 pub mod revocation_bench;
+pub mod roles;
 pub mod server;
 pub mod settings;
 pub mod state;

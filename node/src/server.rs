@@ -30,6 +30,7 @@ use crate::gossip::GossipNode;
 use crate::grpc::{AdminService, EdgeService};
 use crate::persist;
 use crate::quic::GossipSocket;
+use crate::roles::{Role, TokenSet};
 use crate::settings::{MAX_BODY_BYTES, MemberSettings, NodeSettings};
 use crate::state::NodeState;
 
@@ -96,11 +97,12 @@ fn read_admin_token(settings: &NodeSettings) -> anyhow::Result<String> {
     read_token_file(&settings.admin_token_file)
 }
 
-/// Every admin token with the actor name it is recorded under.
-fn read_admin_tokens(settings: &NodeSettings) -> anyhow::Result<Vec<(String, String)>> {
+/// Every API token with the actor name it is recorded under and its role.
+fn read_tokens(settings: &NodeSettings) -> anyhow::Result<TokenSet> {
     let mut tokens = vec![(
         settings.admin_token_name.clone(),
         read_admin_token(settings)?,
+        Role::Admin,
     )];
     for t in &settings.admin_tokens {
         anyhow::ensure!(
@@ -108,9 +110,11 @@ fn read_admin_tokens(settings: &NodeSettings) -> anyhow::Result<Vec<(String, Str
             "admin_tokens: a token file ({}) has an empty name",
             t.file.display()
         );
-        tokens.push((t.name.clone(), read_token_file(&t.file)?));
+        tokens.push((t.name.clone(), read_token_file(&t.file)?, t.role));
     }
-    Ok(tokens)
+    Ok(TokenSet::new(
+        tokens.iter().map(|(n, t, r)| (n.as_str(), t.as_str(), *r)),
+    ))
 }
 
 /// The sockets a node serves on, bound by the caller.
@@ -285,7 +289,7 @@ where
         raft: raft_addr,
         gossip: advertised_gossip,
     } = addrs;
-    let tokens = read_admin_tokens(&settings)?;
+    let tokens = read_tokens(&settings)?;
     let cluster_token = read_token_file(settings.cluster_token_file())?;
     let storage: Arc<dyn Storage> = match storage {
         Some(storage) => storage,
@@ -404,7 +408,7 @@ where
         settings.region.clone(),
         Arc::clone(&consensus),
         usage,
-        &tokens,
+        tokens,
         settings.strict_fields,
     );
     state.durable_usage_ack = settings.durable_usage_ack;

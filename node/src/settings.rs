@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::certs::TlsFiles;
 use crate::gossip::GossipConfig;
+use crate::roles::Role;
 
 /// Default interval between usage flushes to disk. It is the loss window for
 /// accepted usage on a hard crash of a single node.
@@ -99,7 +100,9 @@ pub struct NodeSettings {
     /// `admin_token_file`.
     #[serde(default = "default_token_name")]
     pub admin_token_name: String,
-    /// More admin tokens, each with its own name for the change history.
+    /// More API tokens, each with its own name for the change history and
+    /// a role (`admin` unless set; `auditor` and `viewer` may only read, see
+    /// `roles`).
     #[serde(default)]
     pub admin_tokens: Vec<NamedTokenFile>,
     /// File holding the secret nodes present to each other on the Raft
@@ -167,7 +170,8 @@ pub struct MemberSettings {
     pub gossip_addr: Option<SocketAddr>,
 }
 
-/// An extra admin token and the name changes made with it are recorded under.
+/// An extra API token, the name changes made with it are recorded under,
+/// and its role.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct NamedTokenFile {
@@ -175,6 +179,13 @@ pub struct NamedTokenFile {
     pub name: String,
     /// File holding the token (one line).
     pub file: PathBuf,
+    /// What the token may do.
+    #[serde(default = "default_role")]
+    pub role: Role,
+}
+
+fn default_role() -> Role {
+    Role::Admin
 }
 
 fn default_region() -> String {

@@ -8,9 +8,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use crate::roles::TokenSet;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
-use sha2::{Digest, Sha256};
 use tollgate_consensus::ConsensusNode;
 use tollgate_quota::config::Config;
 use tollgate_quota::decision::{Decision, Outcome};
@@ -47,8 +47,8 @@ pub struct NodeState {
     pub consensus: Arc<ConsensusNode>,
     config: Arc<ArcSwap<Config>>,
     usage: Mutex<Usage>,
-    // SHA-256 of each admin token with the actor name it records.
-    admin_tokens: Vec<([u8; 32], String)>,
+    /// The API tokens this node accepts, with their actor names and roles.
+    pub tokens: TokenSet,
     /// Whether the edge HTTP API rejects unknown JSON fields.
     pub strict_fields: bool,
     /// Decision counters.
@@ -82,14 +82,12 @@ pub enum SeatOp {
 
 impl NodeState {
     /// Builds the state around a started consensus node.
-    /// `admin_tokens` pairs each actor name with its plain token; only the
-    /// tokens' hashes are kept.
     pub fn new(
         node_id: u64,
         region: String,
         consensus: Arc<ConsensusNode>,
         usage: Usage,
-        admin_tokens: &[(String, String)],
+        tokens: TokenSet,
         strict_fields: bool,
     ) -> Self {
         let config = consensus.config();
@@ -99,10 +97,7 @@ impl NodeState {
             consensus,
             config,
             usage: Mutex::new(usage),
-            admin_tokens: admin_tokens
-                .iter()
-                .map(|(name, token)| (Sha256::digest(token.trim().as_bytes()).into(), name.clone()))
-                .collect(),
+            tokens,
             strict_fields,
             stats: Stats::default(),
             usage_seq: AtomicU64::new(0),
@@ -247,18 +242,6 @@ impl NodeState {
     /// Whether accepted usage is waiting to be flushed.
     pub fn usage_unflushed(&self) -> bool {
         self.usage_persisted_seq.load(Ordering::Acquire) < self.usage_seq()
-    }
-
-    /// Checks a bearer token against the admin tokens; returns the name of
-    /// the matching token, which is recorded as the actor of changes.
-    pub fn authorize_admin(&self, authorization: Option<&str>) -> Option<String> {
-        let token = authorization?.trim().strip_prefix("Bearer ")?.trim();
-        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        // Comparing digests keeps the comparison's timing unrelated to the token.
-        self.admin_tokens
-            .iter()
-            .find(|(hash, _)| *hash == digest)
-            .map(|(_, name)| name.clone())
     }
 
     /// A JSON status document for operators.

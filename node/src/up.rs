@@ -13,8 +13,9 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
+use crate::roles::Role;
 use crate::server::{self, Listeners, RunningNode};
-use crate::settings::{MemberSettings, NodeSettings, RaftTiming};
+use crate::settings::{MemberSettings, NamedTokenFile, NodeSettings, RaftTiming};
 
 /// The demo documents applied at first start (models and two licenses).
 pub const QUICKSTART_YAML: &str = include_str!("../../examples/quickstart.yaml");
@@ -39,6 +40,14 @@ pub struct ClusterFile {
     pub nodes: Vec<ClusterNode>,
     /// Path of the file holding the admin token (mode 0600).
     pub admin_token_file: PathBuf,
+    /// Path of the file holding an `auditor` token (reads, and the audit
+    /// log); older files lack it.
+    #[serde(default)]
+    pub auditor_token_file: Option<PathBuf>,
+    /// Path of the file holding a `viewer` token (reads, dashboard,
+    /// metrics); older files lack it.
+    #[serde(default)]
+    pub viewer_token_file: Option<PathBuf>,
 }
 
 /// One node in `cluster.json`.
@@ -219,6 +228,11 @@ pub async fn start_with(
     // admin client cannot speak Raft.
     let cluster_token_file = data_dir.join("cluster.token");
     ensure_admin_token(&cluster_token_file)?;
+    // Read-only tokens for auditors and dashboards.
+    let auditor_token_file = data_dir.join("auditor.token");
+    ensure_admin_token(&auditor_token_file)?;
+    let viewer_token_file = data_dir.join("viewer.token");
+    ensure_admin_token(&viewer_token_file)?;
 
     let previous = ClusterFile::read(&data_dir).ok();
     let planned = match &previous {
@@ -262,6 +276,8 @@ pub async fn start_with(
             })
             .collect(),
         admin_token_file: token_file.clone(),
+        auditor_token_file: Some(auditor_token_file.clone()),
+        viewer_token_file: Some(viewer_token_file.clone()),
     };
     cluster.write(&data_dir)?;
     // One dev CA for the local cluster, so the nodes accept each other's
@@ -282,6 +298,18 @@ pub async fn start_with(
         settings.enable_fault_injection = enable_fault_injection;
         settings.admin_token_file = token_file.clone();
         settings.cluster_token_file = Some(cluster_token_file.clone());
+        settings.admin_tokens = vec![
+            NamedTokenFile {
+                name: "auditor".into(),
+                file: auditor_token_file.clone(),
+                role: Role::Auditor,
+            },
+            NamedTokenFile {
+                name: "viewer".into(),
+                file: viewer_token_file.clone(),
+                role: Role::Viewer,
+            },
+        ];
         settings.raft = RaftTiming::local();
         // The first node forms the cluster with all of them; the others
         // wait to hear from it.
@@ -342,6 +370,19 @@ pub fn banner(cluster: &ClusterFile, data_dir: &Path) -> String {
         data_dir.join("cluster.json").display(),
         cluster.admin_token_file.display()
     ));
+    for (role, file) in [
+        ("auditor", &cluster.auditor_token_file),
+        ("viewer", &cluster.viewer_token_file),
+    ] {
+        if let Some(f) = file {
+            out.push_str(&format!(
+                "  {role} token:{:>w$}{}\n",
+                "",
+                f.display(),
+                w = 8 - role.len()
+            ));
+        }
+    }
     if let Some(n) = cluster.nodes.first() {
         out.push_str("\nTry it:\n");
         out.push_str(&format!(

@@ -6,9 +6,30 @@ pub mod cluster;
 use std::path::Path;
 
 use anyhow::Context;
+use tollgate_node::roles::Role;
 use tollgate_node::server::{self, Listeners, RunningNode};
-use tollgate_node::settings::{NodeSettings, RaftTiming};
+use tollgate_node::settings::{NamedTokenFile, NodeSettings, RaftTiming};
 use tollgate_node::up::{QUICKSTART_YAML, ensure_admin_token};
+
+/// Creates `auditor.token` and `viewer.token` in `dir`: the settings
+/// entries for them, and the two plain tokens.
+pub fn role_tokens(dir: &Path) -> anyhow::Result<(Vec<NamedTokenFile>, String, String)> {
+    let mut entries = Vec::new();
+    let mut plain = Vec::new();
+    for (name, role) in [("auditor", Role::Auditor), ("viewer", Role::Viewer)] {
+        let file = dir.join(format!("{name}.token"));
+        ensure_admin_token(&file)?;
+        plain.push(std::fs::read_to_string(&file)?.trim().to_string());
+        entries.push(NamedTokenFile {
+            name: name.to_string(),
+            file,
+            role,
+        });
+    }
+    let viewer = plain.pop().unwrap_or_default();
+    let auditor = plain.pop().unwrap_or_default();
+    Ok((entries, auditor, viewer))
+}
 
 /// A node under test and what a client needs to reach it.
 pub struct TestNode {
@@ -20,6 +41,10 @@ pub struct TestNode {
     pub grpc: String,
     /// The admin token.
     pub token: String,
+    /// A token with the `auditor` role (empty unless started by `start`).
+    pub auditor_token: String,
+    /// A token with the `viewer` role (empty unless started by `start`).
+    pub viewer_token: String,
     /// A reusable HTTP client.
     pub client: reqwest::Client,
 }
@@ -38,12 +63,17 @@ impl TestNode {
         );
         settings.admin_token_file = token_file.clone();
         settings.raft = RaftTiming::local();
+        let (role_tokens, auditor_token, viewer_token) = role_tokens(dir)?;
+        settings.admin_tokens = role_tokens;
         let node =
             server::start_with_listeners(settings, listeners, Some(QUICKSTART_YAML.to_string()))
                 .await
                 .context("starting node")?;
         let token = std::fs::read_to_string(&token_file)?.trim().to_string();
-        Ok(Self::around(node, token))
+        let mut n = Self::around(node, token);
+        n.auditor_token = auditor_token;
+        n.viewer_token = viewer_token;
+        Ok(n)
     }
 
     /// Wraps a running node.
@@ -53,6 +83,8 @@ impl TestNode {
             grpc: format!("http://{}", node.grpc_addr),
             node,
             token,
+            auditor_token: String::new(),
+            viewer_token: String::new(),
             client: reqwest::Client::new(),
         }
     }

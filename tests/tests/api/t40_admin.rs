@@ -128,3 +128,41 @@ async fn rejected_write_changes_nothing_and_multi_document_apply_is_all_or_nothi
     assert_eq!(s, 404, "first document of a rejected file was applied");
     n.node.shutdown().await
 }
+
+#[tokio::test]
+async fn role_tokens_read_but_only_admin_writes() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let n = TestNode::start(dir.path()).await?;
+    let before = n.version().await?;
+    let doc = "apiVersion: tollgate/v1\nkind: License\nid: by-role\ncustomer: X\ntier: t\nstatus: active\n";
+    for (role, token) in [("viewer", &n.viewer_token), ("auditor", &n.auditor_token)] {
+        // Both may read.
+        let (s, body) = n
+            .admin(Method::GET, "/v1/licenses", Some(token), "")
+            .await?;
+        assert_eq!(s, 200, "{role}: {body}");
+        let (s, body) = n.admin(Method::GET, "/v1/cluster", Some(token), "").await?;
+        assert_eq!(s, 200, "{role}: {body}");
+        // Neither may write: 403 naming the role, and nothing changes.
+        let (s, body) = n
+            .admin(Method::PUT, "/v1/licenses/by-role", Some(token), doc)
+            .await?;
+        assert_eq!(s, 403, "{role}: {body}");
+        assert_eq!(body["error"]["code"], "permission_denied");
+        let msg = body["error"]["message"].as_str().unwrap_or("");
+        assert!(msg.contains(role) && msg.contains("admin"), "{msg}");
+        let (s, _) = n
+            .admin(Method::POST, "/v1/licenses/demo/revoke", Some(token), "")
+            .await?;
+        assert_eq!(s, 403, "{role}");
+    }
+    assert_eq!(n.version().await?, before);
+    let (_, d) = n.post("/v1/check", &demo_check("tg_demo_key")).await?;
+    assert_eq!(d["decision"], "allow", "{d}");
+    // The admin token still writes.
+    let (s, body) = n
+        .admin(Method::PUT, "/v1/licenses/by-role", Some(&n.token), doc)
+        .await?;
+    assert_eq!(s, 200, "{body}");
+    n.node.shutdown().await
+}

@@ -101,6 +101,7 @@ fn with_alice(s: &mut NodeSettings) {
         .push(tollgate_node::settings::NamedTokenFile {
             name: "alice".to_string(),
             file: s.admin_token_file.with_file_name("alice.token"),
+            role: tollgate_node::roles::Role::Admin,
         });
 }
 
