@@ -179,14 +179,19 @@ impl Runtime for SimQuinnRuntime {
     }
 }
 
-/// A simulated TCP stream tonic can serve.
+/// A simulated TCP stream tonic can serve. Its connect info is tonic's
+/// `TcpConnectInfo`, as over real TCP, so `Request::remote_addr` reports
+/// the caller's address.
 pub struct SimTcpStream(turmoil::net::TcpStream);
 
 impl tonic::transport::server::Connected for SimTcpStream {
-    type ConnectInfo = Option<SocketAddr>;
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.0.peer_addr().ok()
+        tonic::transport::server::TcpConnectInfo {
+            local_addr: self.0.local_addr().ok(),
+            remote_addr: self.0.peer_addr().ok(),
+        }
     }
 }
 
