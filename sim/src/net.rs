@@ -80,12 +80,15 @@ impl AsyncUdpSocket for SimUdpSocket {
             .unwrap_or(transmit.contents.len())
             .max(1);
         for chunk in transmit.contents.chunks(segment) {
-            match self.socket.try_send_to(chunk, transmit.destination) {
-                Ok(_) => {}
-                // A datagram to a host that is down is lost, not an error of
-                // this socket.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(e),
-                Err(e) => tracing::trace!(error = %e, "simulated datagram dropped"),
+            // A failed send is a lost datagram, as with a real socket, never
+            // an error: quinn ends a connection's driver on an error, and on
+            // `WouldBlock` retries at once, because this socket is always
+            // writable, resending the segments already sent. Turmoil fails a
+            // send to an address no host in the simulation has, or a
+            // broadcast the socket did not enable; it never says
+            // `WouldBlock`.
+            if let Err(e) = self.socket.try_send_to(chunk, transmit.destination) {
+                tracing::trace!(error = %e, "simulated datagram dropped");
             }
         }
         Ok(())
@@ -179,14 +182,19 @@ impl Runtime for SimQuinnRuntime {
     }
 }
 
-/// A simulated TCP stream tonic can serve.
+/// A simulated TCP stream tonic can serve. Its connect info is tonic's
+/// `TcpConnectInfo`, as over real TCP, so `Request::remote_addr` reports
+/// the caller's address.
 pub struct SimTcpStream(turmoil::net::TcpStream);
 
 impl tonic::transport::server::Connected for SimTcpStream {
-    type ConnectInfo = Option<SocketAddr>;
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.0.peer_addr().ok()
+        tonic::transport::server::TcpConnectInfo {
+            local_addr: self.0.local_addr().ok(),
+            remote_addr: self.0.peer_addr().ok(),
+        }
     }
 }
 
