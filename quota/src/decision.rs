@@ -1457,8 +1457,13 @@ versions:
         let d = check(&c, &mut u, end_of_jan, none, "deny:quota_exceeded");
         assert_eq!(d.quotas[0].resets_at_ms, Some(ms("2026-02-01T00:00:00Z")));
         check(&c, &mut u, "2026-02-01T00:00:00Z", none, "allow");
-        // GC drops January's counter once February is current.
-        let removed = u.gc(&c, ms("2026-02-01T00:00:00Z"));
+        // January's counter outlives its window by the grace, still taking
+        // peers' late usage, then GC drops it.
+        let feb = ms("2026-02-01T00:00:00Z");
+        assert!(u.gc(&c, feb).is_empty());
+        let grace = crate::usage::CLOSED_WINDOW_GRACE_MS;
+        assert!(u.gc(&c, feb + grace - 1).is_empty());
+        let removed = u.gc(&c, feb + grace);
         assert_eq!(removed.len(), 1);
         assert_eq!(u.n_counters(), 1);
     }

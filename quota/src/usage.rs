@@ -242,6 +242,8 @@ pub(crate) struct DemandRate {
     pub last: BTreeMap<u64, u64>,
     /// Smoothed units per second, per node.
     pub rate: BTreeMap<u64, f64>,
+    /// When each node's demand was last seen growing here.
+    pub grew_ms: BTreeMap<u64, i64>,
 }
 
 /// The node-local usage state.
@@ -613,8 +615,9 @@ impl Usage {
         self.restore_devices(license, devices);
     }
 
-    /// Drops counters whose window epoch is older than the current one, and
-    /// counters of licenses or quotas no longer configured. `total` windows
+    /// Drops counters whose window ended more than
+    /// [`CLOSED_WINDOW_GRACE_MS`] ago, and counters of licenses or quotas no
+    /// longer configured. `total` windows
     /// and seats of configured licenses are never dropped. Returns the
     /// removed keys (delete them from storage).
     pub fn gc(&mut self, config: &Config, now_ms: i64) -> Vec<CounterKey> {
@@ -623,7 +626,7 @@ impl Usage {
         self.counters.retain(|key, _| {
             let keep = match window_of(config, key) {
                 Some(Window::Total) => true,
-                Some(w) => key.epoch >= w.epoch(now_ms),
+                Some(_) => window_is_open(config, now_ms, key),
                 // A license this node's config does not hold (yet): it may
                 // be behind (just restarted, or a peer counts a license
                 // applied there first), so the counter is kept until the
@@ -669,10 +672,21 @@ pub const UNKNOWN_LICENSE_GRACE_MS: i64 = 600_000;
 /// Default retry hint for `quota_rights_unavailable`.
 pub const DEFAULT_RIGHTS_RETRY_MS: u64 = 100;
 
-/// Whether `key`'s window is still open by `config` and `now_ms` (true for a
-/// license or quota the config does not know: it may be behind).
+/// How long a counter is kept after its window ended: its final count still
+/// takes peers' usage that arrives late (a node whose clock runs behind
+/// counts into the window after it ended here, a partition holds back what
+/// was counted before the end), so every node reports the same total for it.
+pub const CLOSED_WINDOW_GRACE_MS: i64 = 120_000;
+
+/// Whether `key`'s counter is still kept by `config` and `now_ms`: its window
+/// is open or ended less than [`CLOSED_WINDOW_GRACE_MS`] ago (true for a
+/// license or quota the config does not know: it may be behind). Decisions
+/// count only in the current window; this says which counters peers' states
+/// still merge into.
 pub fn window_is_open(config: &Config, now_ms: i64, key: &CounterKey) -> bool {
-    window_of(config, key).is_none_or(|w| w == Window::Total || key.epoch >= w.epoch(now_ms))
+    window_of(config, key).is_none_or(|w| {
+        w == Window::Total || key.epoch >= w.epoch(now_ms.saturating_sub(CLOSED_WINDOW_GRACE_MS))
+    })
 }
 
 /// The window of the quota (or seats) a counter belongs to, if configured.
