@@ -23,6 +23,13 @@
 //!    unit below their targets, largest shortfall first. A node holding
 //!    nothing gets a unit on a smaller shortfall only if its demand exceeds
 //!    this node's, so a last unit moves to demand but never ping-pongs.
+//! 5. **Only to live demand.** A node receives rights only while its demand
+//!    is still growing: it grew here within [`RebalancePolicy::active_ms`].
+//!    Each node estimates every node's rate from when it saw the counts, so
+//!    two nodes can rank each other's demand the other way round; once
+//!    demand stops, those rankings stay frozen while the rates decay, and
+//!    each would keep handing the other its surplus. Requiring growth ends
+//!    every transfer soon after the load does, and the replicas agree.
 
 use std::collections::BTreeMap;
 
@@ -39,6 +46,9 @@ pub struct RebalancePolicy {
     pub half_life_ms: f64,
     /// Demand below this many units per second counts as none.
     pub min_rate: f64,
+    /// A node whose demand has not grown for this long (ms) receives no
+    /// rights.
+    pub active_ms: i64,
 }
 
 impl Default for RebalancePolicy {
@@ -47,6 +57,7 @@ impl Default for RebalancePolicy {
             reserve_fraction: 0.1,
             half_life_ms: 1_000.0,
             min_rate: 0.05,
+            active_ms: 300,
         }
     }
 }
@@ -112,6 +123,9 @@ fn update_rate(rate: &mut DemandRate, counter: &Counter, now_ms: i64, half_life_
         let r = rate.rate.entry(n).or_insert(0.0);
         *r += alpha * (instant - *r);
         rate.last.insert(n, now_demand);
+        if now_demand > before {
+            rate.grew_ms.insert(n, now_ms);
+        }
     }
     rate.last_ms = now_ms;
 }
@@ -140,6 +154,12 @@ impl Usage {
             };
             let rate = self.rates.entry(key.clone()).or_default();
             update_rate(rate, &counter, now_ms, policy.half_life_ms);
+            let live: Vec<u64> = rate
+                .grew_ms
+                .iter()
+                .filter(|(_, t)| now_ms.saturating_sub(**t) <= policy.active_ms)
+                .map(|(n, _)| *n)
+                .collect();
             let rates: BTreeMap<u64, f64> = rate
                 .rate
                 .iter()
@@ -184,7 +204,7 @@ impl Usage {
             // while demand decayed; found by the simulator).
             let mut short: Vec<(u64, f64)> = nodes
                 .iter()
-                .filter(|&&n| n != me && rates.contains_key(&n))
+                .filter(|&&n| n != me && rates.contains_key(&n) && live.contains(&n))
                 .map(|&n| (n, target(n) - counter.available(n, limit) as f64))
                 .filter(|&(n, gap)| {
                     gap >= 1.0

@@ -481,3 +481,93 @@ fn near_a_soft_limit_a_node_takes_its_share_of_the_rest_per_sync() {
         Outcome::Allow
     );
 }
+
+#[test]
+fn a_closed_window_takes_late_usage_during_its_grace_and_not_after() {
+    let config = strict_config(100, 0);
+    let mut u = Usage::new(1);
+    let (_, end) = Window::Month.bounds(Window::Month.epoch(NOW_MS));
+    let end = end.unwrap_or(NOW_MS);
+    let key = CounterKey {
+        license: "s".into(),
+        quota: "q".into(),
+        epoch: Window::Month.epoch(NOW_MS),
+        scope: String::new(),
+    };
+    // A peer whose clock runs behind counted into the window after it ended here.
+    let mut late = Counter::default();
+    late.consume(2, 5);
+    assert!(u.merge_remote(&config, end + 1_000, &key, &late));
+    assert_eq!(u.counter(&key).map(|c| c.value()), Some(5));
+    // Once the grace is over, the window's count is final here.
+    let grace = tollgate_quota::usage::CLOSED_WINDOW_GRACE_MS;
+    late.consume(2, 1);
+    assert!(!u.merge_remote(&config, end + grace, &key, &late));
+    assert_eq!(u.gc(&config, end + grace), vec![key]);
+}
+
+#[test]
+fn transfers_end_soon_after_demand_stops_and_replicas_agree() {
+    let config = strict_config(10_000, 0);
+    let mut nodes = cluster(2);
+    let key = quota_key();
+    let policy = RebalancePolicy::default();
+    let mut now = NOW_MS;
+    let exchange = |nodes: &mut Vec<Usage>, now: i64, from: usize, to: usize| {
+        if let Some(state) = nodes[from].counter(&key).cloned() {
+            nodes[to].merge_remote(&config, now, &key, &state);
+        }
+    };
+    // Both nodes are busy, then their load winds down. Each hears of the
+    // other's demand a tick late, so each sees the other's (older, higher)
+    // demand above its own: their rankings disagree.
+    for round in 0..20u64 {
+        let mut sent = Vec::new();
+        for i in 0..2 {
+            sent.push(nodes[i].counter(&key).cloned());
+        }
+        for n in nodes.iter_mut() {
+            for _ in 0..(40 - 2 * round) {
+                n.check(&config, &check(1), now, String::new());
+            }
+        }
+        for (to, state) in [(1, &sent[0]), (0, &sent[1])] {
+            if let Some(state) = state {
+                nodes[to].merge_remote(&config, now, &key, state);
+            }
+        }
+        for n in nodes.iter_mut() {
+            n.rebalance(&config, now, &policy);
+        }
+        now += 50;
+    }
+    // The load stops. Within active_ms (plus a tick to hear of it) every
+    // transfer has ended, although the decaying estimates stay above
+    // min_rate much longer.
+    let stopped = now;
+    let quiet_after = stopped + RebalancePolicy::default().active_ms + 100;
+    let mut last_transfer = 0;
+    while now < quiet_after + 2_000 {
+        exchange(&mut nodes, now, 0, 1);
+        exchange(&mut nodes, now, 1, 0);
+        for n in nodes.iter_mut() {
+            if !n.rebalance(&config, now, &policy).is_empty() {
+                last_transfer = now;
+            }
+        }
+        now += 50;
+    }
+    assert!(
+        last_transfer < quiet_after,
+        "rights still moved {} ms after demand stopped",
+        last_transfer - stopped
+    );
+    exchange(&mut nodes, now, 0, 1);
+    exchange(&mut nodes, now, 1, 0);
+    assert_eq!(nodes[0].counter(&key), nodes[1].counter(&key));
+    let demand = nodes[0].rights_status(&config, now)[0].demand.clone();
+    assert!(
+        demand.values().any(|r| *r >= policy.min_rate),
+        "the estimates decayed below min_rate, so the test shows nothing: {demand:?}"
+    );
+}

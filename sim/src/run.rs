@@ -815,6 +815,13 @@ impl<'a> Driver<'a> {
             for &b in &ids {
                 if a < b {
                     self.sim.set_link_fail_rate(host_name(a), host_name(b), 0.0);
+                    // Both bounds: a latency fault set min = max above the
+                    // scenario's max, and min > max must never happen.
+                    self.sim.set_link_latency(
+                        host_name(a),
+                        host_name(b),
+                        Duration::from_millis(self.scenario.latency_ms.min),
+                    );
                     self.sim.set_link_max_message_latency(
                         host_name(a),
                         host_name(b),

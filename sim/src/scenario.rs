@@ -43,6 +43,18 @@ pub const BUILTIN: &[(&str, &str)] = &[
         "ring-partition",
         include_str!("../scenarios/ring-partition.yaml"),
     ),
+    (
+        "raft-silent-partition",
+        include_str!("../scenarios/raft-silent-partition.yaml"),
+    ),
+    (
+        "escrow-ping-pong",
+        include_str!("../scenarios/escrow-ping-pong.yaml"),
+    ),
+    (
+        "late-usage-after-window-end",
+        include_str!("../scenarios/late-usage-after-window-end.yaml"),
+    ),
 ];
 
 /// A scenario file could not be used.
@@ -139,9 +151,9 @@ impl Default for LatencyRange {
     }
 }
 
-/// Clients and what they send.
+/// Clients and what they send; a field left out takes its default.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Workload {
     /// Client hosts; client k talks to node ((k - 1) mod nodes) + 1 and
     /// fails over to the next on errors.
