@@ -541,6 +541,18 @@ impl Inner {
                 peer.last_dial_end = Some(Instant::now());
                 peer.dial_failures = 0;
             }
+            // A peer dials only when it has no fresh connection to this node:
+            // a new incoming connection while ours to it looks alive most
+            // likely means the peer restarted and ours is dead, its packets
+            // dropped until STALE_AFTER or the idle timeout. It stops being
+            // preferred now; if the peer still answers on it, the next
+            // freshness tick makes it fresh again.
+            if dir == Direction::Incoming
+                && let Some(out) = peer.outgoing.as_mut()
+                && let Some(stale) = Instant::now().checked_sub(STALE_AFTER)
+            {
+                out.last_rx_at = out.last_rx_at.min(stale);
+            }
             let old = peer.slot(dir).replace(link);
             if let Some(old) = &old {
                 peer.account(&old.conn);

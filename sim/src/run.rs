@@ -92,6 +92,10 @@ pub struct Run {
     pub history: History,
     /// When the last heal happened (simulated ms).
     pub healed_at_ms: u64,
+    /// When, after the heal, every live node was serving with its gossip
+    /// started (a node restarted at the heal first has to boot); convergence
+    /// is measured from here.
+    pub serving_at_ms: u64,
     /// When every live node first agreed on all usage after the heal.
     pub converged_at_ms: Option<u64>,
     /// Final usage per license and window, as the converged nodes agree
@@ -1191,6 +1195,7 @@ fn run_seeded(scenario: &Scenario, seed: u64) -> anyhow::Result<Run> {
     let mut healed_at: Option<u64> = None;
     let mut probe_started = false;
     let mut converged_at: Option<u64> = None;
+    let mut serving_at: Option<u64> = None;
     let mut last_sample = 0u64;
     loop {
         let now = d.sim_ms();
@@ -1245,6 +1250,9 @@ fn run_seeded(scenario: &Scenario, seed: u64) -> anyhow::Result<Run> {
         if now >= last_sample + SAMPLE_EVERY_MS {
             last_sample = now;
             sample(&mut d, now);
+            if healed_at.is_some() && serving_at.is_none() && all_serving(&d) {
+                serving_at = Some(now);
+            }
             if let Some(h) = healed_at
                 && converged_at.is_none()
                 && now >= h
@@ -1262,10 +1270,18 @@ fn run_seeded(scenario: &Scenario, seed: u64) -> anyhow::Result<Run> {
             if failures.is_empty() {
                 return Err(anyhow::anyhow!("simulation failed: {e}"));
             }
-            return finish(d, calls, healed_at, converged_at, failures);
+            return finish(d, calls, healed_at, serving_at, converged_at, failures);
         }
     }
-    finish(d, calls, healed_at, converged_at, Vec::new())
+    finish(d, calls, healed_at, serving_at, converged_at, Vec::new())
+}
+
+/// Whether every node that should be live runs with its gossip started.
+fn all_serving(d: &Driver<'_>) -> bool {
+    d.slots
+        .iter()
+        .filter(|(id, _)| !d.removed.contains(id))
+        .all(|(_, slot)| slot.node().is_some_and(|s| s.gossip.get().is_some()))
 }
 
 fn all_agree(d: &Driver<'_>) -> bool {
@@ -1322,6 +1338,7 @@ fn finish(
     d: Driver<'_>,
     calls: Calls,
     healed_at: Option<u64>,
+    serving_at: Option<u64>,
     converged_at: Option<u64>,
     failures: Vec<String>,
 ) -> anyhow::Result<Run> {
@@ -1393,6 +1410,7 @@ fn finish(
         seed: d.seed,
         history,
         healed_at_ms: healed_at.unwrap_or(d.scenario.duration_ms),
+        serving_at_ms: serving_at.or(healed_at).unwrap_or(d.scenario.duration_ms),
         converged_at_ms: converged_at,
         final_usage,
         final_configs,
