@@ -2,7 +2,7 @@
 
 use tollgate_quota::config::{ApplyOutcome, Config, ConfigCommand, ConfigOp};
 use tollgate_quota::decision::{Outcome, ReasonCode};
-use tollgate_quota::license::{Document, parse_documents};
+use tollgate_quota::license::parse_documents;
 use tollgate_quota::request::{CheckRequest, Meter};
 use tollgate_quota::seats::SeatRequest;
 use tollgate_quota::usage::Usage;
@@ -15,10 +15,7 @@ fn config() -> Config {
     let docs = parse_documents(QUICKSTART).expect("quickstart parses");
     assert_eq!(docs.len(), 5);
     for (idx, doc) in docs.into_iter().enumerate() {
-        let op = match doc {
-            Document::License(l) => ConfigOp::PutLicense(l),
-            Document::Model(m) => ConfigOp::PutModel(m),
-        };
+        let op = ConfigOp::from(doc);
         let cmd = ConfigCommand {
             request_id: None,
             actor: "test".into(),
