@@ -33,6 +33,9 @@ pub const MAX_LICENSE_EXPRESSION_LEN: usize = 512;
 /// Most releases one dataset document may list.
 pub const MAX_RELEASES: usize = 256;
 
+/// Longest dataset description, in bytes.
+pub const MAX_DESCRIPTION_LEN: usize = 4 * MAX_TEXT_LEN;
+
 /// The `kind: Dataset` marker.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DatasetKind {
@@ -219,11 +222,11 @@ impl Dataset {
             check_text("name", name)?;
         }
         if let Some(description) = &self.description
-            && description.len() > 4 * MAX_TEXT_LEN
+            && description.len() > MAX_DESCRIPTION_LEN
         {
             return Err(ValidationError::new(
                 "description",
-                format!("at most {} bytes", 4 * MAX_TEXT_LEN),
+                format!("at most {MAX_DESCRIPTION_LEN} bytes"),
             ));
         }
         check_len("creators", &self.creators)?;
