@@ -10,6 +10,7 @@ use rand::RngCore;
 use serde::Serialize;
 use tollgate_consensus::WriteError;
 use tollgate_quota::config::{ApplyOutcome, ConfigCommand, ConfigOp};
+use tollgate_quota::dataset::Dataset;
 use tollgate_quota::keys;
 use tollgate_quota::license::{self, Document, License, StoredKey};
 
@@ -67,7 +68,7 @@ impl Caller {
 /// One document applied by `apply_documents`.
 #[derive(Debug, Clone, Serialize)]
 pub struct AppliedDoc {
-    /// "Model" or "License".
+    /// "Model", "Dataset" or "License".
     pub kind: &'static str,
     /// The document's id.
     pub id: String,
@@ -159,8 +160,9 @@ fn reason_opt(reason: &str) -> Option<String> {
     }
 }
 
-/// Applies every Model and License document in `text`, models first so that
-/// licenses may refer to them. All documents are validated before any write.
+/// Applies every Model, Dataset and License document in `text`, models and
+/// datasets first so that licenses may refer to them. All documents are
+/// validated before any write.
 pub async fn apply_documents(
     state: &NodeState,
     caller: &Caller,
@@ -206,14 +208,12 @@ async fn apply_batch(
     }
     docs.sort_by_key(|d| match d {
         Document::Model(_) => 0,
-        Document::License(_) => 1,
+        Document::Dataset(_) => 1,
+        Document::License(_) => 2,
     });
     let planned: Vec<(&'static str, String, ConfigOp)> = docs
         .into_iter()
-        .map(|doc| match doc {
-            Document::Model(m) => ("Model", m.id.clone(), ConfigOp::PutModel(m)),
-            Document::License(l) => ("License", l.id.clone(), ConfigOp::PutLicense(l)),
-        })
+        .map(|doc| (doc.kind(), doc.id().to_string(), ConfigOp::from(doc)))
         .collect();
     let ops: Vec<ConfigOp> = planned.iter().map(|(_, _, op)| op.clone()).collect();
     let batch = ConfigOp::Batch { ops, only_if_empty };
@@ -259,6 +259,64 @@ pub async fn put_model(
     let model = license::parse_model(text).map_err(invalid)?;
     ensure_path_id(&model.id, id)?;
     write(state, caller, reason_opt(reason), ConfigOp::PutModel(model)).await
+}
+
+/// Creates or replaces dataset `id` from a YAML or JSON document.
+pub async fn put_dataset(
+    state: &NodeState,
+    caller: &Caller,
+    id: &str,
+    text: &str,
+    reason: &str,
+) -> Result<u64, ApiError> {
+    let dataset = license::parse_dataset(text).map_err(invalid)?;
+    ensure_path_id(&dataset.id, id)?;
+    write(
+        state,
+        caller,
+        reason_opt(reason),
+        ConfigOp::PutDataset(dataset),
+    )
+    .await
+}
+
+/// Removes dataset `id` from the registry.
+pub async fn delete_dataset(
+    state: &NodeState,
+    caller: &Caller,
+    id: &str,
+    reason: &str,
+) -> Result<u64, ApiError> {
+    get_dataset(state, id)?;
+    write(
+        state,
+        caller,
+        reason_opt(reason),
+        ConfigOp::DeleteDataset { id: id.to_string() },
+    )
+    .await
+}
+
+/// Reads dataset `id` from the local applied config.
+pub fn get_dataset(state: &NodeState, id: &str) -> Result<(Arc<Dataset>, u64), ApiError> {
+    let config = state.config();
+    config
+        .dataset(id)
+        .cloned()
+        .map(|d| (d, config.version))
+        .ok_or_else(|| ApiError::NotFound(format!("dataset `{id}` not found")))
+}
+
+/// The recorded changes of dataset `id`, oldest first, as JSON records, and
+/// the config version they were read at.
+pub fn dataset_history(state: &NodeState, id: &str) -> Result<(serde_json::Value, u64), ApiError> {
+    let config = state.config();
+    let records = config.dataset_history(id);
+    if records.is_empty() {
+        return Err(ApiError::NotFound(format!("dataset `{id}` has no history")));
+    }
+    let json = records_json(records.iter().map(|r| (r, r.at_ms)))?;
+    Ok((json, config.version))
 }
 
 /// Reads license `id` from the local applied config.

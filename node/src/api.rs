@@ -8,7 +8,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use tollgate_proto::v1 as pb;
 use tollgate_quota::decision::{Decision, Outcome};
-use tollgate_quota::request::{CheckRequest, Meter};
+use tollgate_quota::request::{CheckRequest, LineageEntry, Meter};
 use tollgate_quota::seats::{SeatDecision, SeatRequest};
 
 /// An API failure, mapped to a gRPC status or an HTTP status with a reason.
@@ -131,6 +131,8 @@ pub struct CheckJson {
     #[serde(default)]
     meters: Vec<MeterJson>,
     #[serde(default)]
+    lineage: Vec<LineageJson>,
+    #[serde(default)]
     request_id: Option<String>,
     #[serde(default)]
     dry_run: bool,
@@ -150,6 +152,15 @@ pub struct CheckJson {
 struct MeterJson {
     metric: String,
     quantity: i64,
+}
+
+/// One lineage entry; unknown fields are refused even in lax mode, since a
+/// misspelt `release` would otherwise turn into a missing one.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LineageJson {
+    dataset: String,
+    release: String,
 }
 
 /// Parses a JSON Check body; in strict mode unknown fields are an error.
@@ -190,6 +201,14 @@ pub fn parse_check_json(body: &[u8], strict: bool) -> Result<CheckRequest, ApiEr
         region: json.region,
         hardware_id: json.hardware_id,
         meters,
+        lineage: json
+            .lineage
+            .into_iter()
+            .map(|l| LineageEntry {
+                dataset: l.dataset,
+                release: l.release,
+            })
+            .collect(),
         request_id: json.request_id,
         dry_run: json.dry_run,
     })
@@ -216,6 +235,14 @@ pub fn check_from_proto(req: pb::CheckRequest) -> CheckRequest {
             .map(|m| Meter {
                 metric: m.metric,
                 quantity: m.quantity,
+            })
+            .collect(),
+        lineage: req
+            .lineage
+            .into_iter()
+            .map(|l| LineageEntry {
+                dataset: l.dataset,
+                release: l.release,
             })
             .collect(),
         request_id: non_empty(req.request_id),

@@ -1,5 +1,6 @@
 //! The HTTP/JSON API: the edge endpoints (`/v1/check`, `/v1/report`), the
-//! admin endpoints (`/v1/licenses`, `/v1/models`, `/v1/apply`) and status.
+//! admin endpoints (`/v1/licenses`, `/v1/models`, `/v1/datasets`,
+//! `/v1/apply`, `/v1/lineage`) and status.
 //!
 //! Same contract as gRPC (see `api`): snake_case fields, the same reason
 //! codes. Bodies over `MAX_BODY_BYTES` get 413; malformed ones get 400 with
@@ -20,6 +21,7 @@ use serde::Deserialize;
 
 use crate::admin;
 use crate::api::{self, ApiError, DecisionJson};
+use crate::lineage;
 use crate::roles::{Principal, Role};
 use crate::settings::MAX_BODY_BYTES;
 use crate::state::{NodeState, SeatOp};
@@ -44,6 +46,13 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", put(put_model))
         .route("/v1/models/{id}/history", get(model_history))
+        .route("/v1/datasets", get(list_datasets))
+        .route(
+            "/v1/datasets/{id}",
+            put(put_dataset).get(get_dataset).delete(delete_dataset),
+        )
+        .route("/v1/datasets/{id}/history", get(dataset_history))
+        .route("/v1/lineage", get(lineage_graph))
         .route("/v1/status", get(status))
         .route("/v1/usage", get(usage))
         .route("/v1/seats/acquire", post(seat_acquire))
@@ -462,4 +471,112 @@ async fn model_history(
         axum::Json(serde_json::json!({"model": id, "history": records, "version": version}))
             .into_response(),
     )
+}
+
+async fn list_datasets(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    actor(&state, &headers, Role::Viewer)?;
+    let config = state.config();
+    let datasets: Vec<_> = config.datasets.values().map(|d| &**d).collect();
+    Ok(
+        axum::Json(serde_json::json!({"datasets": datasets, "version": config.version}))
+            .into_response(),
+    )
+}
+
+async fn put_dataset(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let actor = actor(&state, &headers, Role::Admin)?;
+    let version = admin::put_dataset(
+        &state,
+        &actor,
+        &id,
+        body_text(&body)?,
+        &reason(&q, &headers),
+    )
+    .await?;
+    Ok(axum::Json(serde_json::json!({"id": id, "version": version})).into_response())
+}
+
+async fn get_dataset(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    actor(&state, &headers, Role::Viewer)?;
+    let (dataset, version) = admin::get_dataset(&state, &id)?;
+    Ok(axum::Json(serde_json::json!({"dataset": &*dataset, "version": version})).into_response())
+}
+
+async fn delete_dataset(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let actor = actor(&state, &headers, Role::Admin)?;
+    let version = admin::delete_dataset(&state, &actor, &id, &reason(&q, &headers)).await?;
+    Ok(
+        axum::Json(serde_json::json!({"id": id, "deleted": true, "version": version}))
+            .into_response(),
+    )
+}
+
+async fn dataset_history(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    actor(&state, &headers, Role::Viewer)?;
+    let (records, version) = admin::dataset_history(&state, &id)?;
+    Ok(
+        axum::Json(serde_json::json!({"dataset": id, "history": records, "version": version}))
+            .into_response(),
+    )
+}
+
+/// `GET /v1/lineage?license=L[&format=json|dot|openlineage]`: this node's
+/// view of the license's lineage graph. Admin token for now.
+async fn lineage_graph(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    actor(&state, &headers, Role::Viewer)?;
+    let format = lineage::Format::parse(q.get("format").map(String::as_str))?;
+    let license = q
+        .get("license")
+        .map(String::as_str)
+        .filter(|l| !l.is_empty())
+        .ok_or_else(|| ApiError::InvalidArgument("license: required".into()))?;
+    let config = state.config();
+    let graph = state.lineage_graph(license);
+    // A license the config no longer holds still shows the edges it left
+    // (until usage GC drops them); one never heard of is not found.
+    if graph.is_empty() && config.license(license).is_none() {
+        return Err(ApiError::NotFound(format!("license `{license}` not found")));
+    }
+    Ok(match format {
+        lineage::Format::Json => {
+            axum::Json(lineage::to_json(&graph, &config, state.node_id)).into_response()
+        }
+        lineage::Format::OpenLineage => {
+            axum::Json(lineage::to_openlineage(&graph, &config, state.now_ms())).into_response()
+        }
+        lineage::Format::Dot => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/vnd.graphviz; charset=utf-8"),
+            )],
+            lineage::to_dot(&graph, &config),
+        )
+            .into_response(),
+    })
 }

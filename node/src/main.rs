@@ -201,7 +201,7 @@ enum ClusterCommand {
 
 #[derive(Subcommand)]
 enum LicenseCommand {
-    /// Apply a YAML/JSON file of Model and License documents.
+    /// Apply a YAML/JSON file of Model, Dataset and License documents.
     Apply {
         /// The file.
         #[arg(short = 'f', long = "file")]
@@ -301,6 +301,9 @@ struct SignalArgs {
     /// Meter as metric=quantity; repeatable. Defaults to inferences=1.
     #[arg(long = "meter")]
     meters: Vec<String>,
+    /// A dataset release feeding the use, as dataset@release; repeatable.
+    #[arg(long = "lineage")]
+    lineage: Vec<String>,
     /// Caller's request id.
     #[arg(long)]
     request_id: Option<String>,
@@ -333,6 +336,16 @@ impl SignalArgs {
                 quantity: 1,
             });
         }
+        let mut lineage = Vec::with_capacity(self.lineage.len());
+        for entry in &self.lineage {
+            let (dataset, release) = entry
+                .split_once('@')
+                .with_context(|| format!("--lineage {entry}: expected dataset@release"))?;
+            lineage.push(pb::LineageEntry {
+                dataset: dataset.to_string(),
+                release: release.to_string(),
+            });
+        }
         Ok(pb::CheckRequest {
             key: self.key.clone(),
             subject: self.subject.clone().unwrap_or_default(),
@@ -347,6 +360,7 @@ impl SignalArgs {
             dry_run: self.dry_run,
             input_hash: String::new(),
             output_hash: String::new(),
+            lineage,
         })
     }
 }

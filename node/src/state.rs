@@ -14,6 +14,7 @@ use parking_lot::Mutex;
 use tollgate_consensus::ConsensusNode;
 use tollgate_quota::config::Config;
 use tollgate_quota::decision::{Decision, Outcome};
+use tollgate_quota::lineage::LineageGraph;
 use tollgate_quota::request::{CheckRequest, RequestError};
 use tollgate_quota::seats::{SeatDecision, SeatRequest};
 use tollgate_quota::usage::Usage;
@@ -261,6 +262,7 @@ impl NodeState {
             "policy_version": config.version,
             "n_licenses": config.licenses.len(),
             "n_models": config.models.len(),
+            "n_datasets": config.datasets.len(),
             "raft": serde_json::to_value(&m).unwrap_or_default(),
             "gossip": gossip,
             "rights": rights,
@@ -278,6 +280,13 @@ impl NodeState {
                 "report": self.stats.n_report.load(Ordering::Relaxed),
             }
         })
+    }
+
+    /// `license`'s lineage graph as this node knows it. The usage lock is
+    /// held only to copy the edge counts out.
+    pub fn lineage_graph(&self, license: &str) -> LineageGraph {
+        let counts = self.with_usage(|u| u.lineage_counts(license));
+        LineageGraph::from_counts(license, counts.iter().map(|(s, n)| (s.as_str(), *n)))
     }
 
     /// This node's view of every counter (optionally of one license), for

@@ -21,8 +21,8 @@ async fn after_the_leader_is_killed_a_write_through_a_follower_commits() -> anyh
     for i in cluster.running() {
         let s = cluster.status(i).await.unwrap_or_default();
         assert_eq!(
-            s["n_licenses"], 6,
-            "the 4 demo licenses and both writes: node {i}: {s}"
+            s["n_licenses"], 7,
+            "the 5 demo licenses and both writes: node {i}: {s}"
         );
     }
     Ok(())

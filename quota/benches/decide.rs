@@ -5,7 +5,6 @@ use std::hint::black_box;
 use criterion::{Criterion, criterion_group, criterion_main};
 use tollgate_quota::config::{Config, ConfigCommand, ConfigOp};
 use tollgate_quota::decision::{Outcome, decide};
-use tollgate_quota::license::Document;
 use tollgate_quota::license::parse_documents;
 use tollgate_quota::request::{CheckRequest, Meter};
 use tollgate_quota::usage::Usage;
@@ -50,10 +49,7 @@ fn bench(c: &mut Criterion) {
         .into_iter()
         .enumerate()
     {
-        let op = match doc {
-            Document::License(l) => ConfigOp::PutLicense(l),
-            Document::Model(m) => ConfigOp::PutModel(m),
-        };
+        let op = ConfigOp::from(doc);
         config.apply(
             &ConfigCommand {
                 request_id: None,

@@ -1,7 +1,8 @@
 //! The replicated license configuration: the data consensus applies commands to.
 //!
-//! `Config` holds every license and model, each license's change history
-//! (see [`crate::history`]), plus a derived key-hash index for the hot path.
+//! `Config` holds every license, model and dataset, each one's change
+//! history (see [`crate::history`]), plus a derived key-hash index for the
+//! hot path.
 //! `apply` is deterministic and never panics: every node that applies the
 //! same log reaches the same state, history included. This module must not
 //! know about usage or decisions, and must not read the clock (`at_ms` in a
@@ -13,11 +14,12 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::dataset::Dataset;
 use crate::history::{
     self, ChangeAction, ChangeRecord, HistoryError, LicenseHistory, ModelChangeRecord,
 };
 use crate::keys;
-use crate::license::{License, LicenseStatus, Model, StoredKey};
+use crate::license::{Document, License, LicenseStatus, Model, StoredKey};
 
 /// Shortest SHA-256 hex prefix [`ConfigOp::RevokeKey`] accepts as a key
 /// identifier: 8 hex characters (32 bits) make an accidental match between
@@ -25,7 +27,7 @@ use crate::license::{License, LicenseStatus, Model, StoredKey};
 /// still matches two keys is rejected as ambiguous.
 pub const MIN_KEY_HASH_PREFIX_LEN: usize = 8;
 
-/// The replicated configuration: licenses and models.
+/// The replicated configuration: licenses, models and datasets.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Config {
     /// Raft log index of the last applied entry (the policy version).
@@ -36,6 +38,10 @@ pub struct Config {
     /// Models by id.
     #[serde(default)]
     pub models: BTreeMap<String, Arc<Model>>,
+    /// The dataset registry: datasets by id. Older snapshots without it
+    /// load with none.
+    #[serde(default)]
+    pub datasets: BTreeMap<String, Arc<Dataset>>,
     /// Change history by license id, kept after a license is deleted.
     /// Replicated (snapshots carry it; older snapshots without it load with
     /// empty history). Each entry is shared until its license changes, so
@@ -45,6 +51,9 @@ pub struct Config {
     /// Change history by model id.
     #[serde(default)]
     model_history: BTreeMap<String, Arc<Vec<ModelChangeRecord>>>,
+    /// Change history by dataset id, kept after a dataset is deleted.
+    #[serde(default)]
+    dataset_history: BTreeMap<String, Arc<Vec<ModelChangeRecord>>>,
     /// Outcomes of recent commands by request id, for de-duplication.
     /// Replicated, so every node answers a retried command the same way.
     /// Shared, so the per-batch publication and admin prechecks, which clone
@@ -182,6 +191,14 @@ pub enum ConfigOp {
         /// Apply only to an empty, never-used config.
         only_if_empty: bool,
     },
+    /// Create or replace a dataset in the registry.
+    PutDataset(Dataset),
+    /// Remove a dataset from the registry; lineage naming it is then
+    /// `dataset_unknown`. Its history is kept.
+    DeleteDataset {
+        /// Dataset id.
+        id: String,
+    },
     /// Write back a license's content as of config version `to_version`
     /// (from its history), with the same checks as `PutLicense`. This
     /// restores the keys and status of that time too, including keys revoked
@@ -269,25 +286,52 @@ impl Config {
         index: u64,
         previous_version: u64,
     ) -> Result<(), String> {
-        if let ConfigOp::PutModel(model) = op {
-            let before = self.models.get(&model.id).cloned();
-            self.apply_op(op, previous_version)?;
-            let after = self.models.get(&model.id).cloned();
-            let record = ModelChangeRecord {
-                version: index,
-                actor: cmd.actor.clone(),
-                at_ms: cmd.at_ms,
-                reason: cmd.reason.clone(),
-                action: ChangeAction::Put,
-                diff: history::diff_models(before.as_deref(), after.as_deref()),
-            };
-            let records = Arc::make_mut(self.model_history.entry(model.id.clone()).or_default());
-            if records.len() >= history::MAX_HISTORY_PER_LICENSE {
-                let n_excess = records.len() + 1 - history::MAX_HISTORY_PER_LICENSE;
-                records.drain(..n_excess);
+        let record = |action: ChangeAction, diff: Vec<history::DiffEntry>| ModelChangeRecord {
+            version: index,
+            actor: cmd.actor.clone(),
+            at_ms: cmd.at_ms,
+            reason: cmd.reason.clone(),
+            action,
+            diff,
+        };
+        match op {
+            ConfigOp::PutModel(model) => {
+                let before = self.models.get(&model.id).cloned();
+                self.apply_op(op, previous_version)?;
+                let after = self.models.get(&model.id).cloned();
+                let diff = history::diff_models(before.as_deref(), after.as_deref());
+                push_capped(
+                    &mut self.model_history,
+                    &model.id,
+                    record(ChangeAction::Put, diff),
+                );
+                return Ok(());
             }
-            records.push(record);
-            return Ok(());
+            ConfigOp::PutDataset(dataset) => {
+                let before = self.datasets.get(&dataset.id).cloned();
+                self.apply_op(op, previous_version)?;
+                let after = self.datasets.get(&dataset.id).cloned();
+                let diff = history::diff_datasets(before.as_deref(), after.as_deref());
+                push_capped(
+                    &mut self.dataset_history,
+                    &dataset.id,
+                    record(ChangeAction::Put, diff),
+                );
+                return Ok(());
+            }
+            ConfigOp::DeleteDataset { id } => {
+                let before = self.datasets.get(id).cloned();
+                self.apply_op(op, previous_version)?;
+                let diff = history::diff_datasets(before.as_deref(), None);
+                push_capped(
+                    &mut self.dataset_history,
+                    id,
+                    record(ChangeAction::Delete, diff),
+                );
+                self.prune_deleted_dataset_histories();
+                return Ok(());
+            }
+            _ => {}
         }
         if let Some(change) = self.apply_op(op, previous_version)? {
             self.record(cmd, index, change);
@@ -305,9 +349,13 @@ impl Config {
         index: u64,
     ) -> Result<(), String> {
         if only_if_empty
-            && !(self.licenses.is_empty() && self.models.is_empty() && self.history.is_empty())
+            && !(self.licenses.is_empty()
+                && self.models.is_empty()
+                && self.datasets.is_empty()
+                && self.history.is_empty()
+                && self.dataset_history.is_empty())
         {
-            return Err("the config already holds licenses or models".to_string());
+            return Err("the config already holds licenses, models or datasets".to_string());
         }
         let mut trial = self.clone();
         for (i, op) in ops.iter().enumerate() {
@@ -390,6 +438,20 @@ impl Config {
                     .map_err(|e| format!("invalid model: {e}"))?;
                 self.models
                     .insert(model.id.clone(), Arc::new(model.clone()));
+                Ok(None)
+            }
+            ConfigOp::PutDataset(dataset) => {
+                dataset
+                    .validate()
+                    .map_err(|e| format!("invalid dataset: {e}"))?;
+                self.datasets
+                    .insert(dataset.id.clone(), Arc::new(dataset.clone()));
+                Ok(None)
+            }
+            ConfigOp::DeleteDataset { id } => {
+                if self.datasets.remove(id).is_none() {
+                    return Err(format!("unknown dataset {id:?}"));
+                }
                 Ok(None)
             }
             ConfigOp::DeleteLicense { id } => {
@@ -531,6 +593,25 @@ impl Config {
         }
     }
 
+    /// Drops the history of the datasets deleted longest ago beyond
+    /// [`history::MAX_DELETED_HISTORIES`], like licenses'.
+    fn prune_deleted_dataset_histories(&mut self) {
+        let mut deleted: Vec<(u64, String)> = self
+            .dataset_history
+            .iter()
+            .filter(|(id, _)| !self.datasets.contains_key(*id))
+            .map(|(id, h)| (h.last().map_or(0, |r| r.version), id.clone()))
+            .collect();
+        if deleted.len() <= history::MAX_DELETED_HISTORIES {
+            return;
+        }
+        deleted.sort();
+        let n_excess = deleted.len() - history::MAX_DELETED_HISTORIES;
+        for (_, id) in deleted.into_iter().take(n_excess) {
+            self.dataset_history.remove(&id);
+        }
+    }
+
     fn remove_keys_of(&mut self, license_id: &str) {
         if let Some(old) = self.licenses.get(license_id) {
             for key in &old.keys {
@@ -598,6 +679,19 @@ impl Config {
         self.model_history.get(id).map_or(&[][..], |h| h.as_slice())
     }
 
+    /// The dataset with `id`.
+    pub fn dataset(&self, id: &str) -> Option<&Arc<Dataset>> {
+        self.datasets.get(id)
+    }
+
+    /// The retained change records of dataset `id`, oldest first; empty if
+    /// none. Deleted datasets keep theirs.
+    pub fn dataset_history(&self, id: &str) -> &[ModelChangeRecord] {
+        self.dataset_history
+            .get(id)
+            .map_or(&[][..], |h| h.as_slice())
+    }
+
     /// The retained change records of license `id`, oldest first; empty if
     /// none. Deleted licenses keep theirs.
     pub fn license_history(&self, id: &str) -> &[ChangeRecord] {
@@ -621,6 +715,32 @@ impl Config {
     /// its latest change at or before `version`.
     pub fn license_as_of(&self, id: &str, version: u64) -> Result<Arc<License>, HistoryError> {
         history::as_of(self.history(id), id, version, self.version)
+    }
+}
+
+/// Appends `record` to the history of `id` in `histories`, dropping the
+/// oldest beyond [`history::MAX_HISTORY_PER_LICENSE`].
+fn push_capped(
+    histories: &mut BTreeMap<String, Arc<Vec<ModelChangeRecord>>>,
+    id: &str,
+    record: ModelChangeRecord,
+) {
+    let records = Arc::make_mut(histories.entry(id.to_string()).or_default());
+    if records.len() >= history::MAX_HISTORY_PER_LICENSE {
+        let n_excess = records.len() + 1 - history::MAX_HISTORY_PER_LICENSE;
+        records.drain(..n_excess);
+    }
+    records.push(record);
+}
+
+impl From<Document> for ConfigOp {
+    /// The op that creates or replaces the document's object.
+    fn from(doc: Document) -> Self {
+        match doc {
+            Document::License(l) => ConfigOp::PutLicense(l),
+            Document::Model(m) => ConfigOp::PutModel(m),
+            Document::Dataset(d) => ConfigOp::PutDataset(d),
+        }
     }
 }
 
@@ -1395,6 +1515,8 @@ mod tests {
             ConfigOp::DeleteLicense { id: "a".into() },
             revoke_key("a", "ci"),
             rollback("a", 7),
+            ConfigOp::PutDataset(dataset("d", "v1")),
+            ConfigOp::DeleteDataset { id: "d".into() },
         ];
         for op in ops {
             let command = by("ops", Some("why"), 1_780_000_000_000, op);
@@ -1586,5 +1708,69 @@ mod tests {
         c.apply(&cmd(ConfigOp::PutModel(bad)), 3);
         assert_eq!(c.model_history("m").len(), 2);
         assert!(c.model_history("").is_empty());
+    }
+
+    fn dataset(id: &str, release: &str) -> Dataset {
+        crate::license::parse_dataset(&format!(
+            "apiVersion: tollgate/v1\nkind: Dataset\nid: {id}\nreleases:\n  - {{ version: {release}, source: vendor, categories: [pii], license: CC-BY-4.0 }}\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn datasets_are_put_and_deleted_with_history() {
+        let mut c = Config::default();
+        applied(&mut c, &cmd(ConfigOp::PutDataset(dataset("d", "v1"))), 1);
+        applied(&mut c, &cmd(ConfigOp::PutDataset(dataset("d", "v2"))), 2);
+        assert!(c.dataset("d").and_then(|d| d.release("v2")).is_some());
+        let h = c.dataset_history("d");
+        assert_eq!(h.len(), 2);
+        assert_eq!(h[1].diff.len(), 1, "{:?}", h[1].diff);
+        assert_eq!(h[1].diff[0].path, "releases[0].version");
+        // A dataset that fails validation (from an older or hostile
+        // proposer) is rejected and recorded nowhere.
+        let mut bad = dataset("d", "v3");
+        bad.releases.clear();
+        let reason = rejected(&mut c, &cmd(ConfigOp::PutDataset(bad)), 3);
+        assert!(reason.contains("releases"), "{reason}");
+        assert_eq!(c.dataset_history("d").len(), 2);
+        applied(&mut c, &cmd(ConfigOp::DeleteDataset { id: "d".into() }), 4);
+        assert!(c.dataset("d").is_none());
+        let h = c.dataset_history("d");
+        assert_eq!(h.last().map(|r| &r.action), Some(&ChangeAction::Delete));
+        assert!(
+            rejected(&mut c, &cmd(ConfigOp::DeleteDataset { id: "d".into() }), 5)
+                .contains("unknown dataset")
+        );
+        // A config that held a dataset is not empty for seed documents.
+        let seed = cmd(ConfigOp::Batch {
+            ops: vec![ConfigOp::PutLicense(lic("a", "ka"))],
+            only_if_empty: true,
+        });
+        rejected(&mut c, &seed, 6);
+        // Snapshots carry datasets and their history; older ones without
+        // them still load.
+        applied(&mut c, &cmd(ConfigOp::PutDataset(dataset("e", "v1"))), 7);
+        let json = serde_json::to_vec(&c).unwrap();
+        let back: Config = serde_json::from_slice(&json).unwrap();
+        assert_eq!(back.datasets, c.datasets);
+        assert_eq!(back.dataset_history("d"), c.dataset_history("d"));
+        let packed = rmp_serde::to_vec_named(&c).unwrap();
+        let back: Config = rmp_serde::from_slice(&packed).unwrap();
+        assert_eq!(back.datasets, c.datasets);
+        let old: Config =
+            serde_json::from_str(r#"{"version":3,"licenses":{},"models":{}}"#).unwrap();
+        assert!(old.datasets.is_empty());
+    }
+
+    #[test]
+    fn documents_become_put_ops() {
+        let docs = crate::license::parse_documents(
+            "apiVersion: tollgate/v1\nkind: Dataset\nid: d\nreleases: [{ version: v1, source: s, license: MIT }]\n---\napiVersion: tollgate/v1\nkind: License\nid: l\ncustomer: C\n",
+        )
+        .unwrap();
+        let ops: Vec<ConfigOp> = docs.into_iter().map(ConfigOp::from).collect();
+        assert!(matches!(&ops[0], ConfigOp::PutDataset(d) if d.id == "d"));
+        assert!(matches!(&ops[1], ConfigOp::PutLicense(l) if l.id == "l"));
     }
 }

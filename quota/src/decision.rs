@@ -4,7 +4,8 @@
 //! [`Decision`] whose [`Effects`] say what committing it would change; the
 //! caller applies them with [`Usage::commit`]. Rules run in the order
 //! authenticity -> status/validity/grace -> model version -> feature ->
-//! environment -> region -> hardware -> rate limits -> quotas. Every failing
+//! environment -> region -> hardware -> dataset lineage -> rate limits ->
+//! quotas. Every failing
 //! rule is reported; only an unknown key stops evaluation, since nothing else
 //! can be checked without a license. This module must not mutate state, read
 //! the clock or allocate more than a handful of strings on the allow path.
@@ -16,6 +17,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::license::{Environment, License, OnExceed, Quota, QuotaMode, QuotaScope, VersionPolicy};
+use crate::lineage::LineageEdge;
 use crate::request::CheckRequest;
 use crate::usage::{BucketState, CounterKey, Usage};
 
@@ -73,6 +75,18 @@ pub enum ReasonCode {
     DeviceNotAllowed,
     /// A new device would exceed `max_devices`.
     DeviceLimitReached,
+    /// The license requires lineage and the request names no dataset release.
+    LineageRequired,
+    /// A lineage entry names a dataset the registry does not hold.
+    DatasetUnknown,
+    /// A lineage entry names a release its dataset does not list.
+    DatasetReleaseUnknown,
+    /// A dataset release comes from a source the license does not allow.
+    DatasetSourceNotAllowed,
+    /// A dataset release holds a category the license denies.
+    DatasetCategoryDenied,
+    /// The request's datasets include a combination the license forbids.
+    DatasetCombinationForbidden,
     /// A token bucket is empty.
     RateLimited,
     /// A quota would be exceeded.
@@ -103,6 +117,12 @@ impl ReasonCode {
             ReasonCode::RegionNotAllowed => "region_not_allowed",
             ReasonCode::DeviceNotAllowed => "device_not_allowed",
             ReasonCode::DeviceLimitReached => "device_limit_reached",
+            ReasonCode::LineageRequired => "lineage_required",
+            ReasonCode::DatasetUnknown => "dataset_unknown",
+            ReasonCode::DatasetReleaseUnknown => "dataset_release_unknown",
+            ReasonCode::DatasetSourceNotAllowed => "dataset_source_not_allowed",
+            ReasonCode::DatasetCategoryDenied => "dataset_category_denied",
+            ReasonCode::DatasetCombinationForbidden => "dataset_combination_forbidden",
             ReasonCode::RateLimited => "rate_limited",
             ReasonCode::QuotaExceeded => "quota_exceeded",
             ReasonCode::QuotaRightsUnavailable => "quota_rights_unavailable",
@@ -185,6 +205,9 @@ pub struct Effects {
     pub new_device: Option<(String, String)>,
     /// New token bucket states: (license id, rate limit id, state).
     pub buckets: Vec<(String, String, BucketState)>,
+    /// Lineage graph edges to count once each in this node's slot
+    /// (see [`crate::lineage`]); set only on an allowed decision.
+    pub lineage: Vec<CounterKey>,
 }
 
 /// The answer to one Check or Report.
@@ -335,9 +358,14 @@ pub fn decide(
     let environment = check_environment(license, req, &mut v);
     check_region(license, req, &mut v);
     check_hardware(license, usage, req, &mut v);
+    check_lineage(config, license, req, &mut v);
     check_rate_limits(license, usage, now_ms, &mut v);
     evaluate_quotas(license, usage, req, environment, now_ms, false, &mut v);
-    finish(v, Some(license), req)
+    let mut decision = finish(v, Some(license), req);
+    if decision.outcome == Outcome::Allow {
+        lineage_edges(license, req, &mut decision.effects);
+    }
+    decision
 }
 
 /// Decides one Report (post-inference metering): the key must be known and
@@ -643,6 +671,127 @@ fn check_hardware(license: &License, usage: &Usage, req: &CheckRequest, v: &mut 
         } else {
             v.decision.effects.new_device = Some((license.id.clone(), device.to_string()));
         }
+    }
+}
+
+/// Checks the request's lineage against the registry and the license's
+/// dataset constraints. Every lineage entry must name a registered dataset
+/// release, whatever the license says, so the lineage graph only ever holds
+/// real releases. Allocates only to explain a denial.
+fn check_lineage(config: &Config, license: &License, req: &CheckRequest, v: &mut Verdict) {
+    let constraints = license.datasets.as_ref();
+    if req.lineage.is_empty() {
+        if constraints.is_some_and(|c| c.require_lineage) {
+            v.deny(
+                ReasonCode::LineageRequired,
+                "datasets.require_lineage",
+                format!(
+                    "license {} requires lineage: name the dataset releases that feed this use in lineage [{{dataset, release}}]",
+                    license.id
+                ),
+            );
+        }
+        return;
+    }
+    for (idx, entry) in req.lineage.iter().enumerate() {
+        let Some(dataset) = config.dataset(&entry.dataset) else {
+            v.deny(
+                ReasonCode::DatasetUnknown,
+                format!("lineage[{idx}]"),
+                format!("dataset {:?} is not registered", entry.dataset),
+            );
+            continue;
+        };
+        let Some(release) = dataset.release(&entry.release) else {
+            let known: Vec<&str> = dataset
+                .releases
+                .iter()
+                .map(|r| r.version.as_str())
+                .collect();
+            v.deny(
+                ReasonCode::DatasetReleaseUnknown,
+                format!("lineage[{idx}]"),
+                format!(
+                    "dataset {} has no release {:?} (registered: {})",
+                    dataset.id,
+                    entry.release,
+                    known.join(", ")
+                ),
+            );
+            continue;
+        };
+        let Some(c) = constraints else {
+            continue;
+        };
+        if let Some(allowed) = &c.allowed_sources
+            && !allowed.contains(&release.source)
+        {
+            v.deny(
+                ReasonCode::DatasetSourceNotAllowed,
+                "datasets.allowed_sources",
+                format!(
+                    "dataset {} release {} comes from source {}, which license {} does not allow (allowed: {})",
+                    dataset.id,
+                    release.version,
+                    release.source,
+                    license.id,
+                    allowed.join(", ")
+                ),
+            );
+        }
+        for category in &release.categories {
+            if c.denied_categories.contains(category) {
+                v.deny(
+                    ReasonCode::DatasetCategoryDenied,
+                    "datasets.denied_categories",
+                    format!(
+                        "dataset {} release {} holds {category} data, a category license {} denies",
+                        dataset.id, release.version, license.id
+                    ),
+                );
+            }
+        }
+    }
+    let Some(c) = constraints else {
+        return;
+    };
+    for (idx, combination) in c.forbidden_combinations.iter().enumerate() {
+        if combination
+            .iter()
+            .all(|d| req.lineage.iter().any(|e| e.dataset == *d))
+        {
+            v.deny(
+                ReasonCode::DatasetCombinationForbidden,
+                format!("datasets.forbidden_combinations[{idx}]"),
+                format!(
+                    "license {} forbids datasets {} from feeding one use together",
+                    license.id,
+                    combination.join(" + ")
+                ),
+            );
+        }
+    }
+}
+
+/// The lineage edges an allowed use adds: license -> model version, and
+/// model version -> each dataset release.
+fn lineage_edges(license: &License, req: &CheckRequest, effects: &mut Effects) {
+    if req.lineage.is_empty() {
+        return;
+    }
+    let (model, version) = (req.model.as_str(), req.model_version.as_str());
+    effects.lineage.reserve_exact(req.lineage.len() + 1);
+    effects
+        .lineage
+        .push(LineageEdge::ModelVersion { model, version }.key(&license.id));
+    for entry in &req.lineage {
+        let edge = LineageEdge::DatasetRelease {
+            model,
+            version,
+            dataset: &entry.dataset,
+            release: &entry.release,
+        };
+        effects.lineage.push(edge.key(&license.id));
     }
 }
 
@@ -1001,7 +1150,7 @@ fn escrow_check_skipped() -> bool {
 mod tests {
     use super::*;
     use crate::config::{ApplyOutcome, ConfigCommand, ConfigOp};
-    use crate::license::{Document, parse_documents};
+    use crate::license::parse_documents;
     use crate::request::Meter;
 
     const MODEL: &str = "apiVersion: tollgate/v1
@@ -1026,10 +1175,7 @@ versions:
         );
         let mut config = Config::default();
         for (idx, doc) in parse_documents(&text).unwrap().into_iter().enumerate() {
-            let op = match doc {
-                Document::License(l) => ConfigOp::PutLicense(l),
-                Document::Model(m) => ConfigOp::PutModel(m),
-            };
+            let op = ConfigOp::from(doc);
             let cmd = ConfigCommand {
                 request_id: None,
                 actor: "t".into(),
@@ -1590,5 +1736,255 @@ versions:
         );
         let codes: Vec<&str> = d.reasons.iter().map(|r| r.code.as_str()).collect();
         assert_eq!(codes, vec!["license_revoked", "environment_not_allowed"]);
+    }
+
+    const DATASETS: &str = "apiVersion: tollgate/v1
+kind: Dataset
+id: web-reviews
+releases:
+  - { version: \"2025.1\", source: licensed-vendor, categories: [copyrighted], license: CC-BY-4.0 }
+---
+apiVersion: tollgate/v1
+kind: Dataset
+id: clinical-notes
+releases:
+  - { version: v2, source: hospital-ehr, categories: [pii], license: LicenseRef-hospital-dua }
+  - { version: v3, source: hospital-ehr, categories: [pii, medical], license: LicenseRef-hospital-dua }
+---
+apiVersion: tollgate/v1
+kind: Dataset
+id: crm-customers
+releases:
+  - { version: \"2026-01\", source: internal-crm, categories: [pii], license: LicenseRef-internal }
+";
+
+    /// `config(extra)` plus the three datasets above.
+    fn lineage_config(extra: &str) -> Config {
+        let mut c = config(extra);
+        for doc in parse_documents(DATASETS).unwrap() {
+            let cmd = ConfigCommand {
+                request_id: None,
+                actor: "t".into(),
+                reason: None,
+                at_ms: 0,
+                op: ConfigOp::from(doc),
+            };
+            let next = c.version + 1;
+            assert!(matches!(c.apply(&cmd, next), ApplyOutcome::Applied { .. }));
+        }
+        c
+    }
+
+    /// Sets the request's lineage to `entries` (`dataset@release`).
+    fn lineage(entries: &[&str]) -> impl FnOnce(&mut CheckRequest) {
+        let entries: Vec<crate::request::LineageEntry> = entries
+            .iter()
+            .map(|e| {
+                let (dataset, release) = e.split_once('@').unwrap();
+                crate::request::LineageEntry {
+                    dataset: dataset.into(),
+                    release: release.into(),
+                }
+            })
+            .collect();
+        move |r: &mut CheckRequest| r.lineage = entries
+    }
+
+    /// The reason with `code` whose message names every fragment of `named`.
+    fn reason_naming<'a>(d: &'a Decision, code: ReasonCode, named: &[&str]) -> &'a Reason {
+        d.reasons
+            .iter()
+            .find(|r| r.code == code && named.iter().all(|n| r.message.contains(n)))
+            .unwrap_or_else(|| panic!("no {code:?} reason naming {named:?}: {:#?}", d.reasons))
+    }
+
+    #[test]
+    fn a_denied_category_names_dataset_release_and_category() {
+        let c = lineage_config("datasets: { denied_categories: [medical, biometric] }\n");
+        let mut u = Usage::new(1);
+        let d = check(
+            &c,
+            &mut u,
+            NOW,
+            lineage(&["web-reviews@2025.1", "clinical-notes@v3"]),
+            "deny:dataset_category_denied",
+        );
+        let r = reason_naming(
+            &d,
+            ReasonCode::DatasetCategoryDenied,
+            &["clinical-notes", "v3", "medical"],
+        );
+        assert_eq!(r.rule, "datasets.denied_categories");
+        assert_eq!(d.reasons.len(), 1, "{d:#?}");
+        assert!(d.effects.lineage.is_empty() && d.effects.increments.is_empty());
+        // The release before medical notes were added is fine.
+        check(&c, &mut u, NOW, lineage(&["clinical-notes@v2"]), "allow");
+    }
+
+    #[test]
+    fn a_forbidden_combination_is_denied_but_each_part_alone_is_not() {
+        let c = lineage_config(
+            "datasets: { forbidden_combinations: [[clinical-notes, crm-customers], [web-reviews, x, y]] }\n",
+        );
+        let mut u = Usage::new(1);
+        let d = check(
+            &c,
+            &mut u,
+            NOW,
+            lineage(&[
+                "crm-customers@2026-01",
+                "web-reviews@2025.1",
+                "clinical-notes@v2",
+            ]),
+            "deny:dataset_combination_forbidden",
+        );
+        let r = reason_naming(
+            &d,
+            ReasonCode::DatasetCombinationForbidden,
+            &["clinical-notes + crm-customers"],
+        );
+        assert_eq!(r.rule, "datasets.forbidden_combinations[0]");
+        assert_eq!(d.reasons.len(), 1, "{d:#?}");
+        check(
+            &c,
+            &mut u,
+            NOW,
+            lineage(&["crm-customers@2026-01"]),
+            "allow",
+        );
+        check(
+            &c,
+            &mut u,
+            NOW,
+            lineage(&["clinical-notes@v2", "web-reviews@2025.1"]),
+            "allow",
+        );
+    }
+
+    #[test]
+    fn sources_must_be_allowed() {
+        let c = lineage_config("datasets: { allowed_sources: [licensed-vendor, internal-crm] }\n");
+        let mut u = Usage::new(1);
+        let d = check(
+            &c,
+            &mut u,
+            NOW,
+            lineage(&["clinical-notes@v2"]),
+            "deny:dataset_source_not_allowed",
+        );
+        let r = reason_naming(
+            &d,
+            ReasonCode::DatasetSourceNotAllowed,
+            &["clinical-notes", "v2", "hospital-ehr"],
+        );
+        assert_eq!(r.rule, "datasets.allowed_sources");
+        check(
+            &c,
+            &mut u,
+            NOW,
+            lineage(&["web-reviews@2025.1", "crm-customers@2026-01"]),
+            "allow",
+        );
+    }
+
+    #[test]
+    fn lineage_required() {
+        let c = lineage_config("datasets: { require_lineage: true }\n");
+        let mut u = Usage::new(1);
+        let d = check(&c, &mut u, NOW, none, "deny:lineage_required");
+        assert_eq!(d.reasons[0].rule, "datasets.require_lineage");
+        check(&c, &mut u, NOW, lineage(&["web-reviews@2025.1"]), "allow");
+        // Without the clause, no lineage is fine.
+        check(&lineage_config(""), &mut u, NOW, none, "allow");
+    }
+
+    #[test]
+    fn lineage_must_name_registered_releases_under_any_license() {
+        for extra in ["", "datasets: { denied_categories: [genetic] }\n"] {
+            let c = lineage_config(extra);
+            let mut u = Usage::new(1);
+            let d = check(
+                &c,
+                &mut u,
+                NOW,
+                lineage(&["nope@1", "clinical-notes@v9"]),
+                "deny:dataset_unknown",
+            );
+            assert_eq!(
+                reason_naming(&d, ReasonCode::DatasetUnknown, &["nope"]).rule,
+                "lineage[0]"
+            );
+            let r = reason_naming(
+                &d,
+                ReasonCode::DatasetReleaseUnknown,
+                &["clinical-notes", "v9", "v2, v3"],
+            );
+            assert_eq!(r.rule, "lineage[1]");
+        }
+    }
+
+    #[test]
+    fn only_allowed_uses_add_lineage_edges() {
+        let c = lineage_config(
+            "datasets: { denied_categories: [medical] }\nquotas: [{ id: daily, metric: inferences, limit: 2, window: day }]\n",
+        );
+        let mut u = Usage::new(1);
+        let feed = ["web-reviews@2025.1", "clinical-notes@v2"];
+        let d = check(&c, &mut u, NOW, lineage(&feed), "allow");
+        assert_eq!(d.effects.lineage.len(), 3);
+        // A dry run, a denied dataset and a denied quota add nothing.
+        check(
+            &c,
+            &mut u,
+            NOW,
+            |r| {
+                r.dry_run = true;
+                r.lineage = vec![crate::request::LineageEntry {
+                    dataset: "web-reviews".into(),
+                    release: "2025.1".into(),
+                }];
+            },
+            "allow",
+        );
+        check(
+            &c,
+            &mut u,
+            NOW,
+            lineage(&["clinical-notes@v3"]),
+            "deny:dataset_category_denied",
+        );
+        check(&c, &mut u, NOW, lineage(&["web-reviews@2025.1"]), "allow");
+        check(
+            &c,
+            &mut u,
+            NOW,
+            lineage(&["web-reviews@2025.1"]),
+            "deny:quota_exceeded",
+        );
+        // Without lineage, no edge.
+        check(&c, &mut Usage::new(1), NOW, none, "allow");
+        let g = u.lineage_graph("t");
+        assert_eq!(g.model_versions.len(), 1);
+        let v = &g.model_versions[0];
+        assert_eq!(
+            (v.model.as_str(), v.version.as_str(), v.count),
+            ("demo-classifier", "2.1.0", 2)
+        );
+        let datasets: Vec<(&str, &str, u64)> = v
+            .datasets
+            .iter()
+            .map(|d| (d.dataset.as_str(), d.release.as_str(), d.count))
+            .collect();
+        assert_eq!(
+            datasets,
+            vec![("clinical-notes", "v2", 1), ("web-reviews", "2025.1", 2)]
+        );
+        // Lineage counters live as long as the license: GC keeps them.
+        assert!(
+            u.gc(&c, ms(NOW) + 40 * 86_400_000)
+                .iter()
+                .all(|k| k.quota != crate::lineage::LINEAGE_QUOTA)
+        );
+        assert_eq!(u.lineage_graph("t"), g);
     }
 }

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::dataset::Dataset;
 use crate::license::{License, Model};
 
 /// Most records kept per license; the oldest are dropped beyond it. A
@@ -248,8 +249,9 @@ pub(crate) fn as_of(
 /// every top-level field of the new license as `added` (`id`, `customer`,
 /// `keys`, ...) and a deletion lists every top-level field as `removed`.
 /// Keys appear only as their stored form (`sha256` and optional `id`).
-/// One change of a model (models are only ever put): who, when, why and
-/// what changed. Kept per model, at most [`MAX_HISTORY_PER_LICENSE`].
+/// One change of a model or a dataset (models are only ever put; datasets
+/// are put or deleted): who, when, why and what changed. Kept per model
+/// and per dataset, at most [`MAX_HISTORY_PER_LICENSE`] each.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelChangeRecord {
     /// The config version the change was applied at.
@@ -261,15 +263,21 @@ pub struct ModelChangeRecord {
     /// Why, as given by the actor.
     #[serde(default)]
     pub reason: Option<String>,
-    /// Always `put` today; the same shape as license records.
+    /// `put` or `delete`; the same shape as license records.
     pub action: ChangeAction,
-    /// What changed, from the model before (`{}` when new) to after.
+    /// What changed, from the document before (`{}` when new) to after
+    /// (`{}` when deleted).
     #[serde(default)]
     pub diff: Vec<DiffEntry>,
 }
 
 /// The structural diff between two versions of a model (`None`: not there).
 pub fn diff_models(old: Option<&Model>, new: Option<&Model>) -> Vec<DiffEntry> {
+    diff_values(&document_value(old), &document_value(new))
+}
+
+/// The structural diff between two versions of a dataset (`None`: not there).
+pub fn diff_datasets(old: Option<&Dataset>, new: Option<&Dataset>) -> Vec<DiffEntry> {
     diff_values(&document_value(old), &document_value(new))
 }
 

@@ -1,10 +1,10 @@
 //! Tollgate's domain core, sans-I/O.
 //!
 //! This crate owns the license document schema and its validation, the model
-//! registry, the replicated configuration state machine's data and its change
+//! and dataset registries, the replicated configuration state machine's data and its change
 //! history (decision records with structural diffs, point-in-time lookup and
-//! rollback), the request signals, the decision function and the usage
-//! counters. It performs no I/O,
+//! rollback), the request signals, the decision function, the usage
+//! counters and the lineage graph counted in them. It performs no I/O,
 //! spawns no tasks and never reads the clock: time and randomness are
 //! arguments. That is what keeps it fast, property-testable and simulable.
 //!
@@ -22,6 +22,7 @@
 
 pub mod config;
 pub mod counter;
+pub mod dataset;
 pub mod decision;
 pub mod escrow;
 pub mod gossip;
@@ -29,6 +30,7 @@ pub mod hashing;
 pub mod history;
 pub mod keys;
 pub mod license;
+pub mod lineage;
 pub mod planted;
 pub mod request;
 pub mod seats;

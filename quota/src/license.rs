@@ -1,7 +1,9 @@
 //! The license document schema (`apiVersion: tollgate/v1`), parsing and validation.
 //!
 //! This module owns the shapes of `kind: License` and `kind: Model` documents,
-//! their YAML/JSON parsing and the semantic checks that serde cannot express.
+//! the parsing of every document kind from YAML/JSON (`kind: Dataset` has
+//! its shapes in [`crate::dataset`]) and the semantic checks that serde
+//! cannot express.
 //! Every error names the field path (`quotas[0].limit: ...`). Plain keys are
 //! accepted only as input and hashed during deserialization, so a parsed
 //! [`License`] never holds key material. This module must not evaluate
@@ -18,6 +20,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 
+use crate::dataset::{Dataset, DatasetConstraints};
 use crate::keys;
 
 /// The only supported `apiVersion`.
@@ -59,6 +62,28 @@ pub enum Document {
     License(License),
     /// A `kind: Model` document.
     Model(Model),
+    /// A `kind: Dataset` document.
+    Dataset(Dataset),
+}
+
+impl Document {
+    /// The document's `kind`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Document::License(_) => "License",
+            Document::Model(_) => "Model",
+            Document::Dataset(_) => "Dataset",
+        }
+    }
+
+    /// The document's id.
+    pub fn id(&self) -> &str {
+        match self {
+            Document::License(l) => &l.id,
+            Document::Model(m) => &m.id,
+            Document::Dataset(d) => &d.id,
+        }
+    }
 }
 
 /// The `apiVersion` marker.
@@ -213,6 +238,9 @@ pub struct License {
     /// How long a seat lease lasts without renewal (default 60s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seat_lease_ttl: Option<HumaneDuration>,
+    /// Dataset constraints on the lineage of each use; absent means none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datasets: Option<DatasetConstraints>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -1013,7 +1041,7 @@ impl<'de> Deserialize<'de> for HourRange {
     }
 }
 
-fn check_id(path: &str, id: &str) -> Result<(), ValidationError> {
+pub(crate) fn check_id(path: &str, id: &str) -> Result<(), ValidationError> {
     if id.is_empty() || id.len() > MAX_ID_LEN {
         return Err(ValidationError::new(
             path,
@@ -1032,7 +1060,7 @@ fn check_id(path: &str, id: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
-fn check_text(path: &str, text: &str) -> Result<(), ValidationError> {
+pub(crate) fn check_text(path: &str, text: &str) -> Result<(), ValidationError> {
     if text.is_empty() || text.len() > MAX_TEXT_LEN {
         return Err(ValidationError::new(
             path,
@@ -1042,7 +1070,7 @@ fn check_text(path: &str, text: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
-fn check_len<T>(path: &str, list: &[T]) -> Result<(), ValidationError> {
+pub(crate) fn check_len<T>(path: &str, list: &[T]) -> Result<(), ValidationError> {
     if list.len() > MAX_LIST_LEN {
         return Err(ValidationError::new(
             path,
@@ -1176,6 +1204,9 @@ impl License {
                 )?;
             }
         }
+        if let Some(datasets) = &self.datasets {
+            datasets.validate()?;
+        }
         Ok(())
     }
 }
@@ -1289,13 +1320,18 @@ fn parse_one(text: &str) -> Result<Document, ValidationError> {
             model.validate()?;
             Ok(Document::Model(model))
         }
+        Some("Dataset") => {
+            let dataset: Dataset = serde_yaml::from_str(text).map_err(yaml_error)?;
+            dataset.validate()?;
+            Ok(Document::Dataset(dataset))
+        }
         Some(other) => Err(ValidationError::new(
             "kind",
-            format!("unknown kind {other:?}; expected License or Model"),
+            format!("unknown kind {other:?}; expected License, Model or Dataset"),
         )),
         None => Err(ValidationError::new(
             "kind",
-            "missing; expected License or Model",
+            "missing; expected License, Model or Dataset",
         )),
     }
 }
@@ -1329,6 +1365,19 @@ pub fn parse_license(text: &str) -> Result<License, ValidationError> {
         _ => Err(ValidationError::new(
             "document",
             "expected exactly one License document",
+        )),
+    }
+}
+
+/// Parses exactly one `kind: Dataset` document.
+pub fn parse_dataset(text: &str) -> Result<Dataset, ValidationError> {
+    let mut docs = parse_documents(text)?;
+    match (docs.pop(), docs.is_empty()) {
+        (Some(Document::Dataset(d)), true) => Ok(d),
+        (Some(_), true) => Err(ValidationError::new("kind", "expected a Dataset document")),
+        _ => Err(ValidationError::new(
+            "document",
+            "expected exactly one Dataset document",
         )),
     }
 }

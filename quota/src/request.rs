@@ -12,6 +12,8 @@ pub const MAX_METERS: usize = 16;
 pub const MAX_METER_QUANTITY: u64 = 1_000_000_000;
 /// Longest allowed string field, in bytes.
 pub const MAX_FIELD_BYTES: usize = 256;
+/// Most lineage entries (dataset releases) one request may name.
+pub const MAX_LINEAGE: usize = 16;
 
 /// One metered quantity.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,6 +22,15 @@ pub struct Meter {
     pub metric: String,
     /// Amount used, 1..=`MAX_METER_QUANTITY`.
     pub quantity: u64,
+}
+
+/// One dataset release that feeds the use: its data lineage.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineageEntry {
+    /// Dataset id, as registered by a `kind: Dataset` document.
+    pub dataset: String,
+    /// Release of that dataset (its `releases[].version`).
+    pub release: String,
 }
 
 /// A request to use a model once (or a batch).
@@ -50,6 +61,9 @@ pub struct CheckRequest {
     /// Quantities to meter.
     #[serde(default)]
     pub meters: Vec<Meter>,
+    /// The dataset releases that feed this use.
+    #[serde(default)]
+    pub lineage: Vec<LineageEntry>,
     /// Caller's idempotency/correlation id.
     #[serde(default)]
     pub request_id: Option<String>,
@@ -71,6 +85,7 @@ impl std::fmt::Debug for CheckRequest {
             .field("region", &self.region)
             .field("hardware_id", &self.hardware_id)
             .field("meters", &self.meters)
+            .field("lineage", &self.lineage)
             .field("request_id", &self.request_id)
             .field("dry_run", &self.dry_run)
             .finish()
@@ -122,6 +137,30 @@ pub enum RequestError {
         /// The metric.
         metric: String,
     },
+    /// More than `MAX_LINEAGE` lineage entries.
+    #[error("lineage: at most {MAX_LINEAGE} dataset releases, got {n_entries}")]
+    TooManyLineage {
+        /// How many were sent.
+        n_entries: usize,
+    },
+    /// A lineage entry with an empty or too long dataset or release.
+    #[error("lineage[{index}].{field}: must be 1 to {MAX_FIELD_BYTES} bytes")]
+    BadLineage {
+        /// Entry index.
+        index: usize,
+        /// `dataset` or `release`.
+        field: &'static str,
+    },
+    /// The same dataset release twice.
+    #[error("lineage[{index}]: duplicate dataset release {dataset}@{release}")]
+    DuplicateLineage {
+        /// Entry index of the second occurrence.
+        index: usize,
+        /// The dataset id.
+        dataset: String,
+        /// The release.
+        release: String,
+    },
 }
 
 impl CheckRequest {
@@ -137,6 +176,7 @@ impl CheckRequest {
             region: None,
             hardware_id: None,
             meters: Vec::new(),
+            lineage: Vec::new(),
             request_id: None,
             dry_run: false,
         }
@@ -191,6 +231,26 @@ impl CheckRequest {
                 return Err(RequestError::DuplicateMeter {
                     index,
                     metric: meter.metric.clone(),
+                });
+            }
+        }
+        if self.lineage.len() > MAX_LINEAGE {
+            return Err(RequestError::TooManyLineage {
+                n_entries: self.lineage.len(),
+            });
+        }
+        for (index, entry) in self.lineage.iter().enumerate() {
+            for (field, value) in [("dataset", &entry.dataset), ("release", &entry.release)] {
+                if value.is_empty() || value.len() > MAX_FIELD_BYTES {
+                    return Err(RequestError::BadLineage { index, field });
+                }
+            }
+            // Quadratic, but bounded by MAX_LINEAGE, and allocation-free.
+            if self.lineage[..index].contains(entry) {
+                return Err(RequestError::DuplicateLineage {
+                    index,
+                    dataset: entry.dataset.clone(),
+                    release: entry.release.clone(),
                 });
             }
         }
@@ -259,6 +319,34 @@ mod tests {
         );
     }
 
+    fn entry(dataset: &str, release: &str) -> LineageEntry {
+        LineageEntry {
+            dataset: dataset.into(),
+            release: release.into(),
+        }
+    }
+
+    #[test]
+    fn lineage_validation() {
+        check(|r| r.lineage = vec![entry("a", "1"), entry("a", "2")], None);
+        check(
+            |r| r.lineage = vec![entry("a", "1"), entry("b", "1"), entry("a", "1")],
+            Some("lineage[2]: duplicate dataset release a@1"),
+        );
+        check(
+            |r| r.lineage = vec![entry("", "1")],
+            Some("lineage[0].dataset: must be 1 to"),
+        );
+        check(
+            |r| r.lineage = vec![entry("a", &"x".repeat(257))],
+            Some("lineage[0].release: must be 1 to"),
+        );
+        check(
+            |r| r.lineage = (0..17).map(|i| entry(&format!("d{i}"), "1")).collect(),
+            Some("lineage: at most 16"),
+        );
+    }
+
     #[test]
     fn debug_redacts_key() {
         let req = CheckRequest::new("tg_secret", "m", "1.0.0");
@@ -270,6 +358,7 @@ mod tests {
         let req: CheckRequest =
             serde_json::from_str(r#"{"key":"k","model":"m","model_version":"1.0.0"}"#).unwrap();
         assert!(req.meters.is_empty());
+        assert!(req.lineage.is_empty());
         assert!(!req.dry_run);
     }
 }

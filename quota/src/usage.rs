@@ -393,6 +393,10 @@ impl Usage {
             let node = self.node_id;
             self.update_counter(&inc.key, inc.escrow, |c| c.consume(node, inc.by));
         }
+        for key in &effects.lineage {
+            let node = self.node_id;
+            self.update_counter(key, false, |c| c.consume(node, 1));
+        }
         if let Some((license, device)) = &effects.new_device
             && self
                 .devices
@@ -689,10 +693,11 @@ pub fn window_is_open(config: &Config, now_ms: i64, key: &CounterKey) -> bool {
     })
 }
 
-/// The window of the quota (or seats) a counter belongs to, if configured.
+/// The window of the quota (or seats, or lineage edges) a counter belongs
+/// to, if configured.
 pub(crate) fn window_of(config: &Config, key: &CounterKey) -> Option<Window> {
     let license = config.license(&key.license)?;
-    if key.quota == SEATS_QUOTA {
+    if key.quota == SEATS_QUOTA || key.quota == crate::lineage::LINEAGE_QUOTA {
         return Some(Window::Total);
     }
     license

@@ -2,8 +2,8 @@
 
 use tollgate_quota::config::{ApplyOutcome, Config, ConfigCommand, ConfigOp};
 use tollgate_quota::decision::{Outcome, ReasonCode};
-use tollgate_quota::license::{Document, parse_documents};
-use tollgate_quota::request::{CheckRequest, Meter};
+use tollgate_quota::license::parse_documents;
+use tollgate_quota::request::{CheckRequest, LineageEntry, Meter};
 use tollgate_quota::seats::SeatRequest;
 use tollgate_quota::usage::Usage;
 
@@ -13,12 +13,9 @@ const NOW_MS: i64 = 1_780_000_000_000; // 2026-05-28T20:26:40Z
 fn config() -> Config {
     let mut config = Config::default();
     let docs = parse_documents(QUICKSTART).expect("quickstart parses");
-    assert_eq!(docs.len(), 5);
+    assert_eq!(docs.len(), 9);
     for (idx, doc) in docs.into_iter().enumerate() {
-        let op = match doc {
-            Document::License(l) => ConfigOp::PutLicense(l),
-            Document::Model(m) => ConfigOp::PutModel(m),
-        };
+        let op = ConfigOp::from(doc);
         let cmd = ConfigCommand {
             request_id: None,
             actor: "test".into(),
@@ -83,6 +80,60 @@ fn plain_dev_keys_are_not_stored() {
     assert!(!json.contains("tg_demo_tiny"));
     assert!(!json.contains("tg_demo_strict"));
     assert!(!json.contains("tg_demo_seats"));
+    assert!(!json.contains("tg_demo_lineage"));
+}
+
+#[test]
+fn demo_lineage_enforces_its_dataset_constraints() {
+    let config = config();
+    assert_eq!(config.datasets.len(), 3);
+    let mut usage = Usage::new(1);
+    let with = |lineage: &[(&str, &str)]| {
+        let mut req = request("tg_demo_lineage");
+        req.lineage = lineage
+            .iter()
+            .map(|(dataset, release)| LineageEntry {
+                dataset: dataset.to_string(),
+                release: release.to_string(),
+            })
+            .collect();
+        req
+    };
+    let mut decide = |req: CheckRequest| usage.check(&config, &req, NOW_MS, "d".into());
+    assert_eq!(decide(with(&[])).code(), Some(ReasonCode::LineageRequired));
+    assert_eq!(
+        decide(with(&[("clinical-notes", "v3")])).code(),
+        Some(ReasonCode::DatasetCategoryDenied)
+    );
+    assert_eq!(
+        decide(with(&[
+            ("crm-customers", "2026-01"),
+            ("web-reviews", "2025.1")
+        ]))
+        .code(),
+        Some(ReasonCode::DatasetCombinationForbidden)
+    );
+    let d = decide(with(&[("web-reviews", "2025.1")]));
+    assert_eq!(d.outcome, Outcome::Allow, "{d:?}");
+    // The other demo licenses carry no dataset constraints: lineage is
+    // optional there, but must name registered releases.
+    let mut req = request("tg_demo_key");
+    assert_eq!(
+        usage.check(&config, &req, NOW_MS, "d".into()).outcome,
+        Outcome::Allow
+    );
+    req.lineage.push(LineageEntry {
+        dataset: "clinical-notes".into(),
+        release: "v3".into(),
+    });
+    assert_eq!(
+        usage.check(&config, &req, NOW_MS, "d".into()).outcome,
+        Outcome::Allow
+    );
+    assert_eq!(
+        usage.lineage_graph("demo-lineage").model_versions[0].count,
+        1
+    );
 }
 
 #[test]

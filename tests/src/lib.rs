@@ -174,3 +174,22 @@ pub fn demo_check(key: &str) -> String {
         r#"{{"key":"{key}","model":"demo-classifier","model_version":"2.1.0","environment":"production","region":"local-a","meters":[{{"metric":"inferences","quantity":1}}]}}"#
     )
 }
+
+/// A Check body for `key` whose lineage is `entries` (`dataset@release`).
+pub fn lineage_check(key: &str, entries: &[&str]) -> String {
+    let lineage: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|e| {
+            let (dataset, release) = e.split_once('@').unwrap_or((e, ""));
+            serde_json::json!({"dataset": dataset, "release": release})
+        })
+        .collect();
+    serde_json::json!({
+        "key": key,
+        "model": "demo-classifier",
+        "model_version": "2.1.0",
+        "meters": [{"metric": "inferences", "quantity": 1}],
+        "lineage": lineage,
+    })
+    .to_string()
+}

@@ -47,7 +47,7 @@ async fn a_node_stopped_during_200_writes_converges_after_restart() -> anyhow::R
     cluster.restart(down).await?;
     cluster.wait_version(last).await?;
     let want = contents(&cluster, leader).await?;
-    assert_eq!(want.len(), 24, "20 bulk licenses and the 4 demo ones");
+    assert_eq!(want.len(), 25, "20 bulk licenses and the 5 demo ones");
     for i in cluster.running() {
         assert_eq!(cluster.node(i)?.version().await?, last, "node {i} version");
         assert_eq!(contents(&cluster, i).await?, want, "node {i} content");
