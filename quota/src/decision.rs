@@ -110,6 +110,55 @@ impl ReasonCode {
             ReasonCode::SeatLeaseUnknown => "seat_lease_unknown",
         }
     }
+
+    /// Every reason code, in [`Self::index`] order: what a metrics table
+    /// indexed by code is sized and labelled by.
+    pub const ALL: [ReasonCode; 18] = [
+        ReasonCode::UnknownKey,
+        ReasonCode::LicenseRevoked,
+        ReasonCode::LicenseSuspended,
+        ReasonCode::LicenseNotYetValid,
+        ReasonCode::LicenseExpired,
+        ReasonCode::ModelNotGranted,
+        ReasonCode::ModelVersionNotAllowed,
+        ReasonCode::ModelVersionUnknown,
+        ReasonCode::FeatureNotGranted,
+        ReasonCode::EnvironmentNotAllowed,
+        ReasonCode::RegionNotAllowed,
+        ReasonCode::DeviceNotAllowed,
+        ReasonCode::DeviceLimitReached,
+        ReasonCode::RateLimited,
+        ReasonCode::QuotaExceeded,
+        ReasonCode::QuotaRightsUnavailable,
+        ReasonCode::SeatLimitReached,
+        ReasonCode::SeatLeaseUnknown,
+    ];
+
+    /// The code's position in [`Self::ALL`]. The match is exhaustive on
+    /// purpose: a new code does not compile until it has a slot, so counters
+    /// indexed by code can never silently drop it.
+    pub fn index(self) -> usize {
+        match self {
+            ReasonCode::UnknownKey => 0,
+            ReasonCode::LicenseRevoked => 1,
+            ReasonCode::LicenseSuspended => 2,
+            ReasonCode::LicenseNotYetValid => 3,
+            ReasonCode::LicenseExpired => 4,
+            ReasonCode::ModelNotGranted => 5,
+            ReasonCode::ModelVersionNotAllowed => 6,
+            ReasonCode::ModelVersionUnknown => 7,
+            ReasonCode::FeatureNotGranted => 8,
+            ReasonCode::EnvironmentNotAllowed => 9,
+            ReasonCode::RegionNotAllowed => 10,
+            ReasonCode::DeviceNotAllowed => 11,
+            ReasonCode::DeviceLimitReached => 12,
+            ReasonCode::RateLimited => 13,
+            ReasonCode::QuotaExceeded => 14,
+            ReasonCode::QuotaRightsUnavailable => 15,
+            ReasonCode::SeatLimitReached => 16,
+            ReasonCode::SeatLeaseUnknown => 17,
+        }
+    }
 }
 
 /// One failing rule.
@@ -1585,5 +1634,16 @@ versions:
         );
         let codes: Vec<&str> = d.reasons.iter().map(|r| r.code.as_str()).collect();
         assert_eq!(codes, vec!["license_revoked", "environment_not_allowed"]);
+    }
+
+    #[test]
+    fn every_reason_code_has_its_own_slot_and_name() {
+        for (i, code) in ReasonCode::ALL.iter().enumerate() {
+            assert_eq!(code.index(), i, "{code:?}");
+        }
+        let mut names: Vec<&str> = ReasonCode::ALL.iter().map(|c| c.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ReasonCode::ALL.len());
     }
 }
