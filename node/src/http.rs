@@ -1,5 +1,6 @@
 //! The HTTP/JSON API: the edge endpoints (`/v1/check`, `/v1/report`), the
-//! admin endpoints (`/v1/licenses`, `/v1/models`, `/v1/apply`) and status.
+//! admin endpoints (`/v1/licenses`, `/v1/models`, `/v1/apply`), status and
+//! `/metrics` (Prometheus text format).
 //!
 //! Same contract as gRPC (see `api`): snake_case fields, the same reason
 //! codes. Bodies over `MAX_BODY_BYTES` get 413; malformed ones get 400 with
@@ -20,6 +21,7 @@ use serde::Deserialize;
 
 use crate::admin;
 use crate::api::{self, ApiError, DecisionJson};
+use crate::metrics::exposition::CONTENT_TYPE as METRICS_CONTENT_TYPE;
 use crate::roles::{Principal, Role};
 use crate::settings::MAX_BODY_BYTES;
 use crate::state::{NodeState, SeatOp};
@@ -50,6 +52,7 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/v1/seats/renew", post(seat_renew))
         .route("/v1/seats/release", post(seat_release))
         .route("/v1/admin/gossip/faults", post(gossip_faults))
+        .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
@@ -462,4 +465,20 @@ async fn model_history(
         axum::Json(serde_json::json!({"model": id, "history": records, "version": version}))
             .into_response(),
     )
+}
+
+/// `GET /metrics`: open unless `metrics.require_token`, then a viewer token.
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    if state.metrics.settings().require_token {
+        authorize(&state, &headers, Role::Viewer)?;
+    }
+    let body = state.metrics.render(&state);
+    Ok((
+        [
+            (header::CONTENT_TYPE, METRICS_CONTENT_TYPE),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response())
 }

@@ -15,6 +15,7 @@ pub mod gossip;
 pub mod gossip_bench;
 pub mod grpc;
 pub mod http;
+pub mod metrics;
 pub mod persist;
 pub mod quic;
 pub mod revocation_bench;
