@@ -11,6 +11,7 @@ pub mod bench;
 pub mod certs;
 pub mod client;
 pub mod clock;
+pub mod dashboard;
 pub mod gossip;
 pub mod gossip_bench;
 pub mod grpc;

@@ -19,6 +19,7 @@ use tollgate_quota::seats::{SeatDecision, SeatRequest};
 use tollgate_quota::usage::Usage;
 
 use crate::clock::Clock;
+use crate::dashboard::Dashboard;
 use crate::gossip::GossipNode;
 use crate::metrics::{DecisionKind, Metrics};
 
@@ -57,6 +58,8 @@ pub struct NodeState {
     pub stats: Stats,
     /// What `/metrics` exposes and the dashboard draws.
     pub metrics: Metrics,
+    /// Dashboard sessions and the sections other parts of the node add.
+    pub dashboard: Dashboard,
     /// Bumped on every change to usage; the flusher records how far it got.
     usage_seq: AtomicU64,
     usage_persisted_seq: AtomicU64,
@@ -105,6 +108,7 @@ impl NodeState {
             strict_fields,
             stats: Stats::default(),
             metrics: Metrics::default(),
+            dashboard: Dashboard::default(),
             usage_seq: AtomicU64::new(0),
             usage_persisted_seq: AtomicU64::new(0),
             persisted_tx: tokio::sync::watch::channel(0).0,
