@@ -57,8 +57,34 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/dashboard", get(dashboard))
         .route("/dashboard/login", post(dashboard_login))
         .route("/healthz", get(|| async { "ok" }))
+        .route_layer(axum::middleware::from_fn(trace_request))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+/// Whether `route` is on the edge hot path (traced at debug level only).
+fn is_edge_route(route: &str) -> bool {
+    route == "/v1/check" || route == "/v1/report" || route.starts_with("/v1/seats/")
+}
+
+/// One span per request, named by its route template: never the URI
+/// itself, whose query may carry a dashboard token.
+async fn trace_request(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use tracing::Instrument as _;
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .cloned();
+    let route = route.as_ref().map_or("", |r| r.as_str());
+    let method = req.method().clone();
+    let span = if is_edge_route(route) {
+        tracing::debug_span!("http", %method, route, status = tracing::field::Empty)
+    } else {
+        tracing::info_span!("http", %method, route, status = tracing::field::Empty)
+    };
+    let resp = next.run(req).instrument(span.clone()).await;
+    span.record("status", resp.status().as_u16());
+    resp
 }
 
 impl IntoResponse for ApiError {

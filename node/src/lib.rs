@@ -24,4 +24,5 @@ pub mod roles;
 pub mod server;
 pub mod settings;
 pub mod state;
+pub mod telemetry;
 pub mod up;

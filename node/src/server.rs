@@ -475,6 +475,7 @@ where
     let mut rx = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
         tonic::transport::Server::builder()
+            .trace_fn(grpc_span)
             .add_service(edge)
             .add_service(admin_svc)
             .serve_with_incoming_shutdown(grpc, async move {
@@ -506,6 +507,17 @@ where
         shutdown_tx,
         tasks,
     })
+}
+
+/// One span per gRPC call, named by its method path; Edge calls (the hot
+/// path) at debug level only.
+fn grpc_span<B>(req: &axum::http::Request<B>) -> tracing::Span {
+    let path = req.uri().path();
+    if path.starts_with("/tollgate.v1.Edge/") {
+        tracing::debug_span!("grpc", path)
+    } else {
+        tracing::info_span!("grpc", path)
+    }
 }
 
 /// Forms the cluster (`bootstrap`), joins one (`join`), or, when the data
