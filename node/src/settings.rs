@@ -297,6 +297,7 @@ mod tests {
         let s = NodeSettings::from_file(&path)?;
         assert_eq!(s.node_id, 1);
         assert_eq!(s.usage_flush_interval_ms, DEFAULT_USAGE_FLUSH_INTERVAL_MS);
+        assert_eq!(s.metrics, MetricsSettings::default());
         Ok(())
     }
 
