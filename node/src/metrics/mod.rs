@@ -29,6 +29,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tollgate_quota::decision::{Decision, Outcome, ReasonCode};
+use tollgate_quota::utilization::QuotaUtilization;
 
 use crate::state::NodeState;
 use exposition::{MetricType, TextEncoder};
@@ -496,12 +497,12 @@ impl Metrics {
             out.sample(BANDS, &[("band", band)], n as f64);
         }
         if self.settings.per_license_labels {
-            for (name, help, value) in [
+            type Figure = fn(&QuotaUtilization) -> f64;
+            let figures: [(&str, &str, Figure); 3] = [
                 (
                     "tollgate_quota_used",
                     "Units used in the current window, per license and quota (@seats: seats in use); the busiest scope for scoped quotas.",
-                    (|u: &tollgate_quota::utilization::QuotaUtilization| u.used as f64)
-                        as fn(&tollgate_quota::utilization::QuotaUtilization) -> f64,
+                    |u| u.used as f64,
                 ),
                 (
                     "tollgate_quota_limit",
@@ -511,9 +512,10 @@ impl Metrics {
                 (
                     "tollgate_quota_utilization_ratio",
                     "used/limit in the current window, per license and quota.",
-                    |u| u.ratio(),
+                    QuotaUtilization::ratio,
                 ),
-            ] {
+            ];
+            for (name, help, value) in figures {
                 out.family(name, MetricType::Gauge, help);
                 for u in latest {
                     out.sample(
