@@ -23,11 +23,13 @@ use tokio::sync::{mpsc, watch};
 use tollgate_consensus::storage::Storage;
 use tollgate_quota::counter::Counter;
 use tollgate_quota::escrow::RebalancePolicy;
-use tollgate_quota::gossip::{Gossip, GossipSettings, Outgoing, PeerInfo, RemoteSink};
+use tollgate_quota::gossip::{
+    Gossip, GossipSettings, Outgoing, PeerGossipStatus, PeerInfo, RemoteSink,
+};
 use tollgate_quota::usage::{CounterKey, NEAR_LIMIT_DIVISOR, window_is_open};
 
 use crate::persist::{self, UsageTrees};
-use crate::quic::{Inbound, QuicTransport};
+use crate::quic::{Inbound, PeerStats, QuicTransport};
 use crate::state::NodeState;
 
 /// How often soft counters near their limit are pushed from memory.
@@ -184,8 +186,8 @@ impl GossipNode {
         changed
     }
 
-    /// Gossip figures for the status API.
-    pub fn status_json(&self, now: i64) -> serde_json::Value {
+    /// Gossip figures for status, metrics and the dashboard.
+    pub fn figures(&self, now: i64) -> GossipFigures {
         let (peers, malformed, oversize, published) = {
             let p = self.protocol.lock();
             (
@@ -195,14 +197,29 @@ impl GossipNode {
                 p.n_published(),
             )
         };
-        let wire = self.transport.stats();
+        GossipFigures {
+            peers,
+            wire: self.transport.stats(),
+            malformed_messages: malformed,
+            oversize_counters: oversize,
+            published_counters: published,
+            send_errors: self
+                .n_send_errors
+                .load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// Gossip figures for the status API.
+    pub fn status_json(&self, now: i64) -> serde_json::Value {
+        let f = self.figures(now);
         let mut bytes_sent = 0u64;
         let mut bytes_received = 0u64;
-        let peers: Vec<serde_json::Value> = peers
-            .into_iter()
+        let peers: Vec<serde_json::Value> = f
+            .peers
+            .iter()
             .map(|p| {
-                let mut v = serde_json::to_value(&p).unwrap_or_default();
-                if let Some(w) = wire.iter().find(|w| w.id == p.id) {
+                let mut v = serde_json::to_value(p).unwrap_or_default();
+                if let Some(w) = f.wire_of(p.id) {
                     bytes_sent += w.bytes_sent;
                     bytes_received += w.bytes_received;
                     if let (Some(obj), Ok(serde_json::Value::Object(w))) =
@@ -221,13 +238,43 @@ impl GossipNode {
             "peers": peers,
             "bytes_sent": bytes_sent,
             "bytes_received": bytes_received,
-            "counters": published,
-            "malformed_messages": malformed,
-            "oversize_counters": oversize,
-            "send_errors": self.n_send_errors.load(std::sync::atomic::Ordering::Relaxed),
+            "counters": f.published_counters,
+            "malformed_messages": f.malformed_messages,
+            "oversize_counters": f.oversize_counters,
+            "send_errors": f.send_errors,
             "fault_injection": self.fault_injection,
             "dropped_peers": self.dropped(),
         })
+    }
+}
+
+/// One reading of this node's gossip: protocol and wire figures per peer,
+/// and totals.
+#[derive(Clone, Debug)]
+pub struct GossipFigures {
+    /// Per peer, from the protocol: last heard, lag, pending, in flight.
+    pub peers: Vec<PeerGossipStatus>,
+    /// Per peer, from the transport: connection and bytes on the wire.
+    pub wire: Vec<PeerStats>,
+    /// Messages that did not decode.
+    pub malformed_messages: u64,
+    /// Counter states too large for any message.
+    pub oversize_counters: u64,
+    /// Counters this node gossips.
+    pub published_counters: usize,
+    /// Messages that could not be handed to the transport.
+    pub send_errors: u64,
+}
+
+impl GossipFigures {
+    /// The wire figures of peer `id`.
+    pub fn wire_of(&self, id: u64) -> Option<&PeerStats> {
+        self.wire.iter().find(|w| w.id == id)
+    }
+
+    /// The largest lag of any peer (ms).
+    pub fn max_lag_ms(&self) -> i64 {
+        self.peers.iter().map(|p| p.lag_ms).max().unwrap_or(0)
     }
 }
 

@@ -1,6 +1,7 @@
 //! The HTTP/JSON API: the edge endpoints (`/v1/check`, `/v1/report`), the
 //! admin endpoints (`/v1/licenses`, `/v1/models`, `/v1/datasets`,
-//! `/v1/apply`, `/v1/lineage`) and status.
+//! `/v1/apply`, `/v1/lineage`), status, `/metrics` (Prometheus text format)
+//! and `/dashboard` (HTML).
 //!
 //! Same contract as gRPC (see `api`): snake_case fields, the same reason
 //! codes. Bodies over `MAX_BODY_BYTES` get 413; malformed ones get 400 with
@@ -13,7 +14,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Form, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
@@ -22,6 +23,8 @@ use serde::Deserialize;
 use crate::admin;
 use crate::api::{self, ApiError, DecisionJson};
 use crate::lineage;
+use crate::dashboard;
+use crate::metrics::exposition::CONTENT_TYPE as METRICS_CONTENT_TYPE;
 use crate::roles::{Principal, Role};
 use crate::settings::MAX_BODY_BYTES;
 use crate::state::{NodeState, SeatOp};
@@ -59,9 +62,38 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/v1/seats/renew", post(seat_renew))
         .route("/v1/seats/release", post(seat_release))
         .route("/v1/admin/gossip/faults", post(gossip_faults))
+        .route("/metrics", get(metrics))
+        .route("/dashboard", get(dashboard))
+        .route("/dashboard/login", post(dashboard_login))
         .route("/healthz", get(|| async { "ok" }))
+        .route_layer(axum::middleware::from_fn(trace_request))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+/// Whether `route` is on the edge hot path (traced at debug level only).
+fn is_edge_route(route: &str) -> bool {
+    route == "/v1/check" || route == "/v1/report" || route.starts_with("/v1/seats/")
+}
+
+/// One span per request, named by its route template: never the URI
+/// itself, whose query may carry a dashboard token.
+async fn trace_request(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use tracing::Instrument as _;
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .cloned();
+    let route = route.as_ref().map_or("", |r| r.as_str());
+    let method = req.method().clone();
+    let span = if is_edge_route(route) {
+        tracing::debug_span!("http", %method, route, status = tracing::field::Empty)
+    } else {
+        tracing::info_span!("http", %method, route, status = tracing::field::Empty)
+    };
+    let resp = next.run(req).instrument(span.clone()).await;
+    span.record("status", resp.status().as_u16());
+    resp
 }
 
 impl IntoResponse for ApiError {
@@ -543,7 +575,7 @@ async fn dataset_history(
 }
 
 /// `GET /v1/lineage?license=L[&format=json|dot|openlineage]`: this node's
-/// view of the license's lineage graph. Admin token for now.
+/// view of the license's lineage graph. A viewer token.
 async fn lineage_graph(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -579,4 +611,127 @@ async fn lineage_graph(
         )
             .into_response(),
     })
+}
+
+/// `GET /metrics`: open unless `metrics.require_token`, then a viewer token.
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    if state.metrics.settings().require_token {
+        authorize(&state, &headers, Role::Viewer)?;
+    }
+    let body = state.metrics.render(&state);
+    Ok((
+        [
+            (header::CONTENT_TYPE, METRICS_CONTENT_TYPE),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// Headers on every dashboard answer: never cached, never framed, no
+/// scripts, and no referrer (a URL that carried `?token=` leaks nowhere).
+fn html_response(status: StatusCode, body: String) -> Response {
+    let mut resp = (status, body).into_response();
+    let h = resp.headers_mut();
+    for (name, value) in [
+        (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+        (header::CACHE_CONTROL, "no-store"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    ] {
+        h.insert(name, HeaderValue::from_static(value));
+    }
+    resp
+}
+
+fn sign_in(state: &NodeState, status: StatusCode, message: &str) -> Response {
+    html_response(status, dashboard::sign_in_page(state.node_id, message))
+}
+
+/// Trades a token for a dashboard session: a cookie, and a redirect to the
+/// bare `/dashboard` so the token leaves the address bar and history.
+fn open_session(state: &NodeState, token: &str) -> Response {
+    match state.tokens.authorize_token(token, Role::Viewer) {
+        Ok(p) => {
+            let id = state.dashboard.open_session(&p.actor, state.now_ms());
+            let mut resp = StatusCode::SEE_OTHER.into_response();
+            let h = resp.headers_mut();
+            h.insert(header::LOCATION, HeaderValue::from_static("/dashboard"));
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            h.insert(
+                header::REFERRER_POLICY,
+                HeaderValue::from_static("no-referrer"),
+            );
+            if let Ok(v) = HeaderValue::from_str(&dashboard::session_cookie(state.node_id, &id)) {
+                h.insert(header::SET_COOKIE, v);
+            }
+            resp
+        }
+        Err(crate::roles::AuthError::Forbidden { .. }) => sign_in(
+            state,
+            StatusCode::FORBIDDEN,
+            "That token's role may not open the dashboard.",
+        ),
+        Err(crate::roles::AuthError::Unauthenticated) => sign_in(
+            state,
+            StatusCode::UNAUTHORIZED,
+            "That token is not known to this node.",
+        ),
+    }
+}
+
+/// `GET /dashboard`: with a bearer header, a session cookie, or `?token=`
+/// once (see `dashboard`).
+async fn dashboard(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if let Some(token) = q.get("token") {
+        return open_session(&state, token);
+    }
+    if headers.contains_key(header::AUTHORIZATION) {
+        return match authorize(&state, &headers, Role::Viewer) {
+            Ok(p) => html_response(StatusCode::OK, dashboard::render_page(&state, &p.actor)),
+            Err(e) => {
+                let status =
+                    StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::UNAUTHORIZED);
+                sign_in(
+                    &state,
+                    status,
+                    "The token in the Authorization header is not a viewer token.",
+                )
+            }
+        };
+    }
+    let session = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|c| dashboard::session_from_cookies(state.node_id, c))
+        .and_then(|id| state.dashboard.session(id, state.now_ms()));
+    match session {
+        Some(actor) => html_response(StatusCode::OK, dashboard::render_page(&state, &actor)),
+        None => sign_in(
+            &state,
+            StatusCode::UNAUTHORIZED,
+            "The dashboard needs a viewer token.",
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    token: String,
+}
+
+/// `POST /dashboard/login`: the sign-in form, token in the body.
+async fn dashboard_login(State(state): State<AppState>, Form(form): Form<LoginForm>) -> Response {
+    open_session(&state, &form.token)
 }

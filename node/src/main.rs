@@ -11,6 +11,7 @@ use tollgate_node::bench::{self, BenchConfig};
 use tollgate_node::client::{self, Target, authed, status_err};
 use tollgate_node::server;
 use tollgate_node::settings::NodeSettings;
+use tollgate_node::telemetry::{self, LogFormat};
 use tollgate_node::up;
 use tollgate_proto::v1 as pb;
 
@@ -23,6 +24,15 @@ use tollgate_proto::v1 as pb;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How `serve` and `up` write logs to stderr: text, or JSON (one object
+    /// per line). `RUST_LOG` filters either.
+    #[arg(long, env = "TOLLGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    /// Export tracing spans of `serve` and `up` over OTLP/gRPC to this
+    /// collector (e.g. http://127.0.0.1:4317). Needs a build with the `otlp`
+    /// feature.
+    #[arg(long, env = "TOLLGATE_OTLP_ENDPOINT", global = true)]
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -427,17 +437,6 @@ struct BenchArgs {
     json: bool,
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .try_init();
-}
-
 /// SIGINT / SIGTERM, registered before a node starts: a signal that
 /// arrives while nodes are still starting must stop them cleanly, not kill
 /// the process with the default action.
@@ -476,9 +475,11 @@ impl StopSignals {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let log_format = cli.log_format;
+    let otlp_endpoint = cli.otlp_endpoint;
     match cli.command {
         Command::Serve(args) => {
-            init_tracing();
+            let telemetry = telemetry::init(log_format, otlp_endpoint.as_deref())?;
             let mut signals = StopSignals::install()?;
             let mut s = NodeSettings::from_file(&args.config)?;
             if let Some(v) = args.node_id {
@@ -527,14 +528,16 @@ async fn main() -> anyhow::Result<()> {
                 node.grpc_addr, node.http_addr, node.raft_addr
             );
             signals.wait().await;
-            node.shutdown().await?;
+            let stopped = node.shutdown().await;
+            telemetry.shutdown().await;
+            stopped?;
         }
         Command::Up {
             data_dir,
             nodes,
             enable_fault_injection,
         } => {
-            init_tracing();
+            let telemetry = telemetry::init(log_format, otlp_endpoint.as_deref())?;
             let mut signals = StopSignals::install()?;
             let (nodes, cluster) = up::start_with(&data_dir, nodes, enable_fault_injection).await?;
             let shown = data_dir.canonicalize().unwrap_or(data_dir);
@@ -553,6 +556,7 @@ async fn main() -> anyhow::Result<()> {
                     Err(e) => failed = failed.or(Some(anyhow::anyhow!("shutdown panicked: {e}"))),
                 }
             }
+            telemetry.shutdown().await;
             if let Some(e) = failed {
                 return Err(e.context("stopping nodes"));
             }

@@ -107,9 +107,17 @@ impl TokenSet {
         let token = authorization
             .map(str::trim)
             .and_then(|h| h.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
             .ok_or(AuthError::Unauthenticated)?;
+        self.authenticate_token(token)
+    }
+
+    /// The caller a plain token names (one sent other than as a bearer
+    /// header, e.g. from the dashboard's sign-in form).
+    pub fn authenticate_token(&self, token: &str) -> Result<&Principal, AuthError> {
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(AuthError::Unauthenticated);
+        }
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         self.entries
             .iter()
@@ -124,7 +132,15 @@ impl TokenSet {
         authorization: Option<&str>,
         needed: Role,
     ) -> Result<Principal, AuthError> {
-        let p = self.authenticate(authorization)?;
+        Self::permit(self.authenticate(authorization)?, needed)
+    }
+
+    /// The caller of a plain token, if it holds at least `needed`.
+    pub fn authorize_token(&self, token: &str, needed: Role) -> Result<Principal, AuthError> {
+        Self::permit(self.authenticate_token(token)?, needed)
+    }
+
+    fn permit(p: &Principal, needed: Role) -> Result<Principal, AuthError> {
         if p.role.permits(needed) {
             Ok(p.clone())
         } else {
@@ -191,6 +207,27 @@ mod tests {
                 s.authorize(h, Role::Viewer),
                 Err(AuthError::Unauthenticated),
                 "{h:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_plain_token_is_authorized_like_a_bearer_one() {
+        let s = set();
+        assert_eq!(
+            s.authorize_token(" tga_view\n", Role::Viewer)
+                .map(|p| p.actor),
+            Ok("grafana".to_string())
+        );
+        assert!(matches!(
+            s.authorize_token("tga_view", Role::Admin),
+            Err(AuthError::Forbidden { .. })
+        ));
+        for t in ["", "  ", "nope", "Bearer tga_view"] {
+            assert_eq!(
+                s.authorize_token(t, Role::Viewer),
+                Err(AuthError::Unauthenticated),
+                "{t:?}"
             );
         }
     }

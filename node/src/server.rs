@@ -1,5 +1,5 @@
 //! Starting and stopping one node: storage, Raft, usage, the gRPC and HTTP
-//! servers, and the background flush loop.
+//! servers, the background flush loop and the metrics sampler.
 //!
 //! Listeners and shutdown come from the caller (`start_with_listeners`), so
 //! tests and the embedded default can bind port 0 and stop nodes cleanly.
@@ -28,6 +28,7 @@ use crate::admin;
 use crate::clock::Clock;
 use crate::gossip::GossipNode;
 use crate::grpc::{AdminService, EdgeService};
+use crate::metrics::Metrics;
 use crate::persist;
 use crate::quic::GossipSocket;
 use crate::roles::{Role, TokenSet};
@@ -413,6 +414,12 @@ where
     );
     state.durable_usage_ack = settings.durable_usage_ack;
     state.clock = clock;
+    state.metrics = Metrics::new(settings.metrics.clone());
+    if settings.metrics.per_license_labels && !settings.metrics.require_token {
+        tracing::warn!(
+            "metrics.per_license_labels is on and metrics.require_token is off: anyone who reaches the HTTP port can read license ids on /metrics"
+        );
+    }
     // Escrow counters split their limit among the members: know them
     // before the first Check can create one.
     let member_ids: Vec<u64> = consensus.members().iter().map(|m| m.id).collect();
@@ -447,6 +454,11 @@ where
         }
     }
 
+    tasks.push(tokio::spawn(crate::metrics::run_sampler(
+        Arc::clone(&state),
+        shutdown_rx.clone(),
+    )));
+
     tasks.push(tokio::spawn(crate::gossip::run(
         Arc::clone(&state),
         gossip,
@@ -463,6 +475,7 @@ where
     let mut rx = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
         tonic::transport::Server::builder()
+            .trace_fn(grpc_span)
             .add_service(edge)
             .add_service(admin_svc)
             .serve_with_incoming_shutdown(grpc, async move {
@@ -494,6 +507,17 @@ where
         shutdown_tx,
         tasks,
     })
+}
+
+/// One span per gRPC call, named by its method path; Edge calls (the hot
+/// path) at debug level only.
+fn grpc_span<B>(req: &axum::http::Request<B>) -> tracing::Span {
+    let path = req.uri().path();
+    if path.starts_with("/tollgate.v1.Edge/") {
+        tracing::debug_span!("grpc", path)
+    } else {
+        tracing::info_span!("grpc", path)
+    }
 }
 
 /// Forms the cluster (`bootstrap`), joins one (`join`), or, when the data

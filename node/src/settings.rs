@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::certs::TlsFiles;
 use crate::gossip::GossipConfig;
+use crate::metrics::MetricsSettings;
 use crate::roles::Role;
 
 /// Default interval between usage flushes to disk. It is the loss window for
@@ -109,6 +110,9 @@ pub struct NodeSettings {
     /// port. Every member needs the same one. Default: `admin_token_file`.
     #[serde(default)]
     pub cluster_token_file: Option<PathBuf>,
+    /// `/metrics` and the dashboard: labels, access, sampling.
+    #[serde(default)]
+    pub metrics: MetricsSettings,
 }
 
 /// Raft timing of one node. Every member should use the same values.
@@ -250,6 +254,7 @@ impl NodeSettings {
             admin_token_name: default_token_name(),
             admin_tokens: Vec::new(),
             cluster_token_file: None,
+            metrics: MetricsSettings::default(),
         }
     }
 
@@ -292,6 +297,7 @@ mod tests {
         let s = NodeSettings::from_file(&path)?;
         assert_eq!(s.node_id, 1);
         assert_eq!(s.usage_flush_interval_ms, DEFAULT_USAGE_FLUSH_INTERVAL_MS);
+        assert_eq!(s.metrics, MetricsSettings::default());
         Ok(())
     }
 

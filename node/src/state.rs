@@ -20,9 +20,12 @@ use tollgate_quota::seats::{SeatDecision, SeatRequest};
 use tollgate_quota::usage::Usage;
 
 use crate::clock::Clock;
+use crate::dashboard::Dashboard;
 use crate::gossip::GossipNode;
+use crate::metrics::{DecisionKind, Metrics};
 
-/// Counters for the status API (and, later, /metrics).
+/// Outcome counters for the status API. `/metrics` has the finer breakdown
+/// (by kind, outcome and reason) in [`NodeState::metrics`].
 #[derive(Debug, Default)]
 pub struct Stats {
     /// Decisions that allowed.
@@ -54,6 +57,10 @@ pub struct NodeState {
     pub strict_fields: bool,
     /// Decision counters.
     pub stats: Stats,
+    /// What `/metrics` exposes and the dashboard draws.
+    pub metrics: Metrics,
+    /// Dashboard sessions and the sections other parts of the node add.
+    pub dashboard: Dashboard,
     /// Bumped on every change to usage; the flusher records how far it got.
     usage_seq: AtomicU64,
     usage_persisted_seq: AtomicU64,
@@ -101,6 +108,8 @@ impl NodeState {
             tokens,
             strict_fields,
             stats: Stats::default(),
+            metrics: Metrics::default(),
+            dashboard: Dashboard::default(),
             usage_seq: AtomicU64::new(0),
             usage_persisted_seq: AtomicU64::new(0),
             persisted_tx: tokio::sync::watch::channel(0).0,
@@ -124,8 +133,11 @@ impl NodeState {
 
     /// Decides one Check and, unless it is a dry run, counts it.
     pub async fn check(&self, req: &CheckRequest) -> Result<Decision, RequestError> {
+        // Elapsed time only, never the time of day: measured, not decided on.
+        let started = std::time::Instant::now();
         let (d, seq) = self.run(req, false)?;
         self.wait_durable(seq).await;
+        self.metrics.latency.record(started.elapsed());
         Ok(d)
     }
 
@@ -191,6 +203,12 @@ impl NodeState {
             }
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        let kind = if is_report {
+            DecisionKind::Report
+        } else {
+            DecisionKind::Check
+        };
+        self.metrics.record_decision(kind, &decision);
         Ok((decision, seq.map(|n| (n, escrow))))
     }
 
@@ -238,6 +256,12 @@ impl NodeState {
         if seq > before {
             self.persisted_tx.send_replace(seq);
         }
+    }
+
+    /// How many usage changes are accepted but not yet on disk.
+    pub fn usage_unflushed_changes(&self) -> u64 {
+        self.usage_seq()
+            .saturating_sub(self.usage_persisted_seq.load(Ordering::Acquire))
     }
 
     /// Whether accepted usage is waiting to be flushed.

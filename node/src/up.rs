@@ -394,6 +394,10 @@ pub fn banner(cluster: &ClusterFile, data_dir: &Path) -> String {
             n.grpc_addr
         ));
         out.push_str("  tollgate cluster status\n");
+        out.push_str(&format!(
+            "\nMetrics: http://{http}/metrics   Dashboard: http://{http}/dashboard (sign in with the viewer token)\n",
+            http = n.http_addr
+        ));
     }
     out.push_str(
         "\nCtrl-C stops every node; `up` again on the same data dir restarts the same cluster.\n",

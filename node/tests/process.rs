@@ -1,5 +1,5 @@
 //! The `tollgate` binary as a real process: `up` (a 3-node local cluster in
-//! one process), SIGKILL, `up` again.
+//! one process), SIGKILL, `up` again; JSON logs that never carry a token.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -30,6 +30,24 @@ fn spawn_up(dir: &Path) -> anyhow::Result<NodeProcess> {
         .spawn()
         .map(NodeProcess)
         .context("spawning tollgate up")
+}
+
+/// Sends SIGINT and waits for a clean exit.
+async fn interrupt(child: &mut NodeProcess) -> anyhow::Result<()> {
+    let status = Command::new("kill")
+        .args(["-INT", &child.0.id().to_string()])
+        .status()?;
+    anyhow::ensure!(status.success(), "kill -INT failed");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(s) = child.0.try_wait()? {
+            break s;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "node did not stop on SIGINT");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    anyhow::ensure!(exit.success(), "exit status {exit}");
+    Ok(())
 }
 
 /// Polls until a new `<dir>/cluster.json` names a node
@@ -106,20 +124,93 @@ async fn usage_survives_sigkill_and_restart_and_sigint_stops_cleanly() -> anyhow
     assert_eq!(d["quotas"][0]["used"], 5);
 
     // Ctrl-C (SIGINT) stops the node cleanly.
-    let status = Command::new("kill")
-        .args(["-INT", &child.0.id().to_string()])
-        .status()?;
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let exit = loop {
-        if let Some(s) = child.0.try_wait()? {
-            break s;
-        }
-        if Instant::now() > deadline {
-            anyhow::bail!("node did not stop on SIGINT");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert!(exit.success(), "exit status {exit}");
+    interrupt(&mut child).await
+}
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_and_never_carry_a_token() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let log_path = dir.path().join("stderr.log");
+    let log = std::fs::File::create(&log_path)?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["up", "--log-format", "json", "--data-dir"])
+        .arg(dir.path())
+        .env("RUST_LOG", "info,tollgate_node=debug")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map(NodeProcess)
+        .context("spawning tollgate up")?;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let http = wait_ready(dir.path(), &client).await?;
+    let viewer = std::fs::read_to_string(dir.path().join("viewer.token"))?
+        .trim()
+        .to_string();
+    let admin = std::fs::read_to_string(dir.path().join("admin.token"))?
+        .trim()
+        .to_string();
+
+    // Requests that carry tokens every way the node accepts them.
+    let r = client
+        .get(format!("{http}/dashboard?token={viewer}"))
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 303);
+    let r = client
+        .get(format!("{http}/v1/licenses"))
+        .bearer_auth(&admin)
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 200);
+    let r = client
+        .get(format!("{http}/metrics"))
+        .bearer_auth(&viewer)
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 200);
+    let d = check(&client, &http).await?;
+    assert_eq!(d["decision"], "allow", "{d}");
+    interrupt(&mut child).await?;
+
+    let text = std::fs::read_to_string(&log_path)?;
+    let mut messages = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("a log line that is not JSON: {line}"))?;
+        assert!(
+            v["timestamp"].is_string() && v["level"].is_string(),
+            "{line}"
+        );
+        messages.push(v["message"].as_str().unwrap_or_default().to_string());
+    }
+    assert!(messages.iter().any(|m| m == "node serving"), "{text}");
+    for secret in [&viewer, &admin] {
+        assert!(
+            !text.contains(secret.as_str()),
+            "a token in the logs:\n{text}"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "otlp"))]
+#[test]
+fn otlp_export_is_refused_by_a_build_without_it() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args([
+            "up",
+            "--otlp-endpoint",
+            "http://127.0.0.1:4317",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .output()?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--features tollgate-node/otlp"), "{stderr}");
     Ok(())
 }

@@ -130,6 +130,67 @@ impl ReasonCode {
             ReasonCode::SeatLeaseUnknown => "seat_lease_unknown",
         }
     }
+
+    /// Every reason code, in [`Self::index`] order: what a metrics table
+    /// indexed by code is sized and labelled by.
+    pub const ALL: [ReasonCode; 24] = [
+        ReasonCode::UnknownKey,
+        ReasonCode::LicenseRevoked,
+        ReasonCode::LicenseSuspended,
+        ReasonCode::LicenseNotYetValid,
+        ReasonCode::LicenseExpired,
+        ReasonCode::ModelNotGranted,
+        ReasonCode::ModelVersionNotAllowed,
+        ReasonCode::ModelVersionUnknown,
+        ReasonCode::FeatureNotGranted,
+        ReasonCode::EnvironmentNotAllowed,
+        ReasonCode::RegionNotAllowed,
+        ReasonCode::DeviceNotAllowed,
+        ReasonCode::DeviceLimitReached,
+        ReasonCode::LineageRequired,
+        ReasonCode::DatasetUnknown,
+        ReasonCode::DatasetReleaseUnknown,
+        ReasonCode::DatasetSourceNotAllowed,
+        ReasonCode::DatasetCategoryDenied,
+        ReasonCode::DatasetCombinationForbidden,
+        ReasonCode::RateLimited,
+        ReasonCode::QuotaExceeded,
+        ReasonCode::QuotaRightsUnavailable,
+        ReasonCode::SeatLimitReached,
+        ReasonCode::SeatLeaseUnknown,
+    ];
+
+    /// The code's position in [`Self::ALL`]. The match is exhaustive on
+    /// purpose: a new code does not compile until it has a slot, so counters
+    /// indexed by code can never silently drop it.
+    pub fn index(self) -> usize {
+        match self {
+ReasonCode::UnknownKey => 0,
+            ReasonCode::LicenseRevoked => 1,
+            ReasonCode::LicenseSuspended => 2,
+            ReasonCode::LicenseNotYetValid => 3,
+            ReasonCode::LicenseExpired => 4,
+            ReasonCode::ModelNotGranted => 5,
+            ReasonCode::ModelVersionNotAllowed => 6,
+            ReasonCode::ModelVersionUnknown => 7,
+            ReasonCode::FeatureNotGranted => 8,
+            ReasonCode::EnvironmentNotAllowed => 9,
+            ReasonCode::RegionNotAllowed => 10,
+            ReasonCode::DeviceNotAllowed => 11,
+            ReasonCode::DeviceLimitReached => 12,
+            ReasonCode::LineageRequired => 13,
+            ReasonCode::DatasetUnknown => 14,
+            ReasonCode::DatasetReleaseUnknown => 15,
+            ReasonCode::DatasetSourceNotAllowed => 16,
+            ReasonCode::DatasetCategoryDenied => 17,
+            ReasonCode::DatasetCombinationForbidden => 18,
+            ReasonCode::RateLimited => 19,
+            ReasonCode::QuotaExceeded => 20,
+            ReasonCode::QuotaRightsUnavailable => 21,
+            ReasonCode::SeatLimitReached => 22,
+            ReasonCode::SeatLeaseUnknown => 23,
+        }
+    }
 }
 
 /// One failing rule.
@@ -1986,5 +2047,16 @@ releases:
                 .all(|k| k.quota != crate::lineage::LINEAGE_QUOTA)
         );
         assert_eq!(u.lineage_graph("t"), g);
+    }
+
+    #[test]
+    fn every_reason_code_has_its_own_slot_and_name() {
+        for (i, code) in ReasonCode::ALL.iter().enumerate() {
+            assert_eq!(code.index(), i, "{code:?}");
+        }
+        let mut names: Vec<&str> = ReasonCode::ALL.iter().map(|c| c.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ReasonCode::ALL.len());
     }
 }

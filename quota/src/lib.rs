@@ -35,5 +35,6 @@ pub mod planted;
 pub mod request;
 pub mod seats;
 pub mod usage;
+pub mod utilization;
 
 pub use decision::{Decision, Outcome, ReasonCode, decide};

@@ -52,6 +52,14 @@ pub struct TestNode {
 impl TestNode {
     /// Starts a node in `dir` with the quickstart documents applied.
     pub async fn start(dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(dir, |_| {}).await
+    }
+
+    /// Like [`Self::start`], with `tweak` adjusting the settings first.
+    pub async fn start_with(
+        dir: &Path,
+        tweak: impl FnOnce(&mut NodeSettings),
+    ) -> anyhow::Result<Self> {
         let token_file = dir.join("admin.token");
         ensure_admin_token(&token_file)?;
         let listeners = Listeners::ephemeral().await?;
@@ -65,6 +73,7 @@ impl TestNode {
         settings.raft = RaftTiming::local();
         let (role_tokens, auditor_token, viewer_token) = role_tokens(dir)?;
         settings.admin_tokens = role_tokens;
+        tweak(&mut settings);
         let node =
             server::start_with_listeners(settings, listeners, Some(QUICKSTART_YAML.to_string()))
                 .await
@@ -151,6 +160,17 @@ impl TestNode {
             status,
             serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
         ))
+    }
+
+    /// GETs `path` with `token` as bearer (None: none); returns the status
+    /// and the body as text.
+    pub async fn get_text(&self, path: &str, token: Option<&str>) -> anyhow::Result<(u16, String)> {
+        let mut req = self.client.get(format!("{}{path}", self.http));
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let r = req.send().await?;
+        Ok((r.status().as_u16(), r.text().await?))
     }
 
     /// The node's config version (policy version) as reported by status.
