@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
+use crate::alerts::AlertSettings;
 use crate::certs::TlsFiles;
 use crate::gossip::GossipConfig;
 use crate::roles::Role;
@@ -109,6 +110,9 @@ pub struct NodeSettings {
     /// port. Every member needs the same one. Default: `admin_token_file`.
     #[serde(default)]
     pub cluster_token_file: Option<PathBuf>,
+    /// Alert delivery: retries, backoff, timeout, body signing.
+    #[serde(default)]
+    pub alerts: AlertSettings,
 }
 
 /// Raft timing of one node. Every member should use the same values.
@@ -250,6 +254,7 @@ impl NodeSettings {
             admin_token_name: default_token_name(),
             admin_tokens: Vec::new(),
             cluster_token_file: None,
+            alerts: AlertSettings::default(),
         }
     }
 
