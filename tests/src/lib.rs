@@ -2,6 +2,7 @@
 //! loopback ports chosen by the OS, talk to it over HTTP and gRPC.
 
 pub mod cluster;
+pub mod webhook;
 
 use std::path::Path;
 
@@ -52,6 +53,14 @@ pub struct TestNode {
 impl TestNode {
     /// Starts a node in `dir` with the quickstart documents applied.
     pub async fn start(dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(dir, |_| {}).await
+    }
+
+    /// Like [`Self::start`], with `edit` applied to the settings first.
+    pub async fn start_with(
+        dir: &Path,
+        edit: impl FnOnce(&mut NodeSettings),
+    ) -> anyhow::Result<Self> {
         let token_file = dir.join("admin.token");
         ensure_admin_token(&token_file)?;
         let listeners = Listeners::ephemeral().await?;
@@ -65,6 +74,7 @@ impl TestNode {
         settings.raft = RaftTiming::local();
         let (role_tokens, auditor_token, viewer_token) = role_tokens(dir)?;
         settings.admin_tokens = role_tokens;
+        edit(&mut settings);
         let node =
             server::start_with_listeners(settings, listeners, Some(QUICKSTART_YAML.to_string()))
                 .await

@@ -6,3 +6,6 @@ mod t20_quota;
 mod t30_bad_input;
 mod t40_admin;
 mod t50_seats;
+mod t60_alerts;
+mod t70_exceptions;
+mod t80_escalations;
