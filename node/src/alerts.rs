@@ -8,9 +8,10 @@
 //! ([`run`]) renders each event as JSON and delivers it with retries
 //! (exponential backoff with jitter, at most `max_attempts`), at most
 //! [`MAX_CONCURRENT_DELIVERIES`] at a time; it also proposes escalation
-//! records and watches gossip lag. Every attempt of one event sends the
-//! same bytes with the same `Idempotency-Key`, and every node names the
-//! same crossing with the same key, so a receiver keeps one.
+//! records, watches gossip lag and, on the leader, records in the license
+//! history when an approved exception has ended. Every attempt of one event
+//! sends the same bytes with the same `Idempotency-Key`, and every node
+//! names the same crossing with the same key, so a receiver keeps one.
 //!
 //! Deliveries in progress when the node stops are dropped: alerts are
 //! at-least-once per node while it runs, not durable. URLs, bodies and
@@ -646,6 +647,40 @@ fn check_gossip_lag(state: &NodeState, episodes: &mut LagEpisodes) {
     *episodes = live;
 }
 
+/// Most expiries recorded per tick; the rest wait for the next one.
+pub const MAX_EXPIRIES_PER_TICK: usize = 16;
+
+/// On the leader, records the end of every approved exception whose
+/// `until` has passed by this node's clock, so the license history shows
+/// it. Enforcement does not wait for this: decisions compare `until` with
+/// their own time.
+async fn record_expiries(state: &NodeState) {
+    if !state.consensus.metrics().is_leader {
+        return;
+    }
+    let config = state.config();
+    let now = state.now_ms();
+    let due: Vec<String> = config
+        .exceptions()
+        .filter(|e| {
+            e.status == tollgate_quota::governance::ExceptionStatus::Approved
+                && e.until_ms.is_some_and(|u| u <= now)
+        })
+        .take(MAX_EXPIRIES_PER_TICK)
+        .map(|e| e.id.clone())
+        .collect();
+    for id in due {
+        let caller = Caller {
+            actor: format!("node-{}", state.node_id),
+            request_id: format!("expire/{id}"),
+        };
+        let op = ConfigOp::ExpireException { id: id.clone() };
+        if let Err(e) = admin::write(state, &caller, Some("ended".to_string()), op).await {
+            tracing::debug!(exception = %id, error = %e, "could not record an exception's end yet");
+        }
+    }
+}
+
 /// Reads the signing secret, if configured.
 pub fn read_secret(settings: &AlertSettings) -> anyhow::Result<Option<Arc<[u8]>>> {
     let Some(path) = &settings.signing_secret_file else {
@@ -662,8 +697,8 @@ pub fn read_secret(settings: &AlertSettings) -> anyhow::Result<Option<Arc<[u8]>>
     Ok(Some(Arc::from(secret.as_bytes())))
 }
 
-/// Delivers alerts, proposes escalations and watches gossip lag until
-/// `shutdown` flips.
+/// Delivers alerts, proposes escalations, watches gossip lag and records
+/// the end of exceptions until `shutdown` flips.
 pub async fn run(
     state: Arc<NodeState>,
     settings: AlertSettings,
@@ -709,7 +744,10 @@ pub async fn run(
             }
             Some(trigger) = escalations.recv() => propose_escalation(&state, trigger).await,
             Some(_) = deliveries.join_next(), if !deliveries.is_empty() => {}
-            _ = lag_tick.tick() => check_gossip_lag(&state, &mut lag_episodes),
+            _ = lag_tick.tick() => {
+                check_gossip_lag(&state, &mut lag_episodes);
+                record_expiries(&state).await;
+            }
             _ = shutdown.changed() => break,
         }
     }

@@ -248,6 +248,13 @@ pub enum ConfigOp {
         /// Exception id.
         id: String,
     },
+    /// Record that an approved exception has ended (a node saw its
+    /// `until_ms` pass). History only: the raise ends at `until_ms`
+    /// whether or not this is ever applied.
+    ExpireException {
+        /// Exception id.
+        id: String,
+    },
     /// Open the escalation for a violation of `rule` (a quota whose
     /// `on_exceed` is `escalate`) in window `window_epoch`. At most one
     /// record per (license, rule, window): opening it again changes nothing.
@@ -602,6 +609,7 @@ impl Config {
                 self.decide_exception(cmd, id, Some(*until_ms))
             }
             ConfigOp::RejectException { id } => self.decide_exception(cmd, id, None),
+            ConfigOp::ExpireException { id } => self.expire_exception(id),
             ConfigOp::OpenEscalation {
                 license_id,
                 rule,
@@ -697,7 +705,7 @@ impl Config {
                 .filter(|e| e.status != ExceptionStatus::Pending)
                 .min_by_key(|e| {
                     (
-                        e.status == ExceptionStatus::Approved,
+                        e.status.was_approved(),
                         e.until_ms.unwrap_or(i64::MIN),
                         e.id.clone(),
                     )
@@ -726,11 +734,7 @@ impl Config {
         if current.status != ExceptionStatus::Pending {
             return Err(format!(
                 "exception {id} is already {}",
-                match current.status {
-                    ExceptionStatus::Approved => "approved",
-                    ExceptionStatus::Rejected => "rejected",
-                    ExceptionStatus::Pending => "pending",
-                }
+                current.status.as_str()
             ));
         }
         let license = self
@@ -781,6 +785,34 @@ impl Config {
         Ok(Some(LicenseChange {
             id: license_id,
             action,
+            before,
+            diff: Some(diff),
+        }))
+    }
+
+    /// Marks an approved exception expired (see [`ConfigOp::ExpireException`]).
+    fn expire_exception(&mut self, id: &str) -> Result<Option<LicenseChange>, String> {
+        let current = self
+            .exceptions
+            .get(id)
+            .ok_or_else(|| format!("unknown exception {id:?}"))?;
+        if current.status != ExceptionStatus::Approved {
+            return Err(format!(
+                "exception {id} is {}, not approved",
+                current.status.as_str()
+            ));
+        }
+        let mut updated = QuotaException::clone(current);
+        updated.status = ExceptionStatus::Expired;
+        let license_id = updated.license.clone();
+        let before = self.licenses.get(&license_id).cloned();
+        let diff = record_diff("exceptions", id, Some(&**current), Some(&updated));
+        Arc::make_mut(&mut self.exceptions).insert(id.to_string(), Arc::new(updated));
+        Ok(Some(LicenseChange {
+            id: license_id,
+            action: ChangeAction::ExceptionExpired {
+                exception: id.to_string(),
+            },
             before,
             diff: Some(diff),
         }))
@@ -928,7 +960,7 @@ impl Config {
         let list: Vec<LimitRaise> = self
             .exceptions
             .values()
-            .filter(|e| e.license == license_id && e.status == ExceptionStatus::Approved)
+            .filter(|e| e.license == license_id && e.status.was_approved())
             .filter_map(|e| {
                 Some(LimitRaise {
                     quota: e.quota.clone(),

@@ -1737,6 +1737,23 @@ versions:
             c.exception(&id)
                 .is_some_and(|e| e.state_at(ms(until)) == "expired")
         );
+        // A node records the end; the record changes no decision, even one
+        // made (by a node whose clock is behind) before the end.
+        apply(
+            &mut c,
+            ConfigOp::ExpireException { id: id.clone() },
+            "node-1",
+            None,
+            until,
+        );
+        let d = check(
+            &c,
+            &mut u,
+            last,
+            |r| r.dry_run = true,
+            "deny:quota_exceeded",
+        );
+        assert_eq!(d.quotas[0].limit, 5);
         // Every step is in the license's history, with actor and reason.
         let records: Vec<(String, Option<String>, &str)> = c
             .license_history("t")
@@ -1745,6 +1762,7 @@ versions:
                 let kind = match &r.action {
                     crate::history::ChangeAction::ExceptionRequested { .. } => "requested",
                     crate::history::ChangeAction::ExceptionApproved { .. } => "approved",
+                    crate::history::ChangeAction::ExceptionExpired { .. } => "expired",
                     _ => return None,
                 };
                 Some((r.actor.clone(), r.reason.clone(), kind))
@@ -1755,9 +1773,11 @@ versions:
             vec![
                 ("key:dev".into(), Some("launch day".into()), "requested"),
                 ("ops".into(), Some("ok for launch".into()), "approved"),
+                ("node-1".into(), None, "expired"),
             ]
         );
-        let approved = c.license_history("t").last().expect("record");
+        let records = c.license_history("t");
+        let approved = &records[records.len() - 2];
         let paths: Vec<&str> = approved.diff.iter().map(|d| d.path.as_str()).collect();
         assert!(
             paths.contains(&format!("exceptions.{id}.status").as_str()),

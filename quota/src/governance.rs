@@ -38,6 +38,28 @@ pub enum ExceptionStatus {
     Approved,
     /// Rejected; changes nothing.
     Rejected,
+    /// Approved, and recorded as over once a node saw `until_ms` pass. The
+    /// record is for the history: whether the limit is raised depends on
+    /// `until_ms` and the time of the decision only, never on this status,
+    /// so a node whose clock runs ahead cannot end a raise early elsewhere.
+    Expired,
+}
+
+impl ExceptionStatus {
+    /// `pending`, `approved`, `rejected` or `expired`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExceptionStatus::Pending => "pending",
+            ExceptionStatus::Approved => "approved",
+            ExceptionStatus::Rejected => "rejected",
+            ExceptionStatus::Expired => "expired",
+        }
+    }
+
+    /// Whether it was approved (and so raises the limit until its end).
+    pub fn was_approved(self) -> bool {
+        matches!(self, ExceptionStatus::Approved | ExceptionStatus::Expired)
+    }
 }
 
 /// A request to raise one quota of one license, and what became of it.
@@ -80,7 +102,7 @@ pub struct QuotaException {
 impl QuotaException {
     /// Whether it raises the limit at `now_ms`.
     pub fn in_force(&self, now_ms: i64) -> bool {
-        self.status == ExceptionStatus::Approved && self.until_ms.is_some_and(|u| now_ms < u)
+        self.status.was_approved() && self.until_ms.is_some_and(|u| now_ms < u)
     }
 
     /// `pending`, `active` (approved, in force), `expired` (approved, over)
@@ -89,8 +111,10 @@ impl QuotaException {
         match self.status {
             ExceptionStatus::Pending => "pending",
             ExceptionStatus::Rejected => "rejected",
-            ExceptionStatus::Approved if self.in_force(now_ms) => "active",
-            ExceptionStatus::Approved => "expired",
+            ExceptionStatus::Approved | ExceptionStatus::Expired if self.in_force(now_ms) => {
+                "active"
+            }
+            ExceptionStatus::Approved | ExceptionStatus::Expired => "expired",
         }
     }
 }
@@ -206,6 +230,8 @@ mod tests {
         assert_eq!(e.state_at(1_000), "expired");
         assert!(!exception(ExceptionStatus::Pending, Some(1_000)).in_force(0));
         assert!(!exception(ExceptionStatus::Rejected, Some(1_000)).in_force(0));
+        // The expiry record does not end a raise early.
+        assert!(exception(ExceptionStatus::Expired, Some(1_000)).in_force(999));
         assert_eq!(e.id, "exc-7");
     }
 

@@ -93,6 +93,11 @@ pub enum ChangeAction {
         /// When it ends (unix ms).
         until_ms: i64,
     },
+    /// An approved exception's end was seen to pass (recorded by a node).
+    ExceptionExpired {
+        /// The exception's id.
+        exception: String,
+    },
     /// A quota exception was rejected.
     ExceptionRejected {
         /// The exception's id.

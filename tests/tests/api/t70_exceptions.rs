@@ -104,9 +104,26 @@ async fn an_approved_exception_lets_the_next_check_pass_until_it_expires() -> an
     assert_eq!(status, 200, "{list}");
     assert_eq!(list["exceptions"][0]["id"], id.as_str(), "{list}");
     assert_eq!(list["exceptions"][0]["state"], "expired", "{list}");
-    let history = n
-        .admin_ok(Method::GET, "/v1/licenses/two-a-day/history", "")
-        .await?;
+    // The end is recorded too, by the node, soon after it passed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let history = loop {
+        let history = n
+            .admin_ok(Method::GET, "/v1/licenses/two-a-day/history", "")
+            .await?;
+        let last = history["history"]
+            .as_array()
+            .and_then(|h| h.last())
+            .cloned()
+            .unwrap_or_default();
+        if last["action"]["kind"] == "exception_expired" {
+            break history;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "end not recorded: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let steps: Vec<(String, String, String)> = history["history"]
         .as_array()
         .map(Vec::as_slice)
@@ -134,6 +151,7 @@ async fn an_approved_exception_lets_the_next_check_pass_until_it_expires() -> an
                 "admin".into(),
                 "approved for the launch".into()
             ),
+            ("exception_expired".into(), "node-1".into(), "ended".into()),
         ]
     );
     n.node.shutdown().await
