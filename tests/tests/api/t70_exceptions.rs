@@ -309,3 +309,75 @@ async fn bad_exception_calls_get_a_clear_4xx_and_change_nothing() -> anyhow::Res
     assert_eq!(status, 409, "decided once: {b}");
     n.node.shutdown().await
 }
+
+#[tokio::test]
+async fn exceptions_over_grpc_need_the_same_roles() -> anyhow::Result<()> {
+    use tollgate_proto::v1 as pb;
+    use tollgate_proto::v1::admin_client::AdminClient;
+
+    let dir = tempfile::tempdir()?;
+    let n = TestNode::start(dir.path()).await?;
+    let mut admin = AdminClient::connect(n.grpc.clone()).await?;
+    let ask = pb::RequestExceptionRequest {
+        license_id: "demo-tiny".into(),
+        quota_id: "daily".into(),
+        amount: 7,
+        reason: "grpc".into(),
+        requested_until: String::new(),
+    };
+    let denied = admin
+        .request_exception(authed(ask.clone(), &n.viewer_token)?)
+        .await
+        .expect_err("a viewer may not ask");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    let asked = admin
+        .request_exception(authed(ask, &n.token)?)
+        .await?
+        .into_inner();
+    let asked: serde_json::Value = serde_json::from_str(&asked.json)?;
+    let id = asked["id"].as_str().expect("an id").to_string();
+    let approve = pb::ApproveExceptionRequest {
+        id: id.clone(),
+        until: "1h".into(),
+        reason: "ok".into(),
+    };
+    let denied = admin
+        .approve_exception(authed(approve.clone(), &n.auditor_token)?)
+        .await
+        .expect_err("an auditor may not approve");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    let bad = pb::ApproveExceptionRequest {
+        until: String::new(),
+        ..approve.clone()
+    };
+    let invalid = admin
+        .approve_exception(authed(bad, &n.token)?)
+        .await
+        .expect_err("until is required");
+    assert_eq!(invalid.code(), tonic::Code::InvalidArgument);
+    admin.approve_exception(authed(approve, &n.token)?).await?;
+    let list = admin
+        .list_exceptions(authed(
+            pb::ListExceptionsRequest {
+                license: "demo-tiny".into(),
+                state: String::new(),
+            },
+            &n.viewer_token,
+        )?)
+        .await?
+        .into_inner();
+    let list: serde_json::Value = serde_json::from_str(&list.json)?;
+    assert_eq!(list["exceptions"][0]["id"], id.as_str(), "{list}");
+    assert_eq!(list["exceptions"][0]["state"], "active", "{list}");
+    let (_, d) = n.post("/v1/check", &dry_check("tg_demo_tiny")).await?;
+    assert_eq!(d["quotas"][0]["limit"], 12, "{d}");
+    n.node.shutdown().await
+}
+
+/// `msg` with `Authorization: Bearer <token>`.
+fn authed<T>(msg: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    Ok(req)
+}
