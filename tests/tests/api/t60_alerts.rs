@@ -138,3 +138,40 @@ async fn a_webhook_must_be_an_http_url_without_credentials() -> anyhow::Result<(
     assert_eq!(n.version().await?, version, "nothing changed");
     n.node.shutdown().await
 }
+
+#[tokio::test]
+async fn a_deny_rate_spike_alerts_the_owner_once_per_window() -> anyhow::Result<()> {
+    let receiver = Receiver::start(0).await?;
+    let dir = tempfile::tempdir()?;
+    let n = TestNode::start(dir.path()).await?;
+    let license = alerted_license(&receiver.url).replace(
+        "  webhook:",
+        "  anomalies:\n    deny_rate: { threshold: 0.5, window: 1d, min_decisions: 4 }\n  webhook:",
+    );
+    n.admin_ok(Method::PUT, "/v1/licenses/alerted?reason=test", &license)
+        .await?;
+    let wrong_model = demo_check("tg_alerted").replace("demo-classifier", "other-model");
+    let (_, body) = n.post("/v1/check", &demo_check("tg_alerted")).await?;
+    assert_eq!(body["decision"], "allow", "{body}");
+    // 1 allowed, then denials: 1 of 2, 2 of 3, then 3 of 4 denied: a spike.
+    for _ in 0..6 {
+        let (_, body) = n.post("/v1/check", &wrong_model).await?;
+        assert_eq!(body["reasons"][0]["code"], "model_not_granted", "{body}");
+    }
+    let got = receiver
+        .wait_for(Duration::from_secs(10), |r| !r.is_empty())
+        .await;
+    assert_eq!(got.len(), 1, "{got:#?}");
+    let event = &got[0].body;
+    assert_eq!(event["event"], "deny_rate_spike", "{event}");
+    assert_eq!(event["license"], "alerted", "{event}");
+    assert_eq!(event["decisions"], 4, "{event}");
+    assert_eq!(event["denied"], 3, "{event}");
+    let status = n.status().await?;
+    assert_eq!(
+        status["alerts"]["queued"], 1,
+        "once per window: {}",
+        status["alerts"]
+    );
+    n.node.shutdown().await
+}

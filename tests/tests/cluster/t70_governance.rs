@@ -113,3 +113,70 @@ async fn exceptions_and_escalations_are_the_same_on_every_node() -> anyhow::Resu
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn gossip_lag_over_a_license_bound_alerts_its_owner_once() -> anyhow::Result<()> {
+    let receiver = tollgate_tests::webhook::Receiver::start(0).await?;
+    let dir = tempfile::tempdir()?;
+    let cluster = TestCluster::start(dir.path(), 2, |s| {
+        s.enable_fault_injection = true;
+        s.alerts.lag_check_interval_ms = 100;
+    })
+    .await?;
+    let license = GOVERNED.replace(
+        "  owner: licensing@acme.example\n",
+        &format!(
+            "  owner: licensing@acme.example\n  webhook: {}\n  anomalies: {{ gossip_lag: 1s }}\n",
+            receiver.url
+        ),
+    );
+    let put = cluster
+        .node(0)?
+        .admin_ok(Method::PUT, "/v1/licenses/governed?reason=test", &license)
+        .await?;
+    cluster
+        .wait_version(put["version"].as_u64().unwrap_or(0))
+        .await?;
+    // Node 1 stops hearing node 2, then counts a use node 2 never acks.
+    cluster
+        .node(0)?
+        .admin_ok(Method::POST, "/v1/admin/gossip/faults", r#"{"drop":[2]}"#)
+        .await?;
+    let (_, d) = cluster
+        .node(0)?
+        .post("/v1/check", &demo_check("tg_governed"))
+        .await?;
+    assert_eq!(d["decision"], "allow", "{d}");
+
+    let got = receiver
+        .wait_for(WAIT, |r| {
+            r.iter().any(|x| x.event.as_deref() == Some("gossip_lag"))
+        })
+        .await;
+    let lag: Vec<_> = got
+        .iter()
+        .filter(|x| x.event.as_deref() == Some("gossip_lag"))
+        .collect();
+    assert_eq!(lag.len(), 1, "{got:#?}");
+    let event = &lag[0].body;
+    assert_eq!(event["node"], 1, "{event}");
+    assert_eq!(event["peer"], 2, "{event}");
+    assert_eq!(event["bound_ms"], 1_000, "{event}");
+    assert!(event["lag_ms"].as_i64().unwrap_or(0) > 1_000, "{event}");
+    // Still lagging a while later: the same episode, no second alert.
+    let status = cluster.node(0)?.status().await?;
+    let queued = status["alerts"]["queued"].as_u64().unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = cluster.node(0)?.status().await?;
+    assert_eq!(
+        status["alerts"]["queued"].as_u64(),
+        Some(queued),
+        "{}",
+        status["alerts"]
+    );
+    cluster
+        .node(0)?
+        .admin_ok(Method::POST, "/v1/admin/gossip/faults", r#"{"drop":[]}"#)
+        .await?;
+    Ok(())
+}
