@@ -48,6 +48,10 @@ pub const ESCALATION_QUEUE_CAPACITY: usize = 256;
 /// Deliveries in progress at once, retries included.
 pub const MAX_CONCURRENT_DELIVERIES: usize = 8;
 
+/// Escalation writes in progress at once: a write can wait seconds for a
+/// quorum, and must not hold up deliveries meanwhile.
+pub const MAX_CONCURRENT_PROPOSALS: usize = 4;
+
 /// Events (anomalies, escalations) remembered as already sent or proposed
 /// by this node, so one is not repeated; the oldest are forgotten first.
 pub const MAX_REMEMBERED_EVENTS: usize = 4096;
@@ -250,12 +254,16 @@ impl Alerts {
             .and_then(|g| g.anomalies.as_ref())
             .and_then(|a| a.deny_rate.as_ref())
         {
-            let spike = self
-                .deny_rates
-                .lock()
-                .entry(license.id.clone())
-                .or_default()
-                .observe(rule, now_ms, denied);
+            let spike = {
+                let mut rates = self.deny_rates.lock();
+                match rates.get_mut(&license.id) {
+                    Some(rate) => rate.observe(rule, now_ms, denied),
+                    None => rates
+                        .entry(license.id.clone())
+                        .or_default()
+                        .observe(rule, now_ms, denied),
+                }
+            };
             if let Some(spike) = spike {
                 self.enqueue(AlertEvent::DenyRate {
                     license: license.id.clone(),
@@ -541,7 +549,8 @@ async fn deliver(
 
 /// Proposes one escalation through Raft, and alerts the owner if this
 /// proposal opened it.
-async fn propose_escalation(state: &NodeState, trigger: EscalationTrigger) {
+async fn propose_escalation(state: Arc<NodeState>, trigger: EscalationTrigger) {
+    let state = &*state;
     let id = governance::escalation_id(&trigger.license, &trigger.rule, trigger.window_epoch);
     let config = state.config();
     let Some(license) = config.license(&trigger.license) else {
@@ -719,6 +728,7 @@ pub async fn run(
         .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")))
         .build()?;
     let mut deliveries = JoinSet::new();
+    let mut proposals = JoinSet::new();
     let mut lag_tick = tokio::time::interval(Duration::from_millis(
         settings.lag_check_interval_ms.max(10),
     ));
@@ -742,8 +752,11 @@ pub async fn run(
                     None => tracing::debug!(license = ?event.license(), "alert dropped: the license has no webhook now"),
                 }
             }
-            Some(trigger) = escalations.recv() => propose_escalation(&state, trigger).await,
+            Some(trigger) = escalations.recv(), if proposals.len() < MAX_CONCURRENT_PROPOSALS => {
+                proposals.spawn(propose_escalation(Arc::clone(&state), trigger));
+            }
             Some(_) = deliveries.join_next(), if !deliveries.is_empty() => {}
+            Some(_) = proposals.join_next(), if !proposals.is_empty() => {}
             _ = lag_tick.tick() => {
                 check_gossip_lag(&state, &mut lag_episodes);
                 record_expiries(&state).await;
@@ -752,6 +765,7 @@ pub async fn run(
         }
     }
     deliveries.abort_all();
+    proposals.abort_all();
     Ok(())
 }
 

@@ -1736,6 +1736,31 @@ mod tests {
             &["models[0].versions"],
         );
         check("quotas: [\n", &["line"]);
+        check(
+            "governance: { owner: ops, webhook: \"ftp://x\" }\n",
+            &["governance.webhook: must be an http:// or https:// URL"],
+        );
+        check(
+            "governance: { owner: ops, webhook: \"https://u:p@x/h\" }\n",
+            &["governance.webhook", "credentials"],
+        );
+        check(
+            "governance: { owner: ops, webhook: \"http://[::1]:8080/h\" }\n",
+            &[],
+        );
+        check("governance: { owner: \"\" }\n", &["governance.owner"]);
+        check(
+            "governance: { owner: ops, escalation_deadline: soon }\n",
+            &["escalation_deadline", "expected a duration"],
+        );
+        check(
+            "governance: { owner: ops, anomalies: { deny_rate: { threshold: 1.5 } } }\n",
+            &["governance.anomalies.deny_rate.threshold: must be in (0, 1]"],
+        );
+        check(
+            "quotas: [{ id: d, metric: x, limit: 1, window: day, on_exceed: escalate }]\n",
+            &["quotas[0].on_exceed: escalate needs a governance section"],
+        );
         assert!(
             parse_license(&BASE.replace("id: demo", "id: Demo!"))
                 .unwrap_err()
@@ -1777,7 +1802,7 @@ mod tests {
     #[test]
     fn documents_round_trip_through_json_and_yaml() {
         let text = format!(
-            "{BASE}status: {{suspended: {{reason: unpaid}}}}\ngrace_period: 12h\nkeys: [{{sha256: {}}}]\nmodels:\n  - {{ model: m, versions: {{ maintenance_until: 2026-12-31 }} }}\n  - {{ model: n, versions: rolling }}\nregions: {{ allow: [\"eu-*\"] }}\nrate_limits: [{{ id: r, per_second: 2, burst: 4, schedule: {{ timezone: Europe/Berlin, peak: {{ hours: \"22-06\", per_second: 1, burst: 1 }} }} }}]\n",
+            "{BASE}status: {{suspended: {{reason: unpaid}}}}\ngrace_period: 12h\nkeys: [{{sha256: {}}}]\nmodels:\n  - {{ model: m, versions: {{ maintenance_until: 2026-12-31 }} }}\n  - {{ model: n, versions: rolling }}\nregions: {{ allow: [\"eu-*\"] }}\nrate_limits: [{{ id: r, per_second: 2, burst: 4, schedule: {{ timezone: Europe/Berlin, peak: {{ hours: \"22-06\", per_second: 1, burst: 1 }} }} }}]\ngovernance: {{ owner: ops, webhook: \"https://hooks.example/t\", escalation_deadline: 2h, anomalies: {{ deny_rate: {{ threshold: 0.5, window: 1m }}, gossip_lag: 5s }} }}\nquotas: [{{ id: q, metric: m, limit: 3, window: day, on_exceed: escalate }}]\n",
             keys::hash_key("x")
         );
         let license = parse_license(&text).unwrap();
