@@ -11,6 +11,7 @@ use serde::Serialize;
 use tollgate_consensus::WriteError;
 use tollgate_quota::config::{ApplyOutcome, ConfigCommand, ConfigOp};
 use tollgate_quota::dataset::Dataset;
+use tollgate_quota::governance::{self, Escalation, QuotaException};
 use tollgate_quota::keys;
 use tollgate_quota::license::{self, Document, License, StoredKey};
 
@@ -92,13 +93,18 @@ pub struct IssuedKey {
 /// at apply time (another write may land in between), but checking here
 /// first means a bad write is refused without consuming a log entry or
 /// moving the config version, and a multi-document apply is all or nothing.
-fn precheck(state: &NodeState, ops: &[ConfigOp]) -> Result<(), ApiError> {
+fn precheck(
+    state: &NodeState,
+    caller: &Caller,
+    reason: Option<&str>,
+    ops: &[ConfigOp],
+) -> Result<(), ApiError> {
     let mut trial = (*state.config()).clone();
     for op in ops {
         let cmd = ConfigCommand {
             request_id: None,
-            actor: String::new(),
-            reason: None,
+            actor: caller.actor.clone(),
+            reason: reason.map(str::to_string),
             at_ms: state.now_ms(),
             op: op.clone(),
         };
@@ -117,7 +123,7 @@ pub async fn write(
     reason: Option<String>,
     op: ConfigOp,
 ) -> Result<u64, ApiError> {
-    precheck(state, std::slice::from_ref(&op))?;
+    precheck(state, caller, reason.as_deref(), std::slice::from_ref(&op))?;
     let cmd = ConfigCommand {
         request_id: Some(caller.request_id.clone()),
         actor: caller.actor.clone(),
@@ -613,4 +619,247 @@ pub async fn remove_node(
         .remove_node(node_id)
         .await
         .map_err(write_error)
+}
+
+/// Longest an exception may be approved for, from now.
+pub const MAX_EXCEPTION_DURATION_MS: i64 = 366 * 86_400_000;
+
+/// What a caller asks for in `POST /v1/exceptions`.
+#[derive(Debug, Clone)]
+pub struct ExceptionAsk {
+    /// License id.
+    pub license: String,
+    /// Quota id.
+    pub quota: String,
+    /// Units to raise the limit by.
+    pub amount: u64,
+    /// Why.
+    pub reason: String,
+    /// Until when the caller would like it (unix ms).
+    pub requested_until_ms: Option<i64>,
+}
+
+/// Parses an instant: RFC 3339 (`2026-07-01T00:00:00Z`), or a duration from
+/// `now_ms` such as `90s`, `15m`, `12h`, `7d`.
+pub fn parse_until(text: &str, now_ms: i64) -> Result<i64, ApiError> {
+    let text = text.trim();
+    if let Some(d) = license::HumaneDuration::parse(text) {
+        return Ok(now_ms.saturating_add(i64::try_from(d.ms).unwrap_or(i64::MAX)));
+    }
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.timestamp_millis())
+        .map_err(|_| {
+            ApiError::InvalidArgument(format!(
+                "until: expected an RFC 3339 time (2026-07-01T00:00:00Z) or a duration from now (90s, 15m, 12h, 7d), got {text:?}"
+            ))
+        })
+}
+
+/// Asks for a quota exception; returns it, pending, as committed.
+pub async fn request_exception(
+    state: &NodeState,
+    caller: &Caller,
+    ask: ExceptionAsk,
+) -> Result<serde_json::Value, ApiError> {
+    let (license, _) = get_license(state, &ask.license)?;
+    if !license.quotas.iter().any(|q| q.id == ask.quota) {
+        return Err(ApiError::InvalidArgument(format!(
+            "quota: license `{}` has no quota `{}`",
+            ask.license, ask.quota
+        )));
+    }
+    if !(1..=tollgate_quota::config::MAX_EXCEPTION_AMOUNT).contains(&ask.amount) {
+        return Err(ApiError::InvalidArgument(format!(
+            "amount: must be 1 to {}",
+            tollgate_quota::config::MAX_EXCEPTION_AMOUNT
+        )));
+    }
+    let reason = governance::check_reason(Some(&ask.reason)).map_err(ApiError::InvalidArgument)?;
+    if let Some(until) = ask.requested_until_ms
+        && until <= state.now_ms()
+    {
+        return Err(ApiError::InvalidArgument(
+            "requested_until: must be in the future".into(),
+        ));
+    }
+    let version = write(
+        state,
+        caller,
+        Some(reason.to_string()),
+        ConfigOp::RequestException {
+            license_id: ask.license.clone(),
+            quota_id: ask.quota.clone(),
+            amount: ask.amount,
+            requested_until_ms: ask.requested_until_ms,
+        },
+    )
+    .await?;
+    exception_json(state, &governance::exception_id(version))
+}
+
+/// The exception `id` as JSON, with its state now.
+pub fn exception_json(state: &NodeState, id: &str) -> Result<serde_json::Value, ApiError> {
+    let config = state.config();
+    let e = config
+        .exception(id)
+        .ok_or_else(|| ApiError::NotFound(format!("exception `{id}` not found")))?;
+    Ok(render_exception(e, state.now_ms()))
+}
+
+fn render_exception(e: &QuotaException, now_ms: i64) -> serde_json::Value {
+    let mut v = serde_json::to_value(e).unwrap_or_default();
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("state".into(), e.state_at(now_ms).into());
+        for (field, ms) in [
+            ("requested_at", Some(e.requested_at_ms)),
+            ("requested_until", e.requested_until_ms),
+            ("until", e.until_ms),
+            ("decided_at", e.decided_at_ms),
+        ] {
+            if let Some(at) = ms.and_then(crate::api::rfc3339_ms) {
+                obj.insert(field.into(), at.into());
+            }
+        }
+    }
+    v
+}
+
+/// Every exception (of `license`, in `state` if given), newest first.
+pub fn list_exceptions(
+    state: &NodeState,
+    license: Option<&str>,
+    wanted: Option<&str>,
+) -> serde_json::Value {
+    let config = state.config();
+    let now = state.now_ms();
+    let mut list: Vec<&QuotaException> = config
+        .exceptions()
+        .filter(|e| license.is_none_or(|l| e.license == l))
+        .filter(|e| wanted.is_none_or(|s| e.state_at(now) == s))
+        .collect();
+    list.sort_by_key(|e| std::cmp::Reverse(e.requested_at_ms));
+    let items: Vec<serde_json::Value> = list.iter().map(|e| render_exception(e, now)).collect();
+    serde_json::json!({"exceptions": items, "version": config.version})
+}
+
+/// Approves pending exception `id` until `until_ms`.
+pub async fn approve_exception(
+    state: &NodeState,
+    caller: &Caller,
+    id: &str,
+    until_ms: i64,
+    reason: &str,
+) -> Result<serde_json::Value, ApiError> {
+    exception_json(state, id)?;
+    let now = state.now_ms();
+    if until_ms <= now {
+        return Err(ApiError::InvalidArgument(
+            "until: must be in the future".into(),
+        ));
+    }
+    if until_ms > now.saturating_add(MAX_EXCEPTION_DURATION_MS) {
+        return Err(ApiError::InvalidArgument(
+            "until: at most 366 days from now".into(),
+        ));
+    }
+    write(
+        state,
+        caller,
+        reason_opt(reason),
+        ConfigOp::ApproveException {
+            id: id.to_string(),
+            until_ms,
+        },
+    )
+    .await?;
+    exception_json(state, id)
+}
+
+/// Rejects pending exception `id`.
+pub async fn reject_exception(
+    state: &NodeState,
+    caller: &Caller,
+    id: &str,
+    reason: &str,
+) -> Result<serde_json::Value, ApiError> {
+    exception_json(state, id)?;
+    let reason = governance::check_reason(Some(reason)).map_err(ApiError::InvalidArgument)?;
+    write(
+        state,
+        caller,
+        Some(reason.to_string()),
+        ConfigOp::RejectException { id: id.to_string() },
+    )
+    .await?;
+    exception_json(state, id)
+}
+
+fn render_escalation(e: &Escalation, now_ms: i64) -> serde_json::Value {
+    let mut v = serde_json::to_value(e).unwrap_or_default();
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("overdue".into(), e.overdue(now_ms).into());
+        for (field, ms) in [
+            ("opened_at", Some(e.opened_at_ms)),
+            ("deadline", Some(e.deadline_ms)),
+            ("updated_at", e.updated_at_ms),
+        ] {
+            if let Some(at) = ms.and_then(crate::api::rfc3339_ms) {
+                obj.insert(field.into(), at.into());
+            }
+        }
+    }
+    v
+}
+
+/// The escalation `id` as JSON.
+pub fn escalation_json(state: &NodeState, id: &str) -> Result<serde_json::Value, ApiError> {
+    let config = state.config();
+    let e = config
+        .escalation(id)
+        .ok_or_else(|| ApiError::NotFound(format!("escalation `{id}` not found")))?;
+    Ok(render_escalation(e, state.now_ms()))
+}
+
+/// Every escalation (of `license`, with `status` if given), newest first.
+pub fn list_escalations(
+    state: &NodeState,
+    license: Option<&str>,
+    status: Option<&str>,
+) -> serde_json::Value {
+    let config = state.config();
+    let now = state.now_ms();
+    let mut list: Vec<&Escalation> = config
+        .escalations()
+        .filter(|e| license.is_none_or(|l| e.license == l))
+        .filter(|e| {
+            status.is_none_or(|s| {
+                serde_json::to_value(e.status)
+                    .ok()
+                    .as_ref()
+                    .and_then(|v| v.as_str())
+                    == Some(s)
+            })
+        })
+        .collect();
+    list.sort_by_key(|e| std::cmp::Reverse(e.version));
+    let items: Vec<serde_json::Value> = list.iter().map(|e| render_escalation(e, now)).collect();
+    serde_json::json!({"escalations": items, "version": config.version})
+}
+
+/// Acknowledges (`resolve` false) or resolves escalation `id`.
+pub async fn update_escalation(
+    state: &NodeState,
+    caller: &Caller,
+    id: &str,
+    resolve: bool,
+    reason: &str,
+) -> Result<serde_json::Value, ApiError> {
+    escalation_json(state, id)?;
+    let op = if resolve {
+        ConfigOp::ResolveEscalation { id: id.to_string() }
+    } else {
+        ConfigOp::AcknowledgeEscalation { id: id.to_string() }
+    };
+    write(state, caller, reason_opt(reason), op).await?;
+    escalation_json(state, id)
 }

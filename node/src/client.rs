@@ -28,6 +28,9 @@ pub struct Target {
     pub token: Option<String>,
     /// Data dir whose cluster.json to read when addr or token are missing.
     pub data_dir: PathBuf,
+    /// HTTP base URL or host:port, from `--http` / `TOLLGATE_HTTP`, for the
+    /// commands that speak HTTP (exceptions, escalations).
+    pub http: Option<String>,
 }
 
 impl Target {
@@ -100,6 +103,133 @@ impl Target {
             .context("token is not valid ASCII")?;
         Ok((AdminClient::new(self.channel().await?), header))
     }
+}
+
+impl Target {
+    /// The HTTP base URLs to try, in order: `--http`, else every node of
+    /// cluster.json.
+    pub fn http_bases(&self) -> anyhow::Result<Vec<String>> {
+        let base = |a: &str| {
+            if a.starts_with("http://") || a.starts_with("https://") {
+                a.trim_end_matches('/').to_string()
+            } else {
+                format!("http://{a}")
+            }
+        };
+        if let Some(a) = &self.http {
+            return Ok(vec![base(a)]);
+        }
+        let cluster = self.cluster().with_context(|| {
+            format!(
+                "no --http or TOLLGATE_HTTP given and no {} found",
+                self.data_dir.join("cluster.json").display()
+            )
+        })?;
+        anyhow::ensure!(!cluster.nodes.is_empty(), "cluster.json lists no nodes");
+        Ok(cluster.nodes.iter().map(|n| base(&n.http_addr)).collect())
+    }
+
+    /// Sends `method path` with the admin token and an optional JSON body
+    /// to the first node that answers; an error status becomes an error
+    /// with the node's message.
+    pub async fn http_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let token = self.token()?;
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        let mut last_err = None;
+        for base in self.http_bases()? {
+            let mut req = client
+                .request(method.clone(), format!("{base}{path}"))
+                .bearer_auth(&token);
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            let resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) if e.is_connect() => {
+                    last_err = Some(anyhow::anyhow!("connecting to {base}: {e}"));
+                    continue;
+                }
+                Err(e) => return Err(anyhow::anyhow!("{base}{path}: {e}")),
+            };
+            let status = resp.status();
+            let text = resp.text().await?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+            if !status.is_success() {
+                let message = v["error"]["message"]
+                    .as_str()
+                    .map_or_else(|| v.to_string(), str::to_string);
+                let code = v["error"]["code"].as_str().unwrap_or("error");
+                anyhow::bail!("{code} (HTTP {}): {message}", status.as_u16());
+            }
+            return Ok(v);
+        }
+        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no node to connect to")))
+    }
+}
+
+/// Renders `exception list` JSON as a table.
+pub fn render_exceptions(v: &serde_json::Value) -> String {
+    let mut out = format!(
+        "{:<12} {:<16} {:<12} {:>8} {:<9} {:<22} {:<16} {}\n",
+        "ID", "LICENSE", "QUOTA", "AMOUNT", "STATE", "UNTIL", "REQUESTED BY", "REASON"
+    );
+    for e in v["exceptions"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        out.push_str(&format!(
+            "{:<12} {:<16} {:<12} {:>8} {:<9} {:<22} {:<16} {}\n",
+            text(&e["id"]),
+            text(&e["license"]),
+            text(&e["quota"]),
+            text(&e["amount"]),
+            text(&e["state"]),
+            text(&e["until"]),
+            text(&e["requested_by"]),
+            text(&e["reason"]),
+        ));
+    }
+    out
+}
+
+/// Renders `escalation list` JSON as a table.
+pub fn render_escalations(v: &serde_json::Value) -> String {
+    let mut out = format!(
+        "{:<20} {:<16} {:<18} {:<13} {:<22} {:<24} {}\n",
+        "ID", "LICENSE", "RULE", "STATUS", "DEADLINE", "OWNER", "OPENED BY"
+    );
+    for e in v["escalations"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        let status = if e["overdue"] == serde_json::Value::Bool(true) {
+            format!("{} (late)", text(&e["status"]))
+        } else {
+            text(&e["status"])
+        };
+        out.push_str(&format!(
+            "{:<20} {:<16} {:<18} {:<13} {:<22} {:<24} {}\n",
+            text(&e["id"]),
+            text(&e["license"]),
+            text(&e["rule"]),
+            status,
+            text(&e["deadline"]),
+            text(&e["owner"]),
+            text(&e["opened_by"]),
+        ));
+    }
+    out
 }
 
 /// Reads a token file.

@@ -186,6 +186,17 @@ impl GossipNode {
         changed
     }
 
+    /// Each peer's gossip lag (ms): how long it has been missing some of
+    /// this node's state.
+    pub fn peer_lags(&self, now: i64) -> Vec<(u64, i64)> {
+        self.protocol
+            .lock()
+            .status(now)
+            .into_iter()
+            .map(|p| (p.id, p.lag_ms))
+            .collect()
+    }
+
     /// Gossip figures for status, metrics and the dashboard.
     pub fn figures(&self, now: i64) -> GossipFigures {
         let (peers, malformed, oversize, published) = {
@@ -303,6 +314,7 @@ impl RemoteSink for NodeSink<'_> {
 /// the limit, a tick of lag is overshoot.
 fn near_limit(state: &NodeState, keys: &[CounterKey]) -> Vec<CounterKey> {
     let config = state.config();
+    let now = state.now_ms();
     state.with_usage(|u| {
         keys.iter()
             .filter(|k| {
@@ -310,7 +322,7 @@ fn near_limit(state: &NodeState, keys: &[CounterKey]) -> Vec<CounterKey> {
                     l.quotas
                         .iter()
                         .find(|q| q.id == k.quota)
-                        .map(|q| q.limit)
+                        .map(|q| config.quota_limit(&l.id, q, now))
                         .or_else(|| {
                             (k.quota == tollgate_quota::usage::SEATS_QUOTA)
                                 .then_some(u64::from(l.max_instances))

@@ -294,4 +294,100 @@ impl Admin for AdminService {
         let version = admin::remove_node(&self.state, &actor, r.node_id, &r.reason).await?;
         Ok(Response::new(pb::WriteResponse { version }))
     }
+
+    async fn list_exceptions(
+        &self,
+        req: Request<pb::ListExceptionsRequest>,
+    ) -> Result<Response<pb::GovernanceResponse>, Status> {
+        self.actor(&req, Role::Viewer)?;
+        let r = req.into_inner();
+        let v = admin::list_exceptions(&self.state, non_empty(&r.license), non_empty(&r.state));
+        Ok(governance_response(&v))
+    }
+
+    async fn request_exception(
+        &self,
+        req: Request<pb::RequestExceptionRequest>,
+    ) -> Result<Response<pb::GovernanceResponse>, Status> {
+        let actor = self.actor(&req, Role::Admin)?;
+        let r = req.into_inner();
+        let requested_until_ms = match non_empty(&r.requested_until) {
+            Some(t) => Some(admin::parse_until(t, self.state.now_ms())?),
+            None => None,
+        };
+        let ask = admin::ExceptionAsk {
+            license: r.license_id,
+            quota: r.quota_id,
+            amount: r.amount,
+            reason: r.reason,
+            requested_until_ms,
+        };
+        let v = admin::request_exception(&self.state, &actor, ask).await?;
+        Ok(governance_response(&v))
+    }
+
+    async fn approve_exception(
+        &self,
+        req: Request<pb::ApproveExceptionRequest>,
+    ) -> Result<Response<pb::GovernanceResponse>, Status> {
+        let actor = self.actor(&req, Role::Admin)?;
+        let r = req.into_inner();
+        let until = non_empty(&r.until)
+            .ok_or_else(|| Status::from(ApiError::InvalidArgument("until: required".into())))?;
+        let until_ms = admin::parse_until(until, self.state.now_ms())?;
+        let v = admin::approve_exception(&self.state, &actor, &r.id, until_ms, &r.reason).await?;
+        Ok(governance_response(&v))
+    }
+
+    async fn reject_exception(
+        &self,
+        req: Request<pb::RejectExceptionRequest>,
+    ) -> Result<Response<pb::GovernanceResponse>, Status> {
+        let actor = self.actor(&req, Role::Admin)?;
+        let r = req.into_inner();
+        let v = admin::reject_exception(&self.state, &actor, &r.id, &r.reason).await?;
+        Ok(governance_response(&v))
+    }
+
+    async fn list_escalations(
+        &self,
+        req: Request<pb::ListEscalationsRequest>,
+    ) -> Result<Response<pb::GovernanceResponse>, Status> {
+        self.actor(&req, Role::Viewer)?;
+        let r = req.into_inner();
+        let v = admin::list_escalations(&self.state, non_empty(&r.license), non_empty(&r.status));
+        Ok(governance_response(&v))
+    }
+
+    async fn acknowledge_escalation(
+        &self,
+        req: Request<pb::EscalationActionRequest>,
+    ) -> Result<Response<pb::GovernanceResponse>, Status> {
+        let actor = self.actor(&req, Role::Admin)?;
+        let r = req.into_inner();
+        let v = admin::update_escalation(&self.state, &actor, &r.id, false, &r.reason).await?;
+        Ok(governance_response(&v))
+    }
+
+    async fn resolve_escalation(
+        &self,
+        req: Request<pb::EscalationActionRequest>,
+    ) -> Result<Response<pb::GovernanceResponse>, Status> {
+        let actor = self.actor(&req, Role::Admin)?;
+        let r = req.into_inner();
+        let v = admin::update_escalation(&self.state, &actor, &r.id, true, &r.reason).await?;
+        Ok(governance_response(&v))
+    }
+}
+
+/// `None` for an empty proto string (proto3 has no absent strings).
+fn non_empty(text: &str) -> Option<&str> {
+    let t = text.trim();
+    (!t.is_empty()).then_some(t)
+}
+
+fn governance_response(v: &serde_json::Value) -> Response<pb::GovernanceResponse> {
+    Response::new(pb::GovernanceResponse {
+        json: v.to_string(),
+    })
 }

@@ -1,7 +1,9 @@
 //! The HTTP/JSON API: the edge endpoints (`/v1/check`, `/v1/report`), the
 //! admin endpoints (`/v1/licenses`, `/v1/models`, `/v1/datasets`,
-//! `/v1/apply`, `/v1/lineage`), status, `/metrics` (Prometheus text format)
-//! and `/dashboard` (HTML).
+//! `/v1/apply`, `/v1/lineage`), quota exceptions (`/v1/exceptions`, which an
+//! edge caller may also ask with its license's API key), escalations
+//! (`/v1/escalations`), status, `/metrics` (Prometheus text format) and
+//! `/dashboard` (HTML).
 //!
 //! Same contract as gRPC (see `api`): snake_case fields, the same reason
 //! codes. Bodies over `MAX_BODY_BYTES` get 413; malformed ones get 400 with
@@ -22,8 +24,8 @@ use serde::Deserialize;
 
 use crate::admin;
 use crate::api::{self, ApiError, DecisionJson};
-use crate::lineage;
 use crate::dashboard;
+use crate::lineage;
 use crate::metrics::exposition::CONTENT_TYPE as METRICS_CONTENT_TYPE;
 use crate::roles::{Principal, Role};
 use crate::settings::MAX_BODY_BYTES;
@@ -65,6 +67,20 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/dashboard", get(dashboard))
         .route("/dashboard/login", post(dashboard_login))
+        .route(
+            "/v1/exceptions",
+            post(request_exception).get(list_exceptions),
+        )
+        .route("/v1/exceptions/{id}", get(get_exception))
+        .route("/v1/exceptions/{id}/approve", post(approve_exception))
+        .route("/v1/exceptions/{id}/reject", post(reject_exception))
+        .route("/v1/escalations", get(list_escalations))
+        .route("/v1/escalations/{id}", get(get_escalation))
+        .route(
+            "/v1/escalations/{id}/acknowledge",
+            post(acknowledge_escalation),
+        )
+        .route("/v1/escalations/{id}/resolve", post(resolve_escalation))
         .route("/healthz", get(|| async { "ok" }))
         .route_layer(axum::middleware::from_fn(trace_request))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -734,4 +750,232 @@ struct LoginForm {
 /// `POST /dashboard/login`: the sign-in form, token in the body.
 async fn dashboard_login(State(state): State<AppState>, Form(form): Form<LoginForm>) -> Response {
     open_session(&state, &form.token)
+}
+
+/// `POST /v1/exceptions`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExceptionBody {
+    /// The license's API key, for an edge caller; an administrator sends
+    /// an `Authorization` header instead.
+    #[serde(default)]
+    key: Option<String>,
+    /// License id; optional with a key (the key names its license).
+    #[serde(default)]
+    license: Option<String>,
+    quota: String,
+    amount: u64,
+    reason: String,
+    /// RFC 3339, or a duration from now such as `7d`.
+    #[serde(default)]
+    requested_until: Option<String>,
+}
+
+/// Who may ask for an exception: an admin token (`Authorization`), or the
+/// API key of the license asked about (`key` in the body), recorded as
+/// `key:<key name>` (never the key).
+fn exception_caller(
+    state: &NodeState,
+    headers: &HeaderMap,
+    body: &ExceptionBody,
+) -> Result<(admin::Caller, String), ApiError> {
+    let idempotency = match headers.get("idempotency-key") {
+        Some(v) => Some(v.to_str().map_err(|_| {
+            ApiError::InvalidArgument("idempotency key: not printable ASCII".into())
+        })?),
+        None => None,
+    };
+    match (&body.key, headers.contains_key(header::AUTHORIZATION)) {
+        (Some(_), true) => Err(ApiError::InvalidArgument(
+            "send either an Authorization header or a key, not both".into(),
+        )),
+        (None, true) => {
+            let principal = authorize(state, headers, Role::Admin)?;
+            let license = body
+                .license
+                .clone()
+                .ok_or_else(|| ApiError::InvalidArgument("license: required".into()))?;
+            Ok((admin::Caller::new(principal.actor, idempotency)?, license))
+        }
+        (Some(key), false) => {
+            let config = state.config();
+            let hash = tollgate_quota::keys::hash_key(key);
+            let license = config
+                .license_by_key_hash(&hash)
+                .ok_or(ApiError::Unauthenticated)?;
+            if body.license.as_ref().is_some_and(|l| *l != license.id) {
+                return Err(ApiError::Forbidden(
+                    "this key belongs to another license".into(),
+                ));
+            }
+            let name = license
+                .keys
+                .iter()
+                .find(|k| k.sha256 == hash)
+                .and_then(|k| k.id.clone())
+                .unwrap_or_else(|| hash[..8].to_string());
+            let actor = format!("key:{name}");
+            Ok((admin::Caller::new(actor, idempotency)?, license.id.clone()))
+        }
+        (None, false) => Err(ApiError::Unauthenticated),
+    }
+}
+
+async fn request_exception(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let b: ExceptionBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::InvalidArgument(format!("invalid body: {e}")))?;
+    let (caller, license) = exception_caller(&state, &headers, &b)?;
+    let requested_until_ms = match &b.requested_until {
+        Some(t) => Some(admin::parse_until(t, state.now_ms())?),
+        None => None,
+    };
+    let ask = admin::ExceptionAsk {
+        license,
+        quota: b.quota,
+        amount: b.amount,
+        reason: b.reason,
+        requested_until_ms,
+    };
+    let e = admin::request_exception(&state, &caller, ask).await?;
+    Ok((StatusCode::CREATED, axum::Json(e)).into_response())
+}
+
+async fn list_exceptions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    actor(&state, &headers, Role::Viewer)?;
+    let license = q.get("license").map(String::as_str);
+    let wanted = q.get("state").map(String::as_str);
+    Ok(axum::Json(admin::list_exceptions(&state, license, wanted)).into_response())
+}
+
+async fn get_exception(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    actor(&state, &headers, Role::Viewer)?;
+    Ok(axum::Json(admin::exception_json(&state, &id)?).into_response())
+}
+
+/// The body of approve, reject, acknowledge and resolve calls.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecideBody {
+    #[serde(default)]
+    until: Option<String>,
+    #[serde(default)]
+    reason: String,
+}
+
+fn decide_body(body: &Bytes) -> Result<DecideBody, ApiError> {
+    let b: DecideBody = if body.iter().all(u8::is_ascii_whitespace) {
+        DecideBody::default()
+    } else {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::InvalidArgument(format!("invalid body: {e}")))?
+    };
+    if b.reason.len() > tollgate_quota::governance::MAX_REASON_LEN {
+        return Err(ApiError::InvalidArgument(format!(
+            "reason: at most {} bytes",
+            tollgate_quota::governance::MAX_REASON_LEN
+        )));
+    }
+    Ok(b)
+}
+
+async fn approve_exception(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let caller = actor(&state, &headers, Role::Admin)?;
+    let b = decide_body(&body)?;
+    let until = b
+        .until
+        .as_deref()
+        .ok_or_else(|| ApiError::InvalidArgument("until: required".into()))?;
+    let until_ms = admin::parse_until(until, state.now_ms())?;
+    let e = admin::approve_exception(&state, &caller, &id, until_ms, &b.reason).await?;
+    Ok(axum::Json(e).into_response())
+}
+
+async fn reject_exception(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let caller = actor(&state, &headers, Role::Admin)?;
+    let b = decide_body(&body)?;
+    if b.until.is_some() {
+        return Err(ApiError::InvalidArgument(
+            "until: only an approval has one".into(),
+        ));
+    }
+    let e = admin::reject_exception(&state, &caller, &id, &b.reason).await?;
+    Ok(axum::Json(e).into_response())
+}
+
+async fn list_escalations(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    actor(&state, &headers, Role::Viewer)?;
+    let license = q.get("license").map(String::as_str);
+    let status = q.get("status").map(String::as_str);
+    Ok(axum::Json(admin::list_escalations(&state, license, status)).into_response())
+}
+
+async fn get_escalation(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    actor(&state, &headers, Role::Viewer)?;
+    Ok(axum::Json(admin::escalation_json(&state, &id)?).into_response())
+}
+
+async fn update_escalation(
+    state: &NodeState,
+    headers: &HeaderMap,
+    id: &str,
+    body: &Bytes,
+    resolve: bool,
+) -> Result<Response, ApiError> {
+    let caller = actor(state, headers, Role::Admin)?;
+    let b = decide_body(body)?;
+    if b.until.is_some() {
+        return Err(ApiError::InvalidArgument(
+            "until: escalations have none".into(),
+        ));
+    }
+    let e = admin::update_escalation(state, &caller, id, resolve, &b.reason).await?;
+    Ok(axum::Json(e).into_response())
+}
+
+async fn acknowledge_escalation(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    update_escalation(&state, &headers, &id, &body, false).await
+}
+
+async fn resolve_escalation(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    update_escalation(&state, &headers, &id, &body, true).await
 }

@@ -6,6 +6,7 @@
 //! do not live here.
 
 pub mod admin;
+pub mod alerts;
 pub mod api;
 pub mod bench;
 pub mod certs;

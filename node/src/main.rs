@@ -47,6 +47,10 @@ struct TargetArgs {
     /// --addr or --token are not given.
     #[arg(long = "cluster-dir", default_value = client::DEFAULT_DATA_DIR, global = true)]
     cluster_dir: PathBuf,
+    /// HTTP address of a node (host:port or URL), for the commands that
+    /// speak HTTP (exception, escalation).
+    #[arg(long, env = "TOLLGATE_HTTP", global = true)]
+    http: Option<String>,
 }
 
 impl TargetArgs {
@@ -55,6 +59,7 @@ impl TargetArgs {
             addr: self.addr.clone(),
             token: self.token.clone(),
             data_dir: self.cluster_dir.clone(),
+            http: self.http.clone(),
         }
     }
 }
@@ -95,6 +100,20 @@ enum Command {
     Cluster {
         #[command(subcommand)]
         command: ClusterCommand,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Quota exceptions: list them, ask for one, approve or reject one.
+    Exception {
+        #[command(subcommand)]
+        command: ExceptionCommand,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Escalations opened by quotas with `on_exceed: escalate`.
+    Escalation {
+        #[command(subcommand)]
+        command: EscalationCommand,
         #[command(flatten)]
         target: TargetArgs,
     },
@@ -177,6 +196,94 @@ struct ServeArgs {
     /// the admin API, for tests and chaos runs.
     #[arg(long)]
     enable_fault_injection: bool,
+}
+
+#[derive(Subcommand)]
+enum ExceptionCommand {
+    /// Every exception: pending, active, expired, rejected.
+    List {
+        /// Only this license's.
+        #[arg(long)]
+        license: Option<String>,
+        /// Only those in this state (pending, active, expired, rejected).
+        #[arg(long)]
+        state: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask for an exception (as an administrator; edge callers POST
+    /// /v1/exceptions with their API key).
+    Request {
+        /// License id.
+        #[arg(long)]
+        license: String,
+        /// Quota id.
+        #[arg(long)]
+        quota: String,
+        /// Units to raise the limit by.
+        #[arg(long)]
+        amount: u64,
+        /// Why.
+        #[arg(long)]
+        reason: String,
+        /// Until when it is wanted: RFC 3339, or a duration from now (7d).
+        #[arg(long)]
+        until: Option<String>,
+    },
+    /// Approve a pending exception: its quota's limit is raised by its
+    /// amount until T.
+    Approve {
+        /// Exception id (exc-N).
+        id: String,
+        /// When it ends: RFC 3339 (2026-07-01T00:00:00Z), or a duration
+        /// from now (90s, 12h, 7d).
+        #[arg(long)]
+        until: String,
+        /// Why (kept in the license history).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Reject a pending exception.
+    Reject {
+        /// Exception id (exc-N).
+        id: String,
+        /// Why (kept in the license history).
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum EscalationCommand {
+    /// Every escalation, newest first.
+    List {
+        /// Only this license's.
+        #[arg(long)]
+        license: Option<String>,
+        /// Only those with this status (open, acknowledged, resolved).
+        #[arg(long)]
+        status: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mark an escalation acknowledged.
+    Ack {
+        /// Escalation id (esc-...).
+        id: String,
+        /// A note (kept in the license history).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Mark an escalation resolved.
+    Resolve {
+        /// Escalation id (esc-...).
+        id: String,
+        /// What was done (kept with the record and in the license history).
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -564,6 +671,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::License { command, target } => license(command, &target.target()).await?,
         Command::Cluster { command, target } => cluster(command, &target.target()).await?,
+        Command::Exception { command, target } => exception(command, &target.target()).await?,
+        Command::Escalation { command, target } => escalation(command, &target.target()).await?,
         Command::Model {
             command: ModelCommand::History { id, json },
             target,
@@ -623,6 +732,7 @@ async fn main() -> anyhow::Result<()> {
                 addr: args.addr.clone(),
                 token: args.token.clone(),
                 data_dir: args.cluster_dir.clone(),
+                http: None,
             };
             let report =
                 tollgate_node::revocation_bench::run(&target, &args.license, args.count).await?;
@@ -633,6 +743,7 @@ async fn main() -> anyhow::Result<()> {
                 addr: args.addr.clone(),
                 token: None,
                 data_dir: args.cluster_dir.clone(),
+                http: None,
             };
             let addr = match args.addr {
                 Some(a) => a,
@@ -850,6 +961,148 @@ async fn cluster(cmd: ClusterCommand, target: &Target) -> anyhow::Result<()> {
                 "removed node {id} (membership log index {})",
                 r.into_inner().version
             );
+        }
+    }
+    Ok(())
+}
+
+/// `?a=b&c=d` from the given pairs (values percent-encoded), or "".
+fn query(pairs: &[(&str, Option<&str>)]) -> String {
+    let parts: Vec<String> = pairs
+        .iter()
+        .filter_map(|(k, v)| {
+            let v = (*v)?;
+            let encoded: String = v
+                .bytes()
+                .map(|b| {
+                    if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                        (b as char).to_string()
+                    } else {
+                        format!("%{b:02X}")
+                    }
+                })
+                .collect();
+            Some(format!("{k}={encoded}"))
+        })
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", parts.join("&"))
+    }
+}
+
+/// A path segment from an id the user typed: ids are `[a-z0-9._-]`, so
+/// anything else is refused rather than sent.
+fn id_segment(id: &str) -> anyhow::Result<&str> {
+    anyhow::ensure!(
+        !id.is_empty()
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)),
+        "{id:?} is not an id"
+    );
+    Ok(id)
+}
+
+async fn exception(cmd: ExceptionCommand, target: &Target) -> anyhow::Result<()> {
+    use reqwest::Method;
+    match cmd {
+        ExceptionCommand::List {
+            license,
+            state,
+            json,
+        } => {
+            let path = format!(
+                "/v1/exceptions{}",
+                query(&[("license", license.as_deref()), ("state", state.as_deref())])
+            );
+            let v = target.http_json(Method::GET, &path, None).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", client::render_exceptions(&v));
+            }
+        }
+        ExceptionCommand::Request {
+            license,
+            quota,
+            amount,
+            reason,
+            until,
+        } => {
+            let mut body = serde_json::json!({
+                "license": license, "quota": quota, "amount": amount, "reason": reason,
+            });
+            if let Some(u) = until {
+                body["requested_until"] = u.into();
+            }
+            let v = target
+                .http_json(Method::POST, "/v1/exceptions", Some(&body))
+                .await?;
+            println!(
+                "requested {} (+{} {}/{}): pending",
+                v["id"].as_str().unwrap_or("?"),
+                v["amount"],
+                v["license"].as_str().unwrap_or("?"),
+                v["quota"].as_str().unwrap_or("?")
+            );
+        }
+        ExceptionCommand::Approve { id, until, reason } => {
+            let path = format!("/v1/exceptions/{}/approve", id_segment(&id)?);
+            let body = serde_json::json!({"until": until, "reason": reason});
+            let v = target.http_json(Method::POST, &path, Some(&body)).await?;
+            println!(
+                "approved {id}: {}/{} +{} until {}",
+                v["license"].as_str().unwrap_or("?"),
+                v["quota"].as_str().unwrap_or("?"),
+                v["amount"],
+                v["until"].as_str().unwrap_or("?")
+            );
+        }
+        ExceptionCommand::Reject { id, reason } => {
+            let path = format!("/v1/exceptions/{}/reject", id_segment(&id)?);
+            let body = serde_json::json!({"reason": reason});
+            target.http_json(Method::POST, &path, Some(&body)).await?;
+            println!("rejected {id}");
+        }
+    }
+    Ok(())
+}
+
+async fn escalation(cmd: EscalationCommand, target: &Target) -> anyhow::Result<()> {
+    use reqwest::Method;
+    match cmd {
+        EscalationCommand::List {
+            license,
+            status,
+            json,
+        } => {
+            let path = format!(
+                "/v1/escalations{}",
+                query(&[
+                    ("license", license.as_deref()),
+                    ("status", status.as_deref())
+                ])
+            );
+            let v = target.http_json(Method::GET, &path, None).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", client::render_escalations(&v));
+            }
+        }
+        EscalationCommand::Ack { id, reason } => {
+            let path = format!("/v1/escalations/{}/acknowledge", id_segment(&id)?);
+            let body = serde_json::json!({"reason": reason});
+            target.http_json(Method::POST, &path, Some(&body)).await?;
+            println!("acknowledged {id}");
+        }
+        EscalationCommand::Resolve { id, reason } => {
+            let path = format!("/v1/escalations/{}/resolve", id_segment(&id)?);
+            let body = serde_json::json!({"reason": reason});
+            target.http_json(Method::POST, &path, Some(&body)).await?;
+            println!("resolved {id}");
         }
     }
     Ok(())

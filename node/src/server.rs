@@ -291,6 +291,7 @@ where
         gossip: advertised_gossip,
     } = addrs;
     let tokens = read_tokens(&settings)?;
+    let alert_secret = crate::alerts::read_secret(&settings.alerts)?;
     let cluster_token = read_token_file(settings.cluster_token_file())?;
     let storage: Arc<dyn Storage> = match storage {
         Some(storage) => storage,
@@ -465,6 +466,13 @@ where
         inbound,
         Arc::clone(&storage),
         settings.usage_flush_interval_ms,
+        shutdown_rx.clone(),
+    )));
+
+    tasks.push(tokio::spawn(crate::alerts::run(
+        Arc::clone(&state),
+        settings.alerts.clone(),
+        alert_secret,
         shutdown_rx.clone(),
     )));
 

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
+use crate::alerts::AlertSettings;
 use crate::certs::TlsFiles;
 use crate::gossip::GossipConfig;
 use crate::metrics::MetricsSettings;
@@ -113,6 +114,9 @@ pub struct NodeSettings {
     /// `/metrics` and the dashboard: labels, access, sampling.
     #[serde(default)]
     pub metrics: MetricsSettings,
+    /// Alert delivery: retries, backoff, timeout, body signing.
+    #[serde(default)]
+    pub alerts: AlertSettings,
 }
 
 /// Raft timing of one node. Every member should use the same values.
@@ -255,6 +259,7 @@ impl NodeSettings {
             admin_tokens: Vec::new(),
             cluster_token_file: None,
             metrics: MetricsSettings::default(),
+            alerts: AlertSettings::default(),
         }
     }
 

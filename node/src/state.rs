@@ -19,6 +19,7 @@ use tollgate_quota::request::{CheckRequest, RequestError};
 use tollgate_quota::seats::{SeatDecision, SeatRequest};
 use tollgate_quota::usage::Usage;
 
+use crate::alerts::Alerts;
 use crate::clock::Clock;
 use crate::dashboard::Dashboard;
 use crate::gossip::GossipNode;
@@ -75,6 +76,8 @@ pub struct NodeState {
     pub gossip: OnceLock<Arc<GossipNode>>,
     /// The wall clock every decision, window and lease is measured by.
     pub clock: Arc<Clock>,
+    /// Alert and escalation queues (see `alerts`).
+    pub alerts: Alerts,
 }
 
 /// A seat call.
@@ -117,6 +120,7 @@ impl NodeState {
             durable_usage_ack: false,
             gossip: OnceLock::new(),
             clock: Arc::new(Clock::system()),
+            alerts: Alerts::default(),
         }
     }
 
@@ -189,6 +193,9 @@ impl NodeState {
                 .then(|| self.usage_seq.fetch_add(1, Ordering::AcqRel) + 1);
             (d, seq)
         };
+        // Outside the usage lock: at most a few `try_send`s, and usually
+        // nothing at all.
+        self.alerts.after_decision(&config, &decision, now);
         // Strict quotas answer only once their usage is on disk, whatever
         // `durable_usage_ack` says: a crash that lost it would hand the
         // same rights out twice.
@@ -289,6 +296,7 @@ impl NodeState {
             "n_datasets": config.datasets.len(),
             "raft": serde_json::to_value(&m).unwrap_or_default(),
             "gossip": gossip,
+            "alerts": self.alerts.status_json(),
             "rights": rights,
             "usage": {
                 "durable_ack": self.durable_usage_ack,

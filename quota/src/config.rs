@@ -15,11 +15,15 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::dataset::Dataset;
+use crate::governance::{
+    self, Escalation, EscalationStatus, ExceptionStatus, MAX_PENDING_EXCEPTIONS_PER_LICENSE,
+    QuotaException,
+};
 use crate::history::{
-    self, ChangeAction, ChangeRecord, HistoryError, LicenseHistory, ModelChangeRecord,
+    self, ChangeAction, ChangeRecord, DiffEntry, HistoryError, LicenseHistory, ModelChangeRecord,
 };
 use crate::keys;
-use crate::license::{Document, License, LicenseStatus, Model, StoredKey};
+use crate::license::{Document, License, LicenseStatus, Model, OnExceed, Quota, StoredKey};
 
 /// Shortest SHA-256 hex prefix [`ConfigOp::RevokeKey`] accepts as a key
 /// identifier: 8 hex characters (32 bits) make an accidental match between
@@ -60,9 +64,33 @@ pub struct Config {
     /// the config, do not copy it.
     #[serde(default)]
     requests: Arc<RequestLog>,
+    /// Quota exceptions by id, requested, approved or rejected (see
+    /// [`crate::governance`]). Replicated; shared like `requests`.
+    #[serde(default)]
+    exceptions: Arc<BTreeMap<String, Arc<QuotaException>>>,
+    /// Escalation records by id. Replicated; shared like `requests`.
+    #[serde(default)]
+    escalations: Arc<BTreeMap<String, Arc<Escalation>>>,
     /// SHA-256 of each key -> license id. Derived; rebuilt after a snapshot.
     #[serde(skip)]
     key_index: HashMap<[u8; 32], String, BuildHasherDefault<DigestHasher>>,
+    /// Approved exceptions by license id, for [`Config::quota_limit`].
+    /// Derived from `exceptions`; rebuilt after a snapshot. Usually empty,
+    /// which `decide` checks first.
+    #[serde(skip)]
+    raises: Arc<BTreeMap<String, Vec<LimitRaise>>>,
+    /// Whether any license watches its deny rate. Derived; lets the hot
+    /// path skip a license lookup per decision when none does.
+    #[serde(skip)]
+    deny_rate_watch: bool,
+}
+
+/// One approved exception as `decide` reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct LimitRaise {
+    quota: String,
+    amount: u64,
+    until_ms: i64,
 }
 
 /// Hashes a SHA-256 digest by folding its four 8-byte words: the digest is already
@@ -209,7 +237,68 @@ pub enum ConfigOp {
         /// The config version whose content to restore.
         to_version: u64,
     },
+    /// Ask for a quota exception: raise `quota_id` of `license_id` by
+    /// `amount` once approved. The command's reason is the request's
+    /// (required); the exception's id is `exc-<log index>`. At most
+    /// [`MAX_PENDING_EXCEPTIONS_PER_LICENSE`] may be pending per license.
+    RequestException {
+        /// License id.
+        license_id: String,
+        /// Quota id.
+        quota_id: String,
+        /// Units to raise the limit by, at least 1.
+        amount: u64,
+        /// Until when the caller would like it (unix ms).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        requested_until_ms: Option<i64>,
+    },
+    /// Approve a pending exception: its quota's limit is raised by its
+    /// amount until `until_ms`.
+    ApproveException {
+        /// Exception id.
+        id: String,
+        /// When the raise ends (unix ms, exclusive).
+        until_ms: i64,
+    },
+    /// Reject a pending exception; the command's reason is required.
+    RejectException {
+        /// Exception id.
+        id: String,
+    },
+    /// Record that an approved exception has ended (a node saw its
+    /// `until_ms` pass). History only: the raise ends at `until_ms`
+    /// whether or not this is ever applied.
+    ExpireException {
+        /// Exception id.
+        id: String,
+    },
+    /// Open the escalation for a violation of `rule` (a quota whose
+    /// `on_exceed` is `escalate`) in window `window_epoch`. At most one
+    /// record per (license, rule, window): opening it again changes nothing.
+    OpenEscalation {
+        /// License id.
+        license_id: String,
+        /// The rule, `quotas[<id>]`.
+        rule: String,
+        /// The quota's window epoch.
+        window_epoch: u64,
+        /// When the owner should have acted by (unix ms).
+        deadline_ms: i64,
+    },
+    /// Mark an open escalation acknowledged.
+    AcknowledgeEscalation {
+        /// Escalation id.
+        id: String,
+    },
+    /// Mark an escalation resolved; the command's reason is the resolution.
+    ResolveEscalation {
+        /// Escalation id.
+        id: String,
+    },
 }
+
+/// Largest amount one exception may raise a limit by.
+pub const MAX_EXCEPTION_AMOUNT: u64 = 1 << 40;
 
 /// A license change `apply_op` made, for the history record.
 struct LicenseChange {
@@ -217,6 +306,40 @@ struct LicenseChange {
     action: ChangeAction,
     /// The license before the change.
     before: Option<Arc<License>>,
+    /// The diff to record instead of the license's own (a change to an
+    /// exception or escalation of the license, which leaves it unchanged).
+    diff: Option<Vec<DiffEntry>>,
+}
+
+impl LicenseChange {
+    fn of_license(id: &str, action: ChangeAction, before: Option<Arc<License>>) -> Self {
+        Self {
+            id: id.to_string(),
+            action,
+            before,
+            diff: None,
+        }
+    }
+}
+
+/// The diff of one governance record (`section` is `exceptions` or
+/// `escalations`) from `old` to `new`, under `<section>.<id>`.
+fn record_diff<T: Serialize>(
+    section: &str,
+    id: &str,
+    old: Option<&T>,
+    new: Option<&T>,
+) -> Vec<DiffEntry> {
+    let wrap = |v: Option<&T>| {
+        let mut inner = serde_json::Map::new();
+        if let Some(v) = v.and_then(|v| serde_json::to_value(v).ok()) {
+            inner.insert(id.to_string(), v);
+        }
+        let mut outer = serde_json::Map::new();
+        outer.insert(section.to_string(), serde_json::Value::Object(inner));
+        serde_json::Value::Object(outer)
+    };
+    history::diff_values(&wrap(old), &wrap(new))
 }
 
 /// What applying a command did.
@@ -253,7 +376,23 @@ impl Config {
         if let Some(id) = &cmd.request_id {
             Arc::make_mut(&mut self.requests).remember(id, &outcome);
         }
+        self.deny_rate_watch = self.any_deny_rate_watch();
         outcome
+    }
+
+    fn any_deny_rate_watch(&self) -> bool {
+        self.licenses.values().any(|l| {
+            l.governance
+                .as_ref()
+                .and_then(|g| g.anomalies.as_ref())
+                .is_some_and(|a| a.deny_rate.is_some())
+        })
+    }
+
+    /// Whether any license watches its deny rate (see
+    /// `license::Anomalies::deny_rate`).
+    pub fn watches_deny_rate(&self) -> bool {
+        self.deny_rate_watch
     }
 
     fn apply_new(&mut self, cmd: &ConfigCommand, index: u64) -> ApplyOutcome {
@@ -297,7 +436,7 @@ impl Config {
         match op {
             ConfigOp::PutModel(model) => {
                 let before = self.models.get(&model.id).cloned();
-                self.apply_op(op, previous_version)?;
+                self.apply_op(op, cmd, index, previous_version)?;
                 let after = self.models.get(&model.id).cloned();
                 let diff = history::diff_models(before.as_deref(), after.as_deref());
                 push_capped(
@@ -309,7 +448,7 @@ impl Config {
             }
             ConfigOp::PutDataset(dataset) => {
                 let before = self.datasets.get(&dataset.id).cloned();
-                self.apply_op(op, previous_version)?;
+                self.apply_op(op, cmd, index, previous_version)?;
                 let after = self.datasets.get(&dataset.id).cloned();
                 let diff = history::diff_datasets(before.as_deref(), after.as_deref());
                 push_capped(
@@ -321,7 +460,7 @@ impl Config {
             }
             ConfigOp::DeleteDataset { id } => {
                 let before = self.datasets.get(id).cloned();
-                self.apply_op(op, previous_version)?;
+                self.apply_op(op, cmd, index, previous_version)?;
                 let diff = history::diff_datasets(before.as_deref(), None);
                 push_capped(
                     &mut self.dataset_history,
@@ -333,7 +472,7 @@ impl Config {
             }
             _ => {}
         }
-        if let Some(change) = self.apply_op(op, previous_version)? {
+        if let Some(change) = self.apply_op(op, cmd, index, previous_version)? {
             self.record(cmd, index, change);
         }
         Ok(())
@@ -376,16 +515,18 @@ impl Config {
     fn apply_op(
         &mut self,
         op: &ConfigOp,
+        cmd: &ConfigCommand,
+        index: u64,
         previous_version: u64,
     ) -> Result<Option<LicenseChange>, String> {
         match op {
             ConfigOp::PutLicense(license) => {
                 let before = self.put_license(Arc::new(license.clone()))?;
-                Ok(Some(LicenseChange {
-                    id: license.id.clone(),
-                    action: ChangeAction::Put,
+                Ok(Some(LicenseChange::of_license(
+                    &license.id,
+                    ChangeAction::Put,
                     before,
-                }))
+                )))
             }
             ConfigOp::RevokeLicense { id, reason } => {
                 let license = self
@@ -396,11 +537,11 @@ impl Config {
                 Arc::make_mut(license).status = LicenseStatus::Revoked {
                     reason: Some(reason.clone()),
                 };
-                Ok(Some(LicenseChange {
-                    id: id.clone(),
-                    action: ChangeAction::Revoke,
-                    before: Some(before),
-                }))
+                Ok(Some(LicenseChange::of_license(
+                    id,
+                    ChangeAction::Revoke,
+                    Some(before),
+                )))
             }
             ConfigOp::AddKey { license_id, key } => {
                 let hash = keys::decode_hash(&key.sha256.to_ascii_lowercase())
@@ -409,11 +550,11 @@ impl Config {
                     return Err(format!("unknown license {license_id:?}"));
                 };
                 let before = Arc::clone(license);
-                let change = Some(LicenseChange {
-                    id: license_id.clone(),
-                    action: ChangeAction::AddKey,
-                    before: Some(Arc::clone(&before)),
-                });
+                let change = Some(LicenseChange::of_license(
+                    license_id,
+                    ChangeAction::AddKey,
+                    Some(Arc::clone(&before)),
+                ));
                 match self.key_index.get(&hash) {
                     // Already there: applied, and recorded (with an empty
                     // diff) so the audit trail shows every applied command.
@@ -459,11 +600,11 @@ impl Config {
                 let Some(before) = self.licenses.remove(id) else {
                     return Err(format!("unknown license {id:?}"));
                 };
-                Ok(Some(LicenseChange {
-                    id: id.clone(),
-                    action: ChangeAction::Delete,
-                    before: Some(before),
-                }))
+                Ok(Some(LicenseChange::of_license(
+                    id,
+                    ChangeAction::Delete,
+                    Some(before),
+                )))
             }
             ConfigOp::RevokeKey { license_id, key_id } => {
                 let Some(license) = self.licenses.get(license_id) else {
@@ -486,11 +627,11 @@ impl Config {
                     self.key_index.remove(&hash);
                 }
                 self.licenses.insert(license_id.clone(), Arc::new(updated));
-                Ok(Some(LicenseChange {
-                    id: license_id.clone(),
-                    action: ChangeAction::RevokeKey,
-                    before: Some(before),
-                }))
+                Ok(Some(LicenseChange::of_license(
+                    license_id,
+                    ChangeAction::RevokeKey,
+                    Some(before),
+                )))
             }
             ConfigOp::Batch { .. } => Err("a batch must be applied as a whole".to_string()),
             ConfigOp::RollbackLicense { id, to_version } => {
@@ -505,15 +646,433 @@ impl Config {
                 )
                 .map_err(|e| format!("cannot roll back: {e}"))?;
                 let before = self.put_license(document)?;
-                Ok(Some(LicenseChange {
-                    id: id.clone(),
-                    action: ChangeAction::Rollback {
+                Ok(Some(LicenseChange::of_license(
+                    id,
+                    ChangeAction::Rollback {
                         to_version: *to_version,
                     },
                     before,
-                }))
+                )))
+            }
+            ConfigOp::RequestException {
+                license_id,
+                quota_id,
+                amount,
+                requested_until_ms,
+            } => self.request_exception(
+                cmd,
+                index,
+                license_id,
+                quota_id,
+                *amount,
+                *requested_until_ms,
+            ),
+            ConfigOp::ApproveException { id, until_ms } => {
+                self.decide_exception(cmd, id, Some(*until_ms))
+            }
+            ConfigOp::RejectException { id } => self.decide_exception(cmd, id, None),
+            ConfigOp::ExpireException { id } => self.expire_exception(id),
+            ConfigOp::OpenEscalation {
+                license_id,
+                rule,
+                window_epoch,
+                deadline_ms,
+            } => self.open_escalation(cmd, index, license_id, rule, *window_epoch, *deadline_ms),
+            ConfigOp::AcknowledgeEscalation { id } => {
+                self.update_escalation(cmd, id, EscalationStatus::Acknowledged)
+            }
+            ConfigOp::ResolveEscalation { id } => {
+                self.update_escalation(cmd, id, EscalationStatus::Resolved)
             }
         }
+    }
+
+    fn request_exception(
+        &mut self,
+        cmd: &ConfigCommand,
+        index: u64,
+        license_id: &str,
+        quota_id: &str,
+        amount: u64,
+        requested_until_ms: Option<i64>,
+    ) -> Result<Option<LicenseChange>, String> {
+        let license = Arc::clone(
+            self.licenses
+                .get(license_id)
+                .ok_or_else(|| format!("unknown license {license_id:?}"))?,
+        );
+        if !license.quotas.iter().any(|q| q.id == quota_id) {
+            return Err(format!("license {license_id:?} has no quota {quota_id:?}"));
+        }
+        if !(1..=MAX_EXCEPTION_AMOUNT).contains(&amount) {
+            return Err(format!("amount: must be 1 to {MAX_EXCEPTION_AMOUNT}"));
+        }
+        let reason = governance::check_reason(cmd.reason.as_deref())?.to_string();
+        let n_pending = self
+            .exceptions
+            .values()
+            .filter(|e| e.license == license_id && e.status == ExceptionStatus::Pending)
+            .count();
+        if n_pending >= MAX_PENDING_EXCEPTIONS_PER_LICENSE {
+            return Err(format!(
+                "license {license_id:?} already has {n_pending} pending exceptions; wait for an administrator to decide them"
+            ));
+        }
+        let id = governance::exception_id(index);
+        if self.exceptions.contains_key(&id) {
+            return Err(format!(
+                "exception {id} exists (one request per config version)"
+            ));
+        }
+        if !self.make_room_for_exception() {
+            return Err(format!(
+                "{} exceptions are pending; decide some first",
+                governance::MAX_EXCEPTIONS
+            ));
+        }
+        let before = Some(license);
+        let exception = QuotaException {
+            id: id.clone(),
+            license: license_id.to_string(),
+            quota: quota_id.to_string(),
+            amount,
+            reason,
+            requested_by: cmd.actor.clone(),
+            requested_at_ms: cmd.at_ms,
+            requested_until_ms,
+            status: ExceptionStatus::Pending,
+            until_ms: None,
+            decided_by: None,
+            decided_at_ms: None,
+            decision_reason: None,
+        };
+        let diff = record_diff("exceptions", &id, None, Some(&exception));
+        Arc::make_mut(&mut self.exceptions).insert(id.clone(), Arc::new(exception));
+        Ok(Some(LicenseChange {
+            id: license_id.to_string(),
+            action: ChangeAction::ExceptionRequested { exception: id },
+            before,
+            diff: Some(diff),
+        }))
+    }
+
+    /// Drops decided exceptions until one more fits (rejected first, then
+    /// approved by earliest end, then id). False if every kept one is
+    /// pending. Deterministic: no clock.
+    fn make_room_for_exception(&mut self) -> bool {
+        while self.exceptions.len() >= governance::MAX_EXCEPTIONS {
+            let victim = self
+                .exceptions
+                .values()
+                .filter(|e| e.status != ExceptionStatus::Pending)
+                .min_by_key(|e| {
+                    (
+                        e.status.was_approved(),
+                        e.until_ms.unwrap_or(i64::MIN),
+                        e.id.clone(),
+                    )
+                })
+                .map(|e| (e.id.clone(), e.license.clone()));
+            let Some((id, license)) = victim else {
+                return false;
+            };
+            Arc::make_mut(&mut self.exceptions).remove(&id);
+            self.rebuild_raises_of(&license);
+        }
+        true
+    }
+
+    /// Approves (`until_ms` given) or rejects a pending exception.
+    fn decide_exception(
+        &mut self,
+        cmd: &ConfigCommand,
+        id: &str,
+        until_ms: Option<i64>,
+    ) -> Result<Option<LicenseChange>, String> {
+        let current = self
+            .exceptions
+            .get(id)
+            .ok_or_else(|| format!("unknown exception {id:?}"))?;
+        if current.status != ExceptionStatus::Pending {
+            return Err(format!(
+                "exception {id} is already {}",
+                current.status.as_str()
+            ));
+        }
+        let license = self
+            .licenses
+            .get(&current.license)
+            .ok_or_else(|| format!("license {:?} no longer exists", current.license))?;
+        let mut updated = QuotaException::clone(current);
+        let action = match until_ms {
+            Some(until_ms) => {
+                if !license.quotas.iter().any(|q| q.id == current.quota) {
+                    return Err(format!(
+                        "license {:?} no longer has quota {:?}",
+                        current.license, current.quota
+                    ));
+                }
+                if until_ms <= current.requested_at_ms {
+                    return Err("until: must be after the request".to_string());
+                }
+                updated.status = ExceptionStatus::Approved;
+                updated.until_ms = Some(until_ms);
+                updated.decision_reason = cmd
+                    .reason
+                    .as_deref()
+                    .map(str::trim)
+                    .filter(|r| !r.is_empty())
+                    .map(str::to_string);
+                ChangeAction::ExceptionApproved {
+                    exception: id.to_string(),
+                    until_ms,
+                }
+            }
+            None => {
+                updated.status = ExceptionStatus::Rejected;
+                updated.decision_reason =
+                    Some(governance::check_reason(cmd.reason.as_deref())?.to_string());
+                ChangeAction::ExceptionRejected {
+                    exception: id.to_string(),
+                }
+            }
+        };
+        updated.decided_by = Some(cmd.actor.clone());
+        updated.decided_at_ms = Some(cmd.at_ms);
+        let before = Some(Arc::clone(license));
+        let license_id = updated.license.clone();
+        let diff = record_diff("exceptions", id, Some(&**current), Some(&updated));
+        Arc::make_mut(&mut self.exceptions).insert(id.to_string(), Arc::new(updated));
+        self.rebuild_raises_of(&license_id);
+        Ok(Some(LicenseChange {
+            id: license_id,
+            action,
+            before,
+            diff: Some(diff),
+        }))
+    }
+
+    /// Marks an approved exception expired (see [`ConfigOp::ExpireException`]).
+    fn expire_exception(&mut self, id: &str) -> Result<Option<LicenseChange>, String> {
+        let current = self
+            .exceptions
+            .get(id)
+            .ok_or_else(|| format!("unknown exception {id:?}"))?;
+        if current.status != ExceptionStatus::Approved {
+            return Err(format!(
+                "exception {id} is {}, not approved",
+                current.status.as_str()
+            ));
+        }
+        let mut updated = QuotaException::clone(current);
+        updated.status = ExceptionStatus::Expired;
+        let license_id = updated.license.clone();
+        let before = self.licenses.get(&license_id).cloned();
+        let diff = record_diff("exceptions", id, Some(&**current), Some(&updated));
+        Arc::make_mut(&mut self.exceptions).insert(id.to_string(), Arc::new(updated));
+        Ok(Some(LicenseChange {
+            id: license_id,
+            action: ChangeAction::ExceptionExpired {
+                exception: id.to_string(),
+            },
+            before,
+            diff: Some(diff),
+        }))
+    }
+
+    fn open_escalation(
+        &mut self,
+        cmd: &ConfigCommand,
+        index: u64,
+        license_id: &str,
+        rule: &str,
+        window_epoch: u64,
+        deadline_ms: i64,
+    ) -> Result<Option<LicenseChange>, String> {
+        let license = Arc::clone(
+            self.licenses
+                .get(license_id)
+                .ok_or_else(|| format!("unknown license {license_id:?}"))?,
+        );
+        let escalates = rule
+            .strip_prefix("quotas[")
+            .and_then(|r| r.strip_suffix(']'))
+            .and_then(|q| license.quotas.iter().find(|quota| quota.id == q))
+            .is_some_and(|q| q.on_exceed == OnExceed::Escalate);
+        if !escalates {
+            return Err(format!(
+                "rule {rule:?} of license {license_id:?} is not a quota that escalates"
+            ));
+        }
+        let owner = license
+            .governance
+            .as_ref()
+            .map(|g| g.owner.clone())
+            .ok_or_else(|| format!("license {license_id:?} has no governance owner"))?;
+        let id = governance::escalation_id(license_id, rule, window_epoch);
+        if self.escalations.contains_key(&id) {
+            // Every node that sees the violation proposes it: the first
+            // one opens it, the others change nothing.
+            return Ok(None);
+        }
+        if !self.make_room_for_escalation() {
+            return Err(format!(
+                "{} escalations are unresolved; resolve some first",
+                governance::MAX_ESCALATIONS
+            ));
+        }
+        let escalation = Escalation {
+            id: id.clone(),
+            license: license_id.to_string(),
+            rule: rule.to_string(),
+            window_epoch,
+            owner,
+            opened_at_ms: cmd.at_ms,
+            deadline_ms,
+            opened_by: cmd.actor.clone(),
+            version: index,
+            status: EscalationStatus::Open,
+            updated_by: None,
+            updated_at_ms: None,
+            resolution: None,
+        };
+        let diff = record_diff("escalations", &id, None, Some(&escalation));
+        Arc::make_mut(&mut self.escalations).insert(id.clone(), Arc::new(escalation));
+        Ok(Some(LicenseChange {
+            id: license_id.to_string(),
+            action: ChangeAction::EscalationOpened { escalation: id },
+            before: Some(license),
+            diff: Some(diff),
+        }))
+    }
+
+    /// Drops resolved escalations, earliest opened first, until one more
+    /// fits. False if every kept one is unresolved.
+    fn make_room_for_escalation(&mut self) -> bool {
+        while self.escalations.len() >= governance::MAX_ESCALATIONS {
+            let victim = self
+                .escalations
+                .values()
+                .filter(|e| e.status == EscalationStatus::Resolved)
+                .min_by_key(|e| (e.version, e.id.clone()))
+                .map(|e| e.id.clone());
+            let Some(id) = victim else {
+                return false;
+            };
+            Arc::make_mut(&mut self.escalations).remove(&id);
+        }
+        true
+    }
+
+    fn update_escalation(
+        &mut self,
+        cmd: &ConfigCommand,
+        id: &str,
+        status: EscalationStatus,
+    ) -> Result<Option<LicenseChange>, String> {
+        let current = self
+            .escalations
+            .get(id)
+            .ok_or_else(|| format!("unknown escalation {id:?}"))?;
+        match (current.status, status) {
+            (EscalationStatus::Resolved, _) => {
+                return Err(format!("escalation {id} is already resolved"));
+            }
+            (EscalationStatus::Acknowledged, EscalationStatus::Acknowledged) => {
+                return Err(format!("escalation {id} is already acknowledged"));
+            }
+            _ => {}
+        }
+        let mut updated = Escalation::clone(current);
+        updated.status = status;
+        updated.updated_by = Some(cmd.actor.clone());
+        updated.updated_at_ms = Some(cmd.at_ms);
+        let reason = cmd
+            .reason
+            .as_deref()
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+            .map(str::to_string);
+        if status == EscalationStatus::Resolved {
+            updated.resolution = reason;
+        }
+        let action = match status {
+            EscalationStatus::Resolved => ChangeAction::EscalationResolved {
+                escalation: id.to_string(),
+            },
+            _ => ChangeAction::EscalationAcknowledged {
+                escalation: id.to_string(),
+            },
+        };
+        let license_id = updated.license.clone();
+        let before = self.licenses.get(&license_id).cloned();
+        let diff = record_diff("escalations", id, Some(&**current), Some(&updated));
+        Arc::make_mut(&mut self.escalations).insert(id.to_string(), Arc::new(updated));
+        Ok(Some(LicenseChange {
+            id: license_id,
+            action,
+            before,
+            diff: Some(diff),
+        }))
+    }
+
+    /// Recomputes the approved exceptions of `license_id` that
+    /// [`Self::quota_limit`] reads.
+    fn rebuild_raises_of(&mut self, license_id: &str) {
+        let list: Vec<LimitRaise> = self
+            .exceptions
+            .values()
+            .filter(|e| e.license == license_id && e.status.was_approved())
+            .filter_map(|e| {
+                Some(LimitRaise {
+                    quota: e.quota.clone(),
+                    amount: e.amount,
+                    until_ms: e.until_ms?,
+                })
+            })
+            .collect();
+        let raises = Arc::make_mut(&mut self.raises);
+        if list.is_empty() {
+            raises.remove(license_id);
+        } else {
+            raises.insert(license_id.to_string(), list);
+        }
+    }
+
+    /// The limit of `quota` of license `license_id` in force at `now_ms`:
+    /// its `limit` plus the amount of every approved exception for it that
+    /// has not ended. Pure and cheap: with no approved exception anywhere
+    /// it is one emptiness test.
+    pub fn quota_limit(&self, license_id: &str, quota: &Quota, now_ms: i64) -> u64 {
+        if self.raises.is_empty() {
+            return quota.limit;
+        }
+        let Some(list) = self.raises.get(license_id) else {
+            return quota.limit;
+        };
+        list.iter()
+            .filter(|r| r.quota == quota.id && now_ms < r.until_ms)
+            .fold(quota.limit, |limit, r| limit.saturating_add(r.amount))
+    }
+
+    /// Every exception, by id.
+    pub fn exceptions(&self) -> impl Iterator<Item = &QuotaException> {
+        self.exceptions.values().map(|e| &**e)
+    }
+
+    /// The exception with `id`.
+    pub fn exception(&self, id: &str) -> Option<&QuotaException> {
+        self.exceptions.get(id).map(|e| &**e)
+    }
+
+    /// Every escalation record, by id.
+    pub fn escalations(&self) -> impl Iterator<Item = &Escalation> {
+        self.escalations.values().map(|e| &**e)
+    }
+
+    /// The escalation with `id`.
+    pub fn escalation(&self, id: &str) -> Option<&Escalation> {
+        self.escalations.get(id).map(|e| &**e)
     }
 
     /// Creates or replaces `license` after validating it and checking that
@@ -547,7 +1106,10 @@ impl Config {
     fn record(&mut self, cmd: &ConfigCommand, index: u64, change: LicenseChange) {
         let after = self.licenses.get(&change.id).cloned();
         let after_deleted = after.is_none();
-        let diff = history::diff_licenses(change.before.as_deref(), after.as_deref());
+        let diff = match change.diff {
+            Some(diff) => diff,
+            None => history::diff_licenses(change.before.as_deref(), after.as_deref()),
+        };
         let record = ChangeRecord {
             version: index,
             actor: cmd.actor.clone(),
@@ -635,6 +1197,16 @@ impl Config {
     /// Rebuilds derived indexes after deserializing from a snapshot. If two
     /// licenses claim one key (impossible through `apply`), the first id wins.
     pub fn rebuild_indexes(&mut self) {
+        let licenses: std::collections::BTreeSet<String> = self
+            .exceptions
+            .values()
+            .map(|e| e.license.clone())
+            .collect();
+        self.raises = Arc::default();
+        for license in licenses {
+            self.rebuild_raises_of(&license);
+        }
+        self.deny_rate_watch = self.any_deny_rate_watch();
         self.key_index.clear();
         for (id, license) in &self.licenses {
             for key in &license.keys {

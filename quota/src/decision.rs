@@ -15,6 +15,7 @@ use std::fmt::Write as _;
 use chrono::{DateTime, Timelike, Utc};
 use serde::Serialize;
 
+use crate::alerts::{self, ThresholdAlert};
 use crate::config::Config;
 use crate::license::{Environment, License, OnExceed, Quota, QuotaMode, QuotaScope, VersionPolicy};
 use crate::lineage::LineageEdge;
@@ -165,7 +166,7 @@ impl ReasonCode {
     /// indexed by code can never silently drop it.
     pub fn index(self) -> usize {
         match self {
-ReasonCode::UnknownKey => 0,
+            ReasonCode::UnknownKey => 0,
             ReasonCode::LicenseRevoked => 1,
             ReasonCode::LicenseSuspended => 2,
             ReasonCode::LicenseNotYetValid => 3,
@@ -297,6 +298,11 @@ pub struct Decision {
     /// What [`Usage::commit`] applies (empty unless allowed).
     #[serde(skip)]
     pub effects: Effects,
+    /// Alert thresholds this request's usage reached that this node has not
+    /// reported yet (only for licenses with a governance webhook, only on
+    /// an allowed decision); [`Usage::commit`] marks them reported.
+    #[serde(skip)]
+    pub alerts: Vec<ThresholdAlert>,
 }
 
 impl Decision {
@@ -313,6 +319,7 @@ impl Decision {
             request_adjustment: None,
             dry_run,
             effects: Effects::default(),
+            alerts: Vec::new(),
         }
     }
 
@@ -397,7 +404,7 @@ pub fn decide(
             "keys",
             "the API key is not recognised".to_string(),
         );
-        return finish(v, None, req);
+        return finish(v, None, req, usage);
     };
     v.decision.license_id = Some(license.id.clone());
     check_status(license, now_ms, &mut v);
@@ -421,8 +428,17 @@ pub fn decide(
     check_hardware(license, usage, req, &mut v);
     check_lineage(config, license, req, &mut v);
     check_rate_limits(license, usage, now_ms, &mut v);
-    evaluate_quotas(license, usage, req, environment, now_ms, false, &mut v);
-    let mut decision = finish(v, Some(license), req);
+    evaluate_quotas(
+        config,
+        license,
+        usage,
+        req,
+        environment,
+        now_ms,
+        false,
+        &mut v,
+    );
+    let mut decision = finish(v, Some(license), req, usage);
     if decision.outcome == Outcome::Allow {
         lineage_edges(license, req, &mut decision.effects);
     }
@@ -450,7 +466,7 @@ pub fn decide_report(
             "keys",
             "the API key is not recognised".to_string(),
         );
-        return finish(v, None, req);
+        return finish(v, None, req, usage);
     };
     v.decision.license_id = Some(license.id.clone());
     check_status(license, now_ms, &mut v);
@@ -459,8 +475,17 @@ pub fn decide_report(
         .as_deref()
         .and_then(Environment::parse)
         .unwrap_or(Environment::Production);
-    evaluate_quotas(license, usage, req, Some(environment), now_ms, true, &mut v);
-    finish(v, Some(license), req)
+    evaluate_quotas(
+        config,
+        license,
+        usage,
+        req,
+        Some(environment),
+        now_ms,
+        true,
+        &mut v,
+    );
+    finish(v, Some(license), req, usage)
 }
 
 /// Why `license` is not in force at `now_ms` (revoked, suspended, not yet
@@ -913,8 +938,12 @@ fn check_rate_limits(license: &License, usage: &Usage, now_ms: i64, v: &mut Verd
 /// order, it pushes one [`QuotaStatus`] (with `used` = the count before this
 /// request) and one tentative increment, so `decision.quotas[i]` and
 /// `effects.increments[i]` describe the same quota; `finish` relies on that
-/// instead of a side list, which saves an allocation per call.
+/// instead of a side list, which saves an allocation per call. A quota's
+/// limit is the one in force at `now_ms`: its `limit` plus every approved
+/// exception still running.
+#[allow(clippy::too_many_arguments)]
 fn evaluate_quotas(
+    config: &Config,
     license: &License,
     usage: &Usage,
     req: &CheckRequest,
@@ -952,14 +981,24 @@ fn evaluate_quotas(
             epoch,
             scope: scope_value,
         };
+        let limit = config.quota_limit(&license.id, quota, now_ms);
         let used_before = usage.counter_value(&key);
         let after = used_before.saturating_add(meter.quantity);
         let escrow = quota.mode == QuotaMode::Strict;
-        if !escrow && !is_report && after <= quota.limit {
-            near_limit_share(quota, usage, &key, used_before, meter.quantity, now_ms, v);
+        if !escrow && !is_report && after <= limit {
+            near_limit_share(
+                quota,
+                limit,
+                usage,
+                &key,
+                used_before,
+                meter.quantity,
+                now_ms,
+                v,
+            );
         }
-        if escrow && after <= quota.limit && !is_report && !escrow_check_skipped() {
-            let held = usage.escrow_available(&key, quota.limit);
+        if escrow && after <= limit && !is_report && !escrow_check_skipped() {
+            let held = usage.escrow_available(&key, limit);
             if meter.quantity > held {
                 let retry = usage.rights_retry_ms();
                 v.throttle_deny(
@@ -968,8 +1007,8 @@ fn evaluate_quotas(
                     format!(
                         "strict quota {} has {} of {} {} left across the cluster, but this node holds rights to {held} and this request needs {}; rights move to nodes with demand, retry in {retry} ms",
                         quota.id,
-                        quota.limit.saturating_sub(used_before),
-                        quota.limit,
+                        limit.saturating_sub(used_before),
+                        limit,
                         quota.metric,
                         meter.quantity
                     ),
@@ -981,14 +1020,14 @@ fn evaluate_quotas(
                     .push((key.clone(), meter.quantity));
             }
         }
-        if after > quota.limit && !is_report {
+        if after > limit && !is_report {
             let reset = resets_at_ms
                 .map(|r| format!("; resets at {}", rfc3339(r)))
                 .unwrap_or_default();
             let message = format!(
                 "quota {} allows {} {} per {}; {used_before} used, this request needs {}{reset}",
                 quota.id,
-                quota.limit,
+                limit,
                 quota.metric,
                 quota.window.as_str(),
                 meter.quantity
@@ -1001,10 +1040,10 @@ fn evaluate_quotas(
                         .max(1);
                     v.throttle(ReasonCode::QuotaExceeded, rule, message, retry);
                 }
-                (OnExceed::Throttle, None) | (OnExceed::Deny, None) => {
+                (OnExceed::Throttle | OnExceed::Deny | OnExceed::Escalate, None) => {
                     v.deny(ReasonCode::QuotaExceeded, rule, message);
                 }
-                (OnExceed::Deny, Some(reset)) => {
+                (OnExceed::Deny | OnExceed::Escalate, Some(reset)) => {
                     v.deny(ReasonCode::QuotaExceeded, rule, message);
                     // The window reset is when a retry can succeed; `finish`
                     // keeps this hint only if quotas are all that denied.
@@ -1020,9 +1059,9 @@ fn evaluate_quotas(
                     license: license.id.clone(),
                     quota: quota.id.clone(),
                     message: format!(
-                        "ask the license owner to raise quotas[{}].limit above {} {} per {}{reset}",
+                        "ask the license owner to raise quotas[{}].limit above {} {} per {}{reset}, or request an exception (POST /v1/exceptions)",
                         quota.id,
-                        quota.limit,
+                        limit,
                         quota.metric,
                         quota.window.as_str()
                     ),
@@ -1032,9 +1071,9 @@ fn evaluate_quotas(
         v.decision.quotas.push(QuotaStatus {
             quota: quota.id.clone(),
             metric: quota.metric.clone(),
-            limit: quota.limit,
+            limit,
             used: used_before,
-            remaining: quota.limit.saturating_sub(used_before),
+            remaining: limit.saturating_sub(used_before),
             resets_at_ms,
             scope: scope_label,
         });
@@ -1053,8 +1092,10 @@ fn evaluate_quotas(
 /// the same remainder: this bounds the overshoot when every node is busy.
 /// The first use after a push always passes (if it fits), so the quota is
 /// always used up, at worst at one use per node per push.
+#[allow(clippy::too_many_arguments)]
 fn near_limit_share(
     quota: &Quota,
+    limit: u64,
     usage: &Usage,
     key: &CounterKey,
     used_before: u64,
@@ -1065,20 +1106,15 @@ fn near_limit_share(
     // Only the nodes using the counter right now share the remainder; a
     // node alone on it is not held back.
     let n = usage.active_nodes(key, now_ms);
-    let margin = quota
-        .limit
-        .div_ceil(crate::usage::NEAR_LIMIT_DIVISOR)
-        .max(1);
-    if n <= 1 || used_before.saturating_add(quantity) <= quota.limit.saturating_sub(margin) {
+    let margin = limit.div_ceil(crate::usage::NEAR_LIMIT_DIVISOR).max(1);
+    if n <= 1 || used_before.saturating_add(quantity) <= limit.saturating_sub(margin) {
         return;
     }
     let unsynced = usage.own_unsynced(key);
     if unsynced == 0 {
         return;
     }
-    let remaining_at_sync = quota
-        .limit
-        .saturating_sub(used_before.saturating_sub(unsynced));
+    let remaining_at_sync = limit.saturating_sub(used_before.saturating_sub(unsynced));
     let share = (remaining_at_sync / (2 * n)).max(1);
     if unsynced.saturating_add(quantity) > share {
         let retry = usage.rights_retry_ms();
@@ -1087,7 +1123,7 @@ fn near_limit_share(
             format!("quotas[{}]", quota.id),
             format!(
                 "quota {} is close to its limit ({} of {} {} used); near the limit each node takes at most a share of what remains between syncs with the others, and this node has used its share; retry in {retry} ms",
-                quota.id, used_before, quota.limit, quota.metric
+                quota.id, used_before, limit, quota.metric
             ),
             retry,
         );
@@ -1103,7 +1139,12 @@ fn labelled(prefix: &str, value: &str) -> String {
     out
 }
 
-fn finish(mut v: Verdict, license: Option<&License>, req: &CheckRequest) -> Decision {
+fn finish(
+    mut v: Verdict,
+    license: Option<&License>,
+    req: &CheckRequest,
+    usage: &Usage,
+) -> Decision {
     v.decision.outcome = if v.deny {
         Outcome::Deny
     } else if v.throttle {
@@ -1154,6 +1195,9 @@ fn finish(mut v: Verdict, license: Option<&License>, req: &CheckRequest) -> Deci
         .quotas
         .iter()
         .filter(|q| req.meters.iter().any(|m| m.metric == q.metric));
+    // Alerts go to a governance webhook: without one there is nothing to
+    // report, and no reason to look anything up.
+    let alerting = license.webhook().is_some();
     let decision = &mut v.decision;
     for ((quota, status), inc) in touched
         .zip(decision.quotas.iter_mut())
@@ -1161,21 +1205,75 @@ fn finish(mut v: Verdict, license: Option<&License>, req: &CheckRequest) -> Deci
     {
         let used_before = status.used;
         let after = used_before.saturating_add(inc.by);
-        quota_warnings(quota, used_before, after, &mut decision.warnings);
+        quota_warnings(
+            quota,
+            status.limit,
+            used_before,
+            after,
+            &mut decision.warnings,
+        );
+        if alerting && !decision.dry_run {
+            threshold_alerts(quota, status, &inc.key, after, usage, &mut decision.alerts);
+        }
         status.used = after;
         status.remaining = status.limit.saturating_sub(after);
     }
     v.decision
 }
 
-/// Adds threshold and over-quota warnings for one quota of an allowed decision.
-fn quota_warnings(quota: &Quota, used_before: u64, after: u64, warnings: &mut Vec<Warning>) {
-    if after > quota.limit {
+/// Pushes the alert thresholds of `quota` that `after` reached and this
+/// node has not reported for the counter `key` yet. Before the lowest
+/// threshold this is a few comparisons; only once one is reached does it
+/// look up what was reported.
+fn threshold_alerts(
+    quota: &Quota,
+    status: &QuotaStatus,
+    key: &crate::usage::CounterKey,
+    after: u64,
+    usage: &Usage,
+    out: &mut Vec<ThresholdAlert>,
+) {
+    let limit = status.limit;
+    if !quota
+        .alert_thresholds
+        .iter()
+        .any(|t| after >= alerts::threshold_units(*t, limit))
+    {
+        return;
+    }
+    let reported = usage.alert_reported(key, limit);
+    let (window_start_ms, window_end_ms) = quota.window.bounds(key.epoch);
+    for (threshold, threshold_units) in
+        alerts::thresholds_due(&quota.alert_thresholds, limit, after, reported)
+    {
+        out.push(ThresholdAlert {
+            key: key.clone(),
+            threshold,
+            threshold_units,
+            used: after,
+            limit,
+            metric: quota.metric.clone(),
+            window_start_ms,
+            window_end_ms,
+        });
+    }
+}
+
+/// Adds threshold and over-quota warnings for one quota of an allowed
+/// decision, against the limit in force.
+fn quota_warnings(
+    quota: &Quota,
+    limit: u64,
+    used_before: u64,
+    after: u64,
+    warnings: &mut Vec<Warning>,
+) {
+    if after > limit {
         let mut message = String::new();
         let _ = write!(
             message,
-            "quota {} is over its limit: {after} of {} {}",
-            quota.id, quota.limit, quota.metric
+            "quota {} is over its limit: {after} of {limit} {}",
+            quota.id, quota.metric
         );
         warnings.push(Warning {
             code: "over_quota".to_string(),
@@ -1184,15 +1282,14 @@ fn quota_warnings(quota: &Quota, used_before: u64, after: u64, warnings: &mut Ve
         return;
     }
     for t in &quota.alert_thresholds {
-        let threshold = (t * quota.limit as f64).ceil() as u64;
+        let threshold = alerts::threshold_units(*t, limit);
         if used_before < threshold && after >= threshold {
             warnings.push(Warning {
                 code: "threshold_crossed".to_string(),
                 message: format!(
-                    "quota {} crossed {}% ({after} of {} {})",
+                    "quota {} crossed {}% ({after} of {limit} {})",
                     quota.id,
                     (t * 100.0).round(),
-                    quota.limit,
                     quota.metric
                 ),
             });
@@ -1211,7 +1308,7 @@ fn escrow_check_skipped() -> bool {
 mod tests {
     use super::*;
     use crate::config::{ApplyOutcome, ConfigCommand, ConfigOp};
-    use crate::license::parse_documents;
+    use crate::license::{Document, Window, parse_documents};
     use crate::request::Meter;
 
     const MODEL: &str = "apiVersion: tollgate/v1
@@ -2058,5 +2155,338 @@ releases:
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), ReasonCode::ALL.len());
+    }
+
+    /// Applies `op` to `c` as `actor` with `reason` at `at`, asserting it applies.
+    fn apply(c: &mut Config, op: ConfigOp, actor: &str, reason: Option<&str>, at: &str) -> u64 {
+        let index = c.version + 1;
+        let cmd = ConfigCommand {
+            request_id: None,
+            actor: actor.into(),
+            reason: reason.map(str::to_string),
+            at_ms: ms(at),
+            op,
+        };
+        let out = c.apply(&cmd, index);
+        assert_eq!(out, ApplyOutcome::Applied { version: index });
+        index
+    }
+
+    #[test]
+    fn an_approved_exception_raises_the_limit_until_it_ends() {
+        let mut c = config("quotas: [{ id: daily, metric: inferences, limit: 2, window: day }]\n");
+        let mut u = Usage::new(1);
+        check(&c, &mut u, NOW, none, "allow");
+        check(&c, &mut u, NOW, none, "allow");
+        check(&c, &mut u, NOW, none, "deny:quota_exceeded");
+        let request = ConfigOp::RequestException {
+            license_id: "t".into(),
+            quota_id: "daily".into(),
+            amount: 3,
+            requested_until_ms: None,
+        };
+        let version = apply(&mut c, request, "key:dev", Some("launch day"), NOW);
+        let id = crate::governance::exception_id(version);
+        // Pending changes nothing.
+        check(&c, &mut u, NOW, none, "deny:quota_exceeded");
+        let until = "2026-03-10T12:00:00Z";
+        let approve = ConfigOp::ApproveException {
+            id: id.clone(),
+            until_ms: ms(until),
+        };
+        apply(&mut c, approve, "ops", Some("ok for launch"), NOW);
+        for used in 3..=5 {
+            let d = check(&c, &mut u, NOW, none, "allow");
+            assert_eq!((d.quotas[0].limit, d.quotas[0].used), (5, used));
+        }
+        check(&c, &mut u, NOW, none, "deny:quota_exceeded");
+        // The last millisecond in force, then the limit is back.
+        let last = "2026-03-10T11:59:59.999Z";
+        let d = check(&c, &mut u, last, none, "deny:quota_exceeded");
+        assert_eq!(d.quotas[0].limit, 5);
+        let d = check(&c, &mut u, until, none, "deny:quota_exceeded");
+        assert_eq!(d.quotas[0].limit, 2);
+        assert!(
+            c.exception(&id)
+                .is_some_and(|e| e.state_at(ms(until)) == "expired")
+        );
+        // A node records the end; the record changes no decision, even one
+        // made (by a node whose clock is behind) before the end.
+        apply(
+            &mut c,
+            ConfigOp::ExpireException { id: id.clone() },
+            "node-1",
+            None,
+            until,
+        );
+        let d = check(
+            &c,
+            &mut u,
+            last,
+            |r| r.dry_run = true,
+            "deny:quota_exceeded",
+        );
+        assert_eq!(d.quotas[0].limit, 5);
+        // Every step is in the license's history, with actor and reason.
+        let records: Vec<(String, Option<String>, &str)> = c
+            .license_history("t")
+            .iter()
+            .filter_map(|r| {
+                let kind = match &r.action {
+                    crate::history::ChangeAction::ExceptionRequested { .. } => "requested",
+                    crate::history::ChangeAction::ExceptionApproved { .. } => "approved",
+                    crate::history::ChangeAction::ExceptionExpired { .. } => "expired",
+                    _ => return None,
+                };
+                Some((r.actor.clone(), r.reason.clone(), kind))
+            })
+            .collect();
+        assert_eq!(
+            records,
+            vec![
+                ("key:dev".into(), Some("launch day".into()), "requested"),
+                ("ops".into(), Some("ok for launch".into()), "approved"),
+                ("node-1".into(), None, "expired"),
+            ]
+        );
+        let records = c.license_history("t");
+        let approved = &records[records.len() - 2];
+        let paths: Vec<&str> = approved.diff.iter().map(|d| d.path.as_str()).collect();
+        assert!(
+            paths.contains(&format!("exceptions.{id}.status").as_str()),
+            "{paths:?}"
+        );
+    }
+
+    #[test]
+    fn a_rejected_exception_changes_no_limit_and_needs_a_reason() {
+        let mut c = config("quotas: [{ id: daily, metric: inferences, limit: 1, window: day }]\n");
+        let request = ConfigOp::RequestException {
+            license_id: "t".into(),
+            quota_id: "daily".into(),
+            amount: 3,
+            requested_until_ms: None,
+        };
+        let id = crate::governance::exception_id(apply(&mut c, request, "ops", Some("x"), NOW));
+        let reject = ConfigOp::RejectException { id: id.clone() };
+        let cmd = ConfigCommand {
+            request_id: None,
+            actor: "ops".into(),
+            reason: None,
+            at_ms: ms(NOW),
+            op: reject.clone(),
+        };
+        let next = c.version + 1;
+        assert!(matches!(c.apply(&cmd, next), ApplyOutcome::Rejected { .. }));
+        apply(&mut c, reject, "ops", Some("not this month"), NOW);
+        let approve = ConfigOp::ApproveException {
+            id,
+            until_ms: ms("2026-03-11T00:00:00Z"),
+        };
+        let cmd = ConfigCommand {
+            request_id: None,
+            actor: "ops".into(),
+            reason: None,
+            at_ms: ms(NOW),
+            op: approve,
+        };
+        let next = c.version + 1;
+        assert!(
+            matches!(c.apply(&cmd, next), ApplyOutcome::Rejected { .. }),
+            "decided once"
+        );
+        let mut u = Usage::new(1);
+        check(&c, &mut u, NOW, none, "allow");
+        check(&c, &mut u, NOW, none, "deny:quota_exceeded");
+    }
+
+    const GOVERNED: &str =
+        "governance: { owner: ops@example.com, webhook: http://127.0.0.1:9/hook }\n";
+
+    #[test]
+    fn each_alert_threshold_is_reported_once_per_window_and_limit() {
+        let c = config(&format!(
+            "{GOVERNED}quotas: [{{ id: daily, metric: inferences, limit: 4, window: day, alert_thresholds: [0.5, 1.0] }}]\n"
+        ));
+        let mut u = Usage::new(1);
+        let reported = |d: &Decision| -> Vec<(f64, u64)> {
+            d.alerts.iter().map(|a| (a.threshold, a.used)).collect()
+        };
+        let d = check(&c, &mut u, NOW, none, "allow");
+        assert!(d.alerts.is_empty());
+        let d = check(&c, &mut u, NOW, none, "allow");
+        assert_eq!(reported(&d), vec![(0.5, 2)]);
+        assert_eq!(d.alerts[0].event_key(), d.alerts[0].clone().event_key());
+        let d = check(&c, &mut u, NOW, none, "allow");
+        assert!(d.alerts.is_empty(), "0.5 was reported");
+        let d = check(&c, &mut u, NOW, none, "allow");
+        assert_eq!(reported(&d), vec![(1.0, 4)]);
+        let d = check(&c, &mut u, NOW, none, "deny:quota_exceeded");
+        assert!(d.alerts.is_empty());
+        // A new window re-arms every threshold.
+        let tomorrow = "2026-03-11T10:00:00Z";
+        check(&c, &mut u, tomorrow, none, "allow");
+        let d = check(&c, &mut u, tomorrow, none, "allow");
+        assert_eq!(reported(&d), vec![(0.5, 2)]);
+        assert_eq!(d.alerts[0].window_start_ms, ms("2026-03-11T00:00:00Z"));
+        // A dry run reports nothing and marks nothing.
+        let d = check(&c, &mut u, tomorrow, |r| r.dry_run = true, "allow");
+        assert!(d.alerts.is_empty());
+    }
+
+    #[test]
+    fn alerts_need_a_webhook_and_a_jump_reports_every_threshold_passed() {
+        let quotas = "quotas: [{ id: daily, metric: inferences, limit: 10, window: day, alert_thresholds: [0.5, 0.8] }]\n";
+        let c = config(quotas);
+        let mut u = Usage::new(1);
+        let d = check(&c, &mut u, NOW, |r| r.meters[0].quantity = 9, "allow");
+        assert!(d.alerts.is_empty(), "no webhook, no alerts");
+        assert_eq!(d.warnings.len(), 2, "the warnings still say so");
+        let c = config(&format!("{GOVERNED}{quotas}"));
+        let mut u = Usage::new(1);
+        let d = check(&c, &mut u, NOW, |r| r.meters[0].quantity = 9, "allow");
+        let units: Vec<u64> = d.alerts.iter().map(|a| a.threshold_units).collect();
+        assert_eq!(units, vec![5, 8]);
+    }
+
+    #[test]
+    fn escalate_denies_like_deny_and_names_the_violation() {
+        let c = config(&format!(
+            "{GOVERNED}quotas: [{{ id: daily, metric: inferences, limit: 1, window: day, on_exceed: escalate }}]\n"
+        ));
+        let mut u = Usage::new(1);
+        let d = check(&c, &mut u, NOW, none, "allow");
+        let license = c.license("t").expect("license");
+        assert!(crate::alerts::escalations(license, &d, ms(NOW)).is_empty());
+        let d = check(&c, &mut u, NOW, none, "deny:quota_exceeded");
+        assert!(d.retry_after_ms.is_some(), "the window reset helps");
+        let triggers = crate::alerts::escalations(license, &d, ms(NOW));
+        assert_eq!(triggers.len(), 1);
+        assert_eq!(triggers[0].rule, "quotas[daily]");
+        assert_eq!(triggers[0].window_epoch, Window::Day.epoch(ms(NOW)));
+    }
+
+    #[test]
+    fn escalations_open_once_per_rule_and_window_and_move_forward_only() {
+        let mut c = config(&format!(
+            "{GOVERNED}quotas: [{{ id: daily, metric: inferences, limit: 1, window: day, on_exceed: escalate }}]\n"
+        ));
+        let open = |epoch| ConfigOp::OpenEscalation {
+            license_id: "t".into(),
+            rule: "quotas[daily]".into(),
+            window_epoch: epoch,
+            deadline_ms: ms("2026-03-11T10:00:00Z"),
+        };
+        let version = apply(&mut c, open(7), "node-1", None, NOW);
+        apply(&mut c, open(7), "node-2", None, NOW);
+        apply(&mut c, open(8), "node-2", None, NOW);
+        let records: Vec<&crate::governance::Escalation> = c.escalations().collect();
+        assert_eq!(records.len(), 2, "one per window");
+        let first = c
+            .escalation(&crate::governance::escalation_id("t", "quotas[daily]", 7))
+            .expect("opened");
+        assert_eq!(
+            (first.version, first.opened_by.as_str()),
+            (version, "node-1")
+        );
+        assert_eq!(first.owner, "ops@example.com");
+        let id = first.id.clone();
+        apply(
+            &mut c,
+            ConfigOp::AcknowledgeEscalation { id: id.clone() },
+            "ops",
+            None,
+            NOW,
+        );
+        apply(
+            &mut c,
+            ConfigOp::ResolveEscalation { id: id.clone() },
+            "ops",
+            Some("raised the plan"),
+            NOW,
+        );
+        let done = c.escalation(&id).expect("kept");
+        assert_eq!(done.status, crate::governance::EscalationStatus::Resolved);
+        assert_eq!(done.resolution.as_deref(), Some("raised the plan"));
+        let again = ConfigCommand {
+            request_id: None,
+            actor: "ops".into(),
+            reason: None,
+            at_ms: 0,
+            op: ConfigOp::AcknowledgeEscalation { id },
+        };
+        let next = c.version + 1;
+        assert!(matches!(
+            c.apply(&again, next),
+            ApplyOutcome::Rejected { .. }
+        ));
+        // A quota that does not escalate cannot be escalated.
+        let wrong = ConfigCommand {
+            request_id: None,
+            actor: "node-1".into(),
+            reason: None,
+            at_ms: 0,
+            op: ConfigOp::OpenEscalation {
+                license_id: "t".into(),
+                rule: "quotas[nope]".into(),
+                window_epoch: 7,
+                deadline_ms: 0,
+            },
+        };
+        let next = c.version + 1;
+        assert!(matches!(
+            c.apply(&wrong, next),
+            ApplyOutcome::Rejected { .. }
+        ));
+    }
+
+    #[test]
+    fn pending_exceptions_per_license_are_bounded() {
+        let mut c = config("quotas: [{ id: daily, metric: inferences, limit: 1, window: day }]\n");
+        let request = || ConfigOp::RequestException {
+            license_id: "t".into(),
+            quota_id: "daily".into(),
+            amount: 1,
+            requested_until_ms: None,
+        };
+        for _ in 0..crate::governance::MAX_PENDING_EXCEPTIONS_PER_LICENSE {
+            apply(&mut c, request(), "key:dev", Some("more"), NOW);
+        }
+        let cmd = ConfigCommand {
+            request_id: None,
+            actor: "key:dev".into(),
+            reason: Some("more".into()),
+            at_ms: 0,
+            op: request(),
+        };
+        let next = c.version + 1;
+        assert!(matches!(c.apply(&cmd, next), ApplyOutcome::Rejected { .. }));
+        // Unknown quota, zero amount: rejected, nothing recorded.
+        let n_records = c.license_history("t").len();
+        for op in [
+            ConfigOp::RequestException {
+                license_id: "t".into(),
+                quota_id: "nope".into(),
+                amount: 1,
+                requested_until_ms: None,
+            },
+            ConfigOp::RequestException {
+                license_id: "t".into(),
+                quota_id: "daily".into(),
+                amount: 0,
+                requested_until_ms: None,
+            },
+        ] {
+            let cmd = ConfigCommand {
+                request_id: None,
+                actor: "ops".into(),
+                reason: Some("x".into()),
+                at_ms: 0,
+                op,
+            };
+            let next = c.version + 1;
+            assert!(matches!(c.apply(&cmd, next), ApplyOutcome::Rejected { .. }));
+        }
+        assert_eq!(c.license_history("t").len(), n_records);
     }
 }

@@ -102,7 +102,7 @@ fn escrow_limit(config: &Config, key: &CounterKey, now_ms: i64) -> Option<u64> {
     }
     let quota = license.quotas.iter().find(|q| q.id == key.quota)?;
     let window = window_of(config, key)?;
-    (key.epoch == window.epoch(now_ms)).then_some(quota.limit)
+    (key.epoch == window.epoch(now_ms)).then(|| config.quota_limit(&license.id, quota, now_ms))
 }
 
 fn update_rate(rate: &mut DemandRate, counter: &Counter, now_ms: i64, half_life_ms: f64) {

@@ -81,6 +81,44 @@ pub enum ChangeAction {
         /// The config version whose content was restored.
         to_version: u64,
     },
+    /// A quota exception was requested (the license itself is unchanged;
+    /// the diff is of the exception, under `exceptions.<id>`).
+    ExceptionRequested {
+        /// The exception's id.
+        exception: String,
+    },
+    /// A quota exception was approved: the limit is raised until `until_ms`.
+    ExceptionApproved {
+        /// The exception's id.
+        exception: String,
+        /// When it ends (unix ms).
+        until_ms: i64,
+    },
+    /// An approved exception's end was seen to pass (recorded by a node).
+    ExceptionExpired {
+        /// The exception's id.
+        exception: String,
+    },
+    /// A quota exception was rejected.
+    ExceptionRejected {
+        /// The exception's id.
+        exception: String,
+    },
+    /// An escalation was opened (the diff is under `escalations.<id>`).
+    EscalationOpened {
+        /// The escalation's id.
+        escalation: String,
+    },
+    /// An escalation was acknowledged.
+    EscalationAcknowledged {
+        /// The escalation's id.
+        escalation: String,
+    },
+    /// An escalation was resolved.
+    EscalationResolved {
+        /// The escalation's id.
+        escalation: String,
+    },
 }
 
 /// One difference between two JSON values, at `path`.

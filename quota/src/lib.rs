@@ -18,14 +18,20 @@
 //! [`history::ChangeRecord`] for every applied license change;
 //! [`config::Config::license_history`] and [`config::Config::license_as_of`]
 //! read that history back, and [`config::ConfigOp::RollbackLicense`] writes
-//! an earlier version back through the log.
+//! an earlier version back through the log. Quota exceptions and escalation
+//! records ([`governance`]) are replicated the same way; approved exceptions
+//! raise a limit through [`config::Config::quota_limit`], which `decide`
+//! reads with `now_ms`. [`alerts`] says when a threshold crossing, a
+//! deny-rate spike or an escalation is due; node/ delivers them.
 
+pub mod alerts;
 pub mod config;
 pub mod counter;
 pub mod dataset;
 pub mod decision;
 pub mod escrow;
 pub mod gossip;
+pub mod governance;
 pub mod hashing;
 pub mod history;
 pub mod keys;

@@ -241,6 +241,9 @@ pub struct License {
     /// Dataset constraints on the lineage of each use; absent means none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub datasets: Option<DatasetConstraints>,
+    /// Who answers for the license, and where its alerts and escalations go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub governance: Option<Governance>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -259,7 +262,255 @@ impl License {
         self.seat_lease_ttl
             .map_or(DEFAULT_SEAT_LEASE_TTL_MS, |d| d.ms)
     }
+
+    /// The governance webhook, if the license has one.
+    pub fn webhook(&self) -> Option<&str> {
+        self.governance.as_ref()?.webhook.as_deref()
+    }
 }
+
+/// Longest webhook URL a license may name.
+pub const MAX_URL_LEN: usize = 2048;
+
+/// How long an owner has to act on an escalation when the license names
+/// no `escalation_deadline`.
+pub const DEFAULT_ESCALATION_DEADLINE_MS: u64 = 86_400_000;
+
+/// Deny-rate window when a rule names none.
+pub const DEFAULT_DENY_RATE_WINDOW_MS: u64 = 60_000;
+
+/// Fewest decisions in a window that can count as a deny-rate spike when a
+/// rule names no `min_decisions`: below it a handful of denials is noise.
+pub const DEFAULT_DENY_RATE_MIN_DECISIONS: u32 = 20;
+
+/// Who answers for a license and where its alerts go: threshold crossings,
+/// anomalies and escalations are sent to `webhook` and name `owner`.
+///
+/// ```yaml
+/// governance:
+///   owner: licensing@acme.example
+///   webhook: https://hooks.acme.example/tollgate
+///   escalation_deadline: 24h
+///   anomalies:
+///     deny_rate: { threshold: 0.5, window: 1m, min_decisions: 20 }
+///     gossip_lag: 5s
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Governance {
+    /// The governance owner: a person, team or mailbox, named in every
+    /// alert and escalation.
+    pub owner: String,
+    /// Where alerts and escalations are POSTed: an `http` or `https` URL
+    /// without credentials. Absent: nothing is sent (escalations are still
+    /// recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<String>,
+    /// How long the owner has to act on an escalation (default 24h).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "escalation_deadline"
+    )]
+    pub escalation_deadline: Option<HumaneDuration>,
+    /// Anomalies that raise alerts besides threshold crossings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anomalies: Option<Anomalies>,
+}
+
+impl Governance {
+    /// The escalation deadline in ms.
+    pub fn escalation_deadline_ms(&self) -> u64 {
+        self.escalation_deadline
+            .map_or(DEFAULT_ESCALATION_DEADLINE_MS, |d| d.ms)
+    }
+}
+
+/// Anomaly alerts of a license.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Anomalies {
+    /// Alert when the share of this license's Checks denied at one node
+    /// within one window reaches a threshold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny_rate: Option<DenyRateRule>,
+    /// Alert when a node's gossip lag to a peer exceeds this (usage counts
+    /// are then staler than usual everywhere).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "gossip_lag"
+    )]
+    pub gossip_lag: Option<HumaneDuration>,
+}
+
+/// A deny-rate spike: `threshold` of at least `min_decisions` Checks in one
+/// calendar-aligned window of `window` denied.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenyRateRule {
+    /// Fraction of decisions denied, in (0, 1].
+    pub threshold: f64,
+    /// Window length, 1s to 1d (default 1m).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "deny_rate_window"
+    )]
+    pub window: Option<HumaneDuration>,
+    /// Fewest decisions in a window that can count as a spike (default 20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_decisions: Option<u32>,
+}
+
+impl DenyRateRule {
+    /// The window length in ms.
+    pub fn window_ms(&self) -> u64 {
+        self.window.map_or(DEFAULT_DENY_RATE_WINDOW_MS, |d| d.ms)
+    }
+
+    /// The fewest decisions that can count as a spike.
+    pub fn min_decisions(&self) -> u32 {
+        self.min_decisions
+            .unwrap_or(DEFAULT_DENY_RATE_MIN_DECISIONS)
+    }
+}
+
+/// A duration field, named in the error so the path points at it.
+fn named_duration<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+    field: &str,
+) -> Result<Option<HumaneDuration>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    HumaneDuration::parse(&text).map(Some).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            ".{field}: expected a duration like 24h (30s, 15m, 12h, 7d), got {text:?}"
+        ))
+    })
+}
+
+fn escalation_deadline<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<HumaneDuration>, D::Error> {
+    named_duration(deserializer, "escalation_deadline")
+}
+
+fn gossip_lag<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<HumaneDuration>, D::Error> {
+    named_duration(deserializer, "gossip_lag")
+}
+
+fn deny_rate_window<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<HumaneDuration>, D::Error> {
+    named_duration(deserializer, "window")
+}
+
+/// Checks that `url` is an absolute `http` or `https` URL with a host and no
+/// credentials (a license is readable by every viewer, so a URL must not
+/// carry secrets in its user part), made of printable ASCII.
+pub fn check_webhook_url(path: &str, url: &str) -> Result<(), ValidationError> {
+    if url.is_empty() || url.len() > MAX_URL_LEN {
+        return Err(ValidationError::new(
+            path,
+            format!("must be 1 to {MAX_URL_LEN} characters"),
+        ));
+    }
+    if !url.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ValidationError::new(
+            path,
+            "must be printable ASCII without spaces (percent-encode anything else)",
+        ));
+    }
+    let lower = url.to_ascii_lowercase();
+    let Some(rest) = lower
+        .strip_prefix("https://")
+        .or_else(|| lower.strip_prefix("http://"))
+    else {
+        return Err(ValidationError::new(
+            path,
+            "must be an http:// or https:// URL",
+        ));
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return Err(ValidationError::new(
+            path,
+            "must not carry credentials (user:password@); configure a signing secret on the nodes instead",
+        ));
+    }
+    let host = match authority.strip_prefix('[') {
+        // An IPv6 literal: `[::1]:8080`.
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.split(':').next().unwrap_or_default(),
+    };
+    if host.is_empty() {
+        return Err(ValidationError::new(path, "must name a host"));
+    }
+    if let Some((_, port)) = authority.rsplit_once(':')
+        && !port.contains(']')
+        && !(port.parse::<u16>().is_ok_and(|p| p > 0))
+    {
+        return Err(ValidationError::new(path, "port must be 1 to 65535"));
+    }
+    Ok(())
+}
+
+impl Governance {
+    /// Semantic checks serde cannot express.
+    fn validate(&self) -> Result<(), ValidationError> {
+        check_text("governance.owner", &self.owner)?;
+        if let Some(url) = &self.webhook {
+            check_webhook_url("governance.webhook", url)?;
+        }
+        if let Some(d) = self.escalation_deadline
+            && !(60_000..=MAX_ESCALATION_DEADLINE_MS).contains(&d.ms)
+        {
+            return Err(ValidationError::new(
+                "governance.escalation_deadline",
+                "must be between 1m and 365d",
+            ));
+        }
+        let Some(anomalies) = &self.anomalies else {
+            return Ok(());
+        };
+        if let Some(rule) = &anomalies.deny_rate {
+            if !(rule.threshold.is_finite() && rule.threshold > 0.0 && rule.threshold <= 1.0) {
+                return Err(ValidationError::new(
+                    "governance.anomalies.deny_rate.threshold",
+                    "must be in (0, 1]",
+                ));
+            }
+            if let Some(w) = rule.window
+                && !(1_000..=86_400_000).contains(&w.ms)
+            {
+                return Err(ValidationError::new(
+                    "governance.anomalies.deny_rate.window",
+                    "must be between 1s and 1d",
+                ));
+            }
+            if rule.min_decisions == Some(0) {
+                return Err(ValidationError::new(
+                    "governance.anomalies.deny_rate.min_decisions",
+                    "must be at least 1",
+                ));
+            }
+        }
+        if let Some(lag) = anomalies.gossip_lag
+            && !(1_000..=86_400_000).contains(&lag.ms)
+        {
+            return Err(ValidationError::new(
+                "governance.anomalies.gossip_lag",
+                "must be between 1s and 1d",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Longest escalation deadline a license may set.
+pub const MAX_ESCALATION_DEADLINE_MS: u64 = 365 * 86_400_000;
 
 /// A key as stored: its SHA-256 and an optional name. Input may give the
 /// plain `key:` instead of `sha256:`; it is hashed during deserialization and
@@ -933,6 +1184,10 @@ pub enum OnExceed {
     Deny,
     /// Throttle with `retry_after_ms` = time until the window resets.
     Throttle,
+    /// Deny like `deny`, and open an escalation record for the license's
+    /// governance owner (one per quota and window), replicated to every
+    /// node. Needs a `governance` section.
+    Escalate,
 }
 
 /// A token-bucket rate limit, enforced per node (not replicated).
@@ -1175,6 +1430,17 @@ impl License {
                     ));
                 }
             }
+        }
+        for (idx, quota) in self.quotas.iter().enumerate() {
+            if quota.on_exceed == OnExceed::Escalate && self.governance.is_none() {
+                return Err(ValidationError::new(
+                    format!("quotas[{idx}].on_exceed"),
+                    "escalate needs a governance section naming the owner",
+                ));
+            }
+        }
+        if let Some(governance) = &self.governance {
+            governance.validate()?;
         }
         if let Some(ttl) = self.seat_lease_ttl
             && !(1_000..=MAX_SEAT_LEASE_TTL_MS).contains(&ttl.ms)
@@ -1519,6 +1785,31 @@ mod tests {
             &["models[0].versions"],
         );
         check("quotas: [\n", &["line"]);
+        check(
+            "governance: { owner: ops, webhook: \"ftp://x\" }\n",
+            &["governance.webhook: must be an http:// or https:// URL"],
+        );
+        check(
+            "governance: { owner: ops, webhook: \"https://u:p@x/h\" }\n",
+            &["governance.webhook", "credentials"],
+        );
+        check(
+            "governance: { owner: ops, webhook: \"http://[::1]:8080/h\" }\n",
+            &[],
+        );
+        check("governance: { owner: \"\" }\n", &["governance.owner"]);
+        check(
+            "governance: { owner: ops, escalation_deadline: soon }\n",
+            &["escalation_deadline", "expected a duration"],
+        );
+        check(
+            "governance: { owner: ops, anomalies: { deny_rate: { threshold: 1.5 } } }\n",
+            &["governance.anomalies.deny_rate.threshold: must be in (0, 1]"],
+        );
+        check(
+            "quotas: [{ id: d, metric: x, limit: 1, window: day, on_exceed: escalate }]\n",
+            &["quotas[0].on_exceed: escalate needs a governance section"],
+        );
         assert!(
             parse_license(&BASE.replace("id: demo", "id: Demo!"))
                 .unwrap_err()
@@ -1560,7 +1851,7 @@ mod tests {
     #[test]
     fn documents_round_trip_through_json_and_yaml() {
         let text = format!(
-            "{BASE}status: {{suspended: {{reason: unpaid}}}}\ngrace_period: 12h\nkeys: [{{sha256: {}}}]\nmodels:\n  - {{ model: m, versions: {{ maintenance_until: 2026-12-31 }} }}\n  - {{ model: n, versions: rolling }}\nregions: {{ allow: [\"eu-*\"] }}\nrate_limits: [{{ id: r, per_second: 2, burst: 4, schedule: {{ timezone: Europe/Berlin, peak: {{ hours: \"22-06\", per_second: 1, burst: 1 }} }} }}]\n",
+            "{BASE}status: {{suspended: {{reason: unpaid}}}}\ngrace_period: 12h\nkeys: [{{sha256: {}}}]\nmodels:\n  - {{ model: m, versions: {{ maintenance_until: 2026-12-31 }} }}\n  - {{ model: n, versions: rolling }}\nregions: {{ allow: [\"eu-*\"] }}\nrate_limits: [{{ id: r, per_second: 2, burst: 4, schedule: {{ timezone: Europe/Berlin, peak: {{ hours: \"22-06\", per_second: 1, burst: 1 }} }} }}]\ngovernance: {{ owner: ops, webhook: \"https://hooks.example/t\", escalation_deadline: 2h, anomalies: {{ deny_rate: {{ threshold: 0.5, window: 1m }}, gossip_lag: 5s }} }}\nquotas: [{{ id: q, metric: m, limit: 3, window: day, on_exceed: escalate }}]\n",
             keys::hash_key("x")
         );
         let license = parse_license(&text).unwrap();

@@ -272,6 +272,10 @@ pub struct Usage {
     // license id -> (rate limit id, state); a short Vec per license keeps the
     // hot-path lookup allocation-free.
     buckets: HashMap<String, Vec<(String, BucketState)>, FastState>,
+    // Per counter: (limit, highest alert threshold reported, in units) at
+    // this node. Node-local and not persisted: after a restart a threshold
+    // may be reported once more, with the same idempotency key.
+    alerted: HashMap<CounterKey, (u64, u64), FastState>,
 }
 
 impl Usage {
@@ -365,6 +369,16 @@ impl Usage {
         self.devices.get(license).map_or(0, BTreeSet::len)
     }
 
+    /// The highest alert threshold (in units) this node has reported for
+    /// `key` under `limit`; 0 when none was, or when the limit has changed
+    /// since (an exception raised it), which re-arms every threshold.
+    pub fn alert_reported(&self, key: &CounterKey, limit: u64) -> u64 {
+        match self.alerted.get(key) {
+            Some(&(at_limit, units)) if at_limit == limit => units,
+            _ => 0,
+        }
+    }
+
     /// The bucket for (`license`, `rate_limit`), if it has been used.
     pub fn bucket(&self, license: &str, rate_limit: &str) -> Option<BucketState> {
         self.buckets
@@ -396,6 +410,16 @@ impl Usage {
         for key in &effects.lineage {
             let node = self.node_id;
             self.update_counter(key, false, |c| c.consume(node, 1));
+        }
+        for alert in &decision.alerts {
+            let mark = self
+                .alerted
+                .entry(alert.key.clone())
+                .or_insert((alert.limit, 0));
+            if mark.0 != alert.limit {
+                *mark = (alert.limit, 0);
+            }
+            mark.1 = mark.1.max(alert.threshold_units);
         }
         if let Some((license, device)) = &effects.new_device
             && self
@@ -650,6 +674,7 @@ impl Usage {
             self.rates.remove(key);
             self.synced_own.remove(key);
             self.active.remove(key);
+            self.alerted.remove(key);
         }
         let counters = &self.counters;
         self.unknown_since

@@ -2,6 +2,7 @@
 //! loopback ports chosen by the OS, talk to it over HTTP and gRPC.
 
 pub mod cluster;
+pub mod webhook;
 
 use std::path::Path;
 
@@ -55,10 +56,10 @@ impl TestNode {
         Self::start_with(dir, |_| {}).await
     }
 
-    /// Like [`Self::start`], with `tweak` adjusting the settings first.
+    /// Like [`Self::start`], with `edit` applied to the settings first.
     pub async fn start_with(
         dir: &Path,
-        tweak: impl FnOnce(&mut NodeSettings),
+        edit: impl FnOnce(&mut NodeSettings),
     ) -> anyhow::Result<Self> {
         let token_file = dir.join("admin.token");
         ensure_admin_token(&token_file)?;
@@ -73,7 +74,7 @@ impl TestNode {
         settings.raft = RaftTiming::local();
         let (role_tokens, auditor_token, viewer_token) = role_tokens(dir)?;
         settings.admin_tokens = role_tokens;
-        tweak(&mut settings);
+        edit(&mut settings);
         let node =
             server::start_with_listeners(settings, listeners, Some(QUICKSTART_YAML.to_string()))
                 .await

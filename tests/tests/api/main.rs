@@ -6,4 +6,7 @@ mod t20_quota;
 mod t30_bad_input;
 mod t40_admin;
 mod t50_seats;
+mod t60_alerts;
 mod t60_lineage;
+mod t70_exceptions;
+mod t80_escalations;
