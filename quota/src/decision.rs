@@ -1308,7 +1308,7 @@ fn escrow_check_skipped() -> bool {
 mod tests {
     use super::*;
     use crate::config::{ApplyOutcome, ConfigCommand, ConfigOp};
-    use crate::license::{Document, Window, parse_documents};
+    use crate::license::{Window, parse_documents};
     use crate::request::Meter;
 
     const MODEL: &str = "apiVersion: tollgate/v1

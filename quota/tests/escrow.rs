@@ -522,10 +522,7 @@ fn transfers_end_soon_after_demand_stops_and_replicas_agree() {
     // other's demand a tick late, so each sees the other's (older, higher)
     // demand above its own: their rankings disagree.
     for round in 0..20u64 {
-        let mut sent = Vec::new();
-        for i in 0..2 {
-            sent.push(nodes[i].counter(&key).cloned());
-        }
+        let sent: Vec<Option<Counter>> = nodes.iter().map(|n| n.counter(&key).cloned()).collect();
         for n in nodes.iter_mut() {
             for _ in 0..(40 - 2 * round) {
                 n.check(&config, &check(1), now, String::new());
