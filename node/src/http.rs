@@ -423,7 +423,7 @@ async fn gossip_faults(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    actor(&state, &headers, Role::Viewer)?;
+    actor(&state, &headers, Role::Admin)?;
     let gossip = state
         .gossip
         .get()
