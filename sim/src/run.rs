@@ -721,8 +721,17 @@ struct Driver<'a> {
     // the simulated DNS); read when a node's software starts.
     founders: Arc<Mutex<Vec<(u64, IpAddr)>>>,
     seed_docs: String,
-    pending_removals: Vec<(u64, Arc<Mutex<bool>>)>,
+    // Removals under way: the node, whether the removal committed, and
+    // when the node is stopped once it has (see REMOVAL_DRAIN_MS).
+    pending_removals: Vec<(u64, Arc<Mutex<bool>>, Option<u64>)>,
 }
+
+/// How long a removed node keeps running after its removal committed before
+/// it is stopped: the time an operator's drain gives it to hand its last
+/// usage to the others. The product does not drain by itself yet: a node
+/// killed the moment it is removed can take usage it acknowledged but had
+/// not yet gossiped with it.
+const REMOVAL_DRAIN_MS: u64 = 1_000;
 
 impl<'a> Driver<'a> {
     fn fault(&mut self, what: String) {
@@ -1027,7 +1036,7 @@ impl<'a> Driver<'a> {
             *flag.lock() = ok;
             Ok(())
         });
-        self.pending_removals.push((id, done));
+        self.pending_removals.push((id, done, None));
     }
 }
 
@@ -1209,11 +1218,15 @@ fn run_seeded(scenario: &Scenario, seed: u64) -> anyhow::Result<Run> {
             let live = d.all_ids().into_iter().collect();
             d.max_components = d.max_components.max(d.cuts.components(&live));
         }
-        // Removals that committed: stop the node.
+        // Removals that committed: stop the node after its drain.
         let mut i = 0;
         while i < d.pending_removals.len() {
-            if *d.pending_removals[i].1.lock() {
-                let (id, _) = d.pending_removals.remove(i);
+            let committed = *d.pending_removals[i].1.lock();
+            if committed && d.pending_removals[i].2.is_none() {
+                d.pending_removals[i].2 = Some(now + REMOVAL_DRAIN_MS);
+            }
+            if d.pending_removals[i].2.is_some_and(|t| now >= t) {
+                let (id, _, _) = d.pending_removals.remove(i);
                 if !d.crashed.contains(&id) {
                     d.sim.crash(host_name(id));
                 }
