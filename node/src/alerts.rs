@@ -552,20 +552,13 @@ async fn deliver(
 async fn propose_escalation(state: Arc<NodeState>, trigger: EscalationTrigger) {
     let state = &*state;
     let id = governance::escalation_id(&trigger.license, &trigger.rule, trigger.window_epoch);
-    let config = state.config();
-    let Some(license) = config.license(&trigger.license) else {
+    if state.config().license(&trigger.license).is_none() {
         return;
-    };
-    let deadline_ms = license.governance.as_ref().map_or(
-        tollgate_quota::license::DEFAULT_ESCALATION_DEADLINE_MS,
-        |g| g.escalation_deadline_ms(),
-    );
-    let now = state.now_ms();
+    }
     let op = ConfigOp::OpenEscalation {
         license_id: trigger.license.clone(),
         rule: trigger.rule.clone(),
         window_epoch: trigger.window_epoch,
-        deadline_ms: now.saturating_add(i64::try_from(deadline_ms).unwrap_or(i64::MAX)),
     };
     let caller = Caller {
         actor: format!("node-{}", state.node_id),

@@ -282,8 +282,6 @@ pub enum ConfigOp {
         rule: String,
         /// The quota's window epoch.
         window_epoch: u64,
-        /// When the owner should have acted by (unix ms).
-        deadline_ms: i64,
     },
     /// Mark an open escalation acknowledged.
     AcknowledgeEscalation {
@@ -676,8 +674,7 @@ impl Config {
                 license_id,
                 rule,
                 window_epoch,
-                deadline_ms,
-            } => self.open_escalation(cmd, index, license_id, rule, *window_epoch, *deadline_ms),
+            } => self.open_escalation(cmd, index, license_id, rule, *window_epoch),
             ConfigOp::AcknowledgeEscalation { id } => {
                 self.update_escalation(cmd, id, EscalationStatus::Acknowledged)
             }
@@ -887,7 +884,6 @@ impl Config {
         license_id: &str,
         rule: &str,
         window_epoch: u64,
-        deadline_ms: i64,
     ) -> Result<Option<LicenseChange>, String> {
         let license = Arc::clone(
             self.licenses
@@ -904,11 +900,16 @@ impl Config {
                 "rule {rule:?} of license {license_id:?} is not a quota that escalates"
             ));
         }
-        let owner = license
+        let governance = license
             .governance
             .as_ref()
-            .map(|g| g.owner.clone())
             .ok_or_else(|| format!("license {license_id:?} has no governance owner"))?;
+        let owner = governance.owner.clone();
+        // Derived here, not by the proposer: every replica computes the
+        // same deadline from the command's own timestamp.
+        let deadline_ms = cmd
+            .at_ms
+            .saturating_add(i64::try_from(governance.escalation_deadline_ms()).unwrap_or(i64::MAX));
         let id = governance::escalation_id(license_id, rule, window_epoch);
         if self.escalations.contains_key(&id) {
             // Every node that sees the violation proposes it: the first

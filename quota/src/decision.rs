@@ -2375,7 +2375,6 @@ releases:
             license_id: "t".into(),
             rule: "quotas[daily]".into(),
             window_epoch: epoch,
-            deadline_ms: ms("2026-03-11T10:00:00Z"),
         };
         let version = apply(&mut c, open(7), "node-1", None, NOW);
         apply(&mut c, open(7), "node-2", None, NOW);
@@ -2390,6 +2389,10 @@ releases:
             (version, "node-1")
         );
         assert_eq!(first.owner, "ops@example.com");
+        // The deadline follows from when the command was stamped and the
+        // license's default of a day, the same on every replica.
+        assert_eq!(first.opened_at_ms, ms(NOW));
+        assert_eq!(first.deadline_ms, ms(NOW) + 24 * 3_600_000);
         let id = first.id.clone();
         apply(
             &mut c,
@@ -2430,7 +2433,6 @@ releases:
                 license_id: "t".into(),
                 rule: "quotas[nope]".into(),
                 window_epoch: 7,
-                deadline_ms: 0,
             },
         };
         let next = c.version + 1;
