@@ -135,10 +135,8 @@ pub struct CheckJson {
     #[serde(default)]
     dry_run: bool,
     #[serde(default)]
-    #[allow(dead_code)]
     input_hash: Option<String>,
     #[serde(default)]
-    #[allow(dead_code)]
     output_hash: Option<String>,
     /// Every field not named above; in strict mode any is an error, so that
     /// a typo never silently changes a decision.
@@ -192,6 +190,8 @@ pub fn parse_check_json(body: &[u8], strict: bool) -> Result<CheckRequest, ApiEr
         meters,
         request_id: json.request_id,
         dry_run: json.dry_run,
+        input_hash: json.input_hash,
+        output_hash: json.output_hash,
     })
 }
 
@@ -220,6 +220,8 @@ pub fn check_from_proto(req: pb::CheckRequest) -> CheckRequest {
             .collect(),
         request_id: non_empty(req.request_id),
         dry_run: req.dry_run,
+        input_hash: non_empty(req.input_hash),
+        output_hash: non_empty(req.output_hash),
     }
 }
 
