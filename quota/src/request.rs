@@ -234,7 +234,7 @@ impl CheckRequest {
 /// case) between [`MIN_CONTENT_HASH_HEX`] and [`MAX_CONTENT_HASH_HEX`].
 pub fn is_content_hash(h: &str) -> bool {
     (MIN_CONTENT_HASH_HEX..=MAX_CONTENT_HASH_HEX).contains(&h.len())
-        && h.len() % 2 == 0
+        && h.len() & 1 == 0
         && h.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
