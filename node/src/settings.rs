@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
+use crate::audit::AuditConfig;
 use crate::certs::TlsFiles;
 use crate::gossip::GossipConfig;
 use crate::roles::Role;
@@ -109,6 +110,10 @@ pub struct NodeSettings {
     /// port. Every member needs the same one. Default: `admin_token_file`.
     #[serde(default)]
     pub cluster_token_file: Option<PathBuf>,
+    /// The audit trail: on or off, what a full queue does, checkpoint
+    /// cadence, the signing key file (see `audit`).
+    #[serde(default)]
+    pub audit: AuditConfig,
 }
 
 /// Raft timing of one node. Every member should use the same values.
@@ -250,6 +255,7 @@ impl NodeSettings {
             admin_token_name: default_token_name(),
             admin_tokens: Vec::new(),
             cluster_token_file: None,
+            audit: AuditConfig::default(),
         }
     }
 

@@ -8,7 +8,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use crate::roles::TokenSet;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use tollgate_consensus::ConsensusNode;
@@ -18,8 +17,11 @@ use tollgate_quota::request::{CheckRequest, RequestError};
 use tollgate_quota::seats::{SeatDecision, SeatRequest};
 use tollgate_quota::usage::Usage;
 
+use crate::audit::Auditor;
+use crate::audit::record::{DecisionOp, SeatCall};
 use crate::clock::Clock;
 use crate::gossip::GossipNode;
+use crate::roles::TokenSet;
 
 /// Counters for the status API (and, later, /metrics).
 #[derive(Debug, Default)]
@@ -67,6 +69,18 @@ pub struct NodeState {
     pub gossip: OnceLock<Arc<GossipNode>>,
     /// The wall clock every decision, window and lease is measured by.
     pub clock: Arc<Clock>,
+    /// The audit trail's queue and counters.
+    pub audit: Auditor,
+}
+
+/// What deciding one request did.
+struct Ran {
+    decision: Decision,
+    /// The usage change number, when usage was recorded, and whether it
+    /// holds escrow units.
+    usage: Option<(u64, bool)>,
+    /// When it was decided.
+    at_ms: i64,
 }
 
 /// A seat call.
@@ -107,6 +121,7 @@ impl NodeState {
             durable_usage_ack: false,
             gossip: OnceLock::new(),
             clock: Arc::new(Clock::system()),
+            audit: Auditor::disabled(),
         }
     }
 
@@ -123,16 +138,22 @@ impl NodeState {
 
     /// Decides one Check and, unless it is a dry run, counts it.
     pub async fn check(&self, req: &CheckRequest) -> Result<Decision, RequestError> {
-        let (d, seq) = self.run(req, false)?;
-        self.wait_durable(seq).await;
-        Ok(d)
+        let ran = self.run(req, false)?;
+        self.audit
+            .decision(DecisionOp::Check, req, &ran.decision, ran.at_ms)
+            .await;
+        self.wait_durable(ran.usage).await;
+        Ok(ran.decision)
     }
 
     /// Records usage measured after an inference.
     pub async fn report(&self, req: &CheckRequest) -> Result<Decision, RequestError> {
-        let (d, seq) = self.run(req, true)?;
-        self.wait_durable(seq).await;
-        Ok(d)
+        let ran = self.run(req, true)?;
+        self.audit
+            .decision(DecisionOp::Report, req, &ran.decision, ran.at_ms)
+            .await;
+        self.wait_durable(ran.usage).await;
+        Ok(ran.decision)
     }
 
     /// Waits until usage change `seq` is on disk if it must be: with
@@ -151,13 +172,8 @@ impl NodeState {
         let _ = rx.wait_for(|persisted| *persisted >= seq).await;
     }
 
-    /// Decides and commits; returns the usage change number when usage was
-    /// recorded, and whether it holds escrow units.
-    fn run(
-        &self,
-        req: &CheckRequest,
-        is_report: bool,
-    ) -> Result<(Decision, Option<(u64, bool)>), RequestError> {
+    /// Decides and commits.
+    fn run(&self, req: &CheckRequest, is_report: bool) -> Result<Ran, RequestError> {
         if let Err(e) = req.validate() {
             self.stats.n_invalid.fetch_add(1, Ordering::Relaxed);
             return Err(e);
@@ -190,7 +206,11 @@ impl NodeState {
             }
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        Ok((decision, seq.map(|n| (n, escrow))))
+        Ok(Ran {
+            decision,
+            usage: seq.map(|n| (n, escrow)),
+            at_ms: now,
+        })
     }
 
     /// Acquires, renews or releases a seat lease.
@@ -211,6 +231,15 @@ impl NodeState {
             self.usage_seq.fetch_add(1, Ordering::AcqRel);
             d
         };
+        let call = match op {
+            SeatOp::Acquire => SeatCall::Acquire,
+            SeatOp::Renew => SeatCall::Renew,
+            SeatOp::Release => SeatCall::Release,
+        };
+        if self.audit.enabled() {
+            let decision_id = self.next_decision_id(now);
+            self.audit.seat(call, &d, decision_id, now).await;
+        }
         // A seat is an escrow unit: always on disk before the answer.
         self.wait_durable(Some((self.usage_seq(), true))).await;
         d
@@ -264,6 +293,7 @@ impl NodeState {
             "raft": serde_json::to_value(&m).unwrap_or_default(),
             "gossip": gossip,
             "rights": rights,
+            "audit": self.audit.status_json(),
             "usage": {
                 "durable_ack": self.durable_usage_ack,
                 "seq": self.usage_seq(),
