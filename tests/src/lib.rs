@@ -52,6 +52,11 @@ pub struct TestNode {
 impl TestNode {
     /// Starts a node in `dir` with the quickstart documents applied.
     pub async fn start(dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(dir, |_| {}).await
+    }
+
+    /// [`TestNode::start`], with the settings changed by `tweak` first.
+    pub async fn start_with(dir: &Path, tweak: fn(&mut NodeSettings)) -> anyhow::Result<Self> {
         let token_file = dir.join("admin.token");
         ensure_admin_token(&token_file)?;
         let listeners = Listeners::ephemeral().await?;
@@ -65,6 +70,7 @@ impl TestNode {
         settings.raft = RaftTiming::local();
         let (role_tokens, auditor_token, viewer_token) = role_tokens(dir)?;
         settings.admin_tokens = role_tokens;
+        tweak(&mut settings);
         let node =
             server::start_with_listeners(settings, listeners, Some(QUICKSTART_YAML.to_string()))
                 .await
@@ -151,6 +157,35 @@ impl TestNode {
             status,
             serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
         ))
+    }
+
+    /// GETs `path` with `token` and returns (status, body text).
+    pub async fn get_text(&self, path: &str, token: Option<&str>) -> anyhow::Result<(u16, String)> {
+        let mut req = self.client.get(format!("{}{path}", self.http));
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let r = req.send().await?;
+        Ok((r.status().as_u16(), r.text().await?))
+    }
+
+    /// Waits until the audit writer has durably appended at least
+    /// `n_records` records and holds nothing queued; returns the `audit`
+    /// part of status.
+    pub async fn wait_audited(&self, n_records: u64) -> anyhow::Result<serde_json::Value> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let audit = self.status().await?["audit"].clone();
+            let appended = audit["appended"].as_u64().unwrap_or(0);
+            if appended >= n_records && audit["backlog"].as_u64() == Some(0) {
+                return Ok(audit);
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "audit appended {appended} of {n_records} records: {audit}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     /// The node's config version (policy version) as reported by status.
