@@ -11,7 +11,7 @@ use std::process::{Command, Output};
 use anyhow::Context;
 use common::ProcCluster;
 use tollgate_consensus::storage::{SledStorage, Storage};
-use tollgate_node::audit::store::{AUDIT_TREE, record_key};
+use tollgate_node::audit::store::{AUDIT_TREE, frame_spans};
 
 const N_CHECKS: usize = 200;
 
@@ -38,18 +38,32 @@ fn records(export: &str) -> anyhow::Result<Vec<serde_json::Value>> {
     Ok(out)
 }
 
-/// Flips one bit of the byte in the middle of record `seq`'s stored value,
-/// in the sled files of a stopped node.
-fn flip_middle_byte(db: &Path, seq: u64) -> anyhow::Result<()> {
+/// Flips one bit of the byte in the middle of the audit log of a stopped
+/// node (the middle byte of its middle segment) and returns the seq of the
+/// record that byte belongs to, as the frame it lies in names it before
+/// the flip.
+fn flip_middle_byte(db: &Path) -> anyhow::Result<u64> {
     let storage = SledStorage::open(db)?;
     let tree = storage.tree(AUDIT_TREE)?;
-    let key = record_key(seq);
-    let mut value = tree.get(&key)?.context("record missing")?;
+    let segments: Vec<_> = tree
+        .scan_prefix(b"r")?
+        .into_iter()
+        .filter(|(k, _)| k.len() == 9)
+        .collect();
+    let (key, mut value) = segments
+        .get(segments.len() / 2)
+        .cloned()
+        .context("no audit segments")?;
     let middle = value.len() / 2;
+    let owner = frame_spans(&value)
+        .into_iter()
+        .find(|(_, span)| span.contains(&middle))
+        .and_then(|(seq, _)| seq)
+        .context("the middle byte is in no frame")?;
     value[middle] ^= 0x01;
     tree.insert(&key, &value)?;
     tree.flush()?;
-    Ok(())
+    Ok(owner)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,9 +169,8 @@ async fn audit_export_and_verify_on_a_real_node_and_a_flipped_byte_is_named() ->
         &online_records[..]
     );
 
-    // One byte flipped in the middle of the log: that record is named.
-    let middle = n_records / 2;
-    flip_middle_byte(&Path::new(data_dir).join("db"), middle)?;
+    // One byte flipped in the middle of the log: its record is named.
+    let middle = flip_middle_byte(&Path::new(data_dir).join("db"))?;
     let bad = tollgate(&["audit", "verify", "--data-dir", data_dir])?;
     let out = text(&bad.stdout);
     assert!(!bad.status.success(), "{out}");
@@ -176,7 +189,7 @@ async fn audit_export_and_verify_on_a_real_node_and_a_flipped_byte_is_named() ->
     assert_eq!(report["broken"]["part"], "record");
 
     // Flipped back: intact again.
-    flip_middle_byte(&Path::new(data_dir).join("db"), middle)?;
+    flip_middle_byte(&Path::new(data_dir).join("db"))?;
     assert!(
         tollgate(&["audit", "verify", "--data-dir", data_dir])?
             .status

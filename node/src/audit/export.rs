@@ -11,7 +11,7 @@ use chrono::DateTime;
 use tollgate_consensus::storage::StorageError;
 
 use super::record::{Hash, Record};
-use super::store::AuditStore;
+use super::store::{AuditStore, Frame};
 
 /// Records one export call returns when the caller names no limit.
 pub const DEFAULT_EXPORT_LIMIT: usize = 10_000;
@@ -93,36 +93,65 @@ impl ExportCursor {
         let mut out = Vec::new();
         while out.is_empty() && !self.is_done() {
             let first = self.next_seq;
-            let n = EXPORT_CHUNK_RECORDS.min((self.end_seq - first + 1) as usize);
-            let records = store.records(first, n)?;
-            let last = first + n as u64 - 1;
+            let frames = store.scan(first, EXPORT_CHUNK_RECORDS)?;
+            if frames.is_empty() {
+                self.next_seq = self.end_seq + 1;
+                break;
+            }
+            let last = frames
+                .iter()
+                .map(|f| match f {
+                    Frame::Record { seq, .. } => *seq,
+                    Frame::Damaged { segment_last_seq } => *segment_last_seq,
+                })
+                .max()
+                .unwrap_or(first);
             let mut checkpoints = store
                 .checkpoints(first, last)?
                 .into_iter()
                 .filter_map(Result::ok)
                 .peekable();
-            self.next_seq = last + 1;
-            for stored in records {
-                if self.remaining == 0 {
-                    self.next_seq = stored.seq;
+            for frame in frames {
+                if self.is_done() {
                     break;
                 }
-                let line = match decode(&stored.value) {
+                let (seq, value) = match frame {
+                    Frame::Record { seq, value } => (seq, value),
+                    Frame::Damaged { segment_last_seq } => {
+                        // The rest of that segment cannot be told apart.
+                        push_line(
+                            &mut out,
+                            &serde_json::json!({"type": "unreadable", "up_to_seq": segment_last_seq}),
+                        );
+                        self.next_seq = self.next_seq.max(segment_last_seq + 1);
+                        continue;
+                    }
+                };
+                if seq < self.next_seq || seq > self.end_seq {
+                    continue;
+                }
+                self.next_seq = seq + 1;
+                let line = match decode(&value) {
                     Some((hash, record)) => {
                         if self.since_ms.is_some_and(|since| record.at_ms < since) {
                             continue;
                         }
                         record.to_json(&hash)
                     }
-                    None => serde_json::json!({"seq": stored.seq, "type": "unreadable"}),
+                    None => serde_json::json!({"seq": seq, "type": "unreadable"}),
                 };
                 self.remaining -= 1;
                 push_line(&mut out, &line);
-                while let Some(cp) = checkpoints.next_if(|c| c.seq <= stored.seq) {
-                    if cp.seq == stored.seq {
+                while let Some(cp) = checkpoints.next_if(|c| c.seq <= seq) {
+                    if cp.seq == seq {
                         push_line(&mut out, &cp.to_json());
                     }
                 }
+            }
+            // Nothing usable in what was read (all before `next_seq`):
+            // move past it.
+            if self.next_seq == first {
+                self.next_seq = last + 1;
             }
         }
         Ok((!out.is_empty()).then_some(out))

@@ -46,6 +46,8 @@ pub const MAX_QUEUE_CAPACITY: usize = 1 << 20;
 pub const MAX_BATCH_RECORDS: usize = 4096;
 /// Shortest checkpoint interval accepted.
 pub const MIN_CHECKPOINT_INTERVAL_MS: u64 = 100;
+/// Longest flush interval accepted: records wait in memory at most this.
+pub const MAX_FLUSH_INTERVAL_MS: u64 = 1_000;
 
 /// What a Check does when the audit queue is full.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +91,10 @@ pub struct AuditConfig {
     /// ...or after this long, whichever comes first (if anything was
     /// written since the last one).
     pub checkpoint_interval_ms: u64,
+    /// Least time between two writes (each ends in an fsync): records
+    /// gather meanwhile and go to disk together. The most a crash can lose
+    /// is this plus one fsync; decisions never wait for it.
+    pub flush_interval_ms: u64,
     /// The Ed25519 signing key (PKCS#8, mode 0600); created on first
     /// start. Default: `audit.key` in the data dir.
     pub key_file: Option<PathBuf>,
@@ -103,6 +109,7 @@ impl Default for AuditConfig {
             block_timeout_ms: 1_000,
             checkpoint_every_records: 1_000,
             checkpoint_interval_ms: 10_000,
+            flush_interval_ms: 10,
             key_file: None,
         }
     }
@@ -122,6 +129,11 @@ impl AuditConfig {
     /// The checkpoint interval, at least [`MIN_CHECKPOINT_INTERVAL_MS`].
     pub fn interval(&self) -> Duration {
         Duration::from_millis(self.checkpoint_interval_ms.max(MIN_CHECKPOINT_INTERVAL_MS))
+    }
+
+    /// The least time between writes, at most [`MAX_FLUSH_INTERVAL_MS`].
+    pub fn flush_interval(&self) -> Duration {
+        Duration::from_millis(self.flush_interval_ms.min(MAX_FLUSH_INTERVAL_MS))
     }
 
     /// The key file for a node whose data dir is `data_dir`.

@@ -10,7 +10,7 @@ use serde::Serialize;
 use tollgate_consensus::storage::StorageError;
 
 use super::record::{GENESIS_PREV, Hash, Record, hash_bytes};
-use super::store::AuditStore;
+use super::store::{AuditStore, Frame};
 
 /// Records read per storage call.
 const VERIFY_CHUNK_RECORDS: usize = 4096;
@@ -165,8 +165,6 @@ pub fn verify(store: &AuditStore, trusted: &TrustedKeys) -> Result<VerifyReport,
             .collect(),
         broken: None,
     };
-    // Every record up to the head, and any found beyond it.
-    let last_seq = head.map_or(0, |h| h.seq).max(store.last_record_seq()?);
     let checkpoints = store.checkpoints(0, u64::MAX)?;
     let mut checkpoints = checkpoints.into_iter().peekable();
     let mut prev: Hash = GENESIS_PREV;
@@ -174,17 +172,16 @@ pub fn verify(store: &AuditStore, trusted: &TrustedKeys) -> Result<VerifyReport,
     let fail = |report: &mut VerifyReport, seq, part, reason: String| {
         report.broken = Some(Broken { seq, part, reason });
     };
-    while next_seq <= last_seq {
-        let chunk = store.records(next_seq, VERIFY_CHUNK_RECORDS)?;
-        let mut chunk = chunk.into_iter();
-        let chunk_end = next_seq
-            .saturating_add(VERIFY_CHUNK_RECORDS as u64)
-            .min(last_seq + 1);
-        while next_seq < chunk_end {
+    loop {
+        let frames = store.scan(next_seq, VERIFY_CHUNK_RECORDS)?;
+        if frames.is_empty() {
+            break;
+        }
+        for frame in frames {
             let seq = next_seq;
-            let stored = match chunk.next() {
-                Some(s) if s.seq == seq => s,
-                _ => {
+            let value = match frame {
+                Frame::Record { seq: s, value } if s == seq => value,
+                Frame::Record { seq: s, .. } if s > seq => {
                     fail(
                         &mut report,
                         seq,
@@ -193,12 +190,32 @@ pub fn verify(store: &AuditStore, trusted: &TrustedKeys) -> Result<VerifyReport,
                     );
                     return Ok(finish(report));
                 }
+                Frame::Record { seq: s, .. } => {
+                    fail(
+                        &mut report,
+                        seq,
+                        BrokenPart::Record,
+                        format!(
+                            "its frame names record {s}: the frame was altered or records were moved"
+                        ),
+                    );
+                    return Ok(finish(report));
+                }
+                Frame::Damaged { .. } => {
+                    fail(
+                        &mut report,
+                        seq,
+                        BrokenPart::Record,
+                        "its frame is damaged: the bytes that delimit it were altered".into(),
+                    );
+                    return Ok(finish(report));
+                }
             };
-            if let Some(reason) = check_record(seq, &stored.value, &prev) {
+            if let Some(reason) = check_record(seq, &value, &prev) {
                 fail(&mut report, seq, BrokenPart::Record, reason);
                 return Ok(finish(report));
             }
-            let hash: Hash = stored.value[..32].try_into().unwrap_or([0; 32]);
+            let hash: Hash = value[..32].try_into().unwrap_or([0; 32]);
             // Checkpoints at or before this record.
             while let Some(cp) = checkpoints.next_if(|c| match c {
                 Ok(c) => c.seq <= seq,
@@ -225,6 +242,17 @@ pub fn verify(store: &AuditStore, trusted: &TrustedKeys) -> Result<VerifyReport,
             next_seq += 1;
         }
     }
+    // The head is written in the same atomic batch as the records it ends.
+    let head_seq = head.map_or(0, |h| h.seq);
+    if report.last_seq < head_seq {
+        let reason = format!(
+            "missing: the log ends at record {} but its head says {head_seq} (records were removed)",
+            report.last_seq
+        );
+        let seq = report.last_seq + 1;
+        fail(&mut report, seq, BrokenPart::Record, reason);
+        return Ok(finish(report));
+    }
     if let Some(cp) = checkpoints.next() {
         let seq = match cp {
             Ok(c) => c.seq,
@@ -237,8 +265,6 @@ pub fn verify(store: &AuditStore, trusted: &TrustedKeys) -> Result<VerifyReport,
         fail(&mut report, seq, BrokenPart::Checkpoint, reason);
         return Ok(finish(report));
     }
-    // The head is written in the same atomic batch as the records it ends.
-    let head_seq = head.map_or(0, |h| h.seq);
     if report.last_seq > head_seq {
         fail(
             &mut report,
@@ -374,10 +400,14 @@ mod tests {
 
     use super::super::keys::NodeSigner;
     use super::super::record::{Body, Checkpoint, FORMAT_VERSION, Record};
-    use super::super::store::{AUDIT_TREE, WriteBatch, record_key};
+    use super::super::store::{AUDIT_TREE, WriteBatch, frame_spans, segment_key};
     use super::*;
 
-    /// A log of `n` records on node 1 with a checkpoint every `every`.
+    /// Records per segment in these logs.
+    const SEGMENT: u64 = 4;
+
+    /// A log of `n` records on node 1, written `SEGMENT` at a time, with a
+    /// checkpoint every `every`.
     fn log(
         n: u64,
         every: u64,
@@ -407,8 +437,10 @@ mod tests {
                     .push(Checkpoint::sign(&signer, 1, seq, hash, 5_000));
             }
             prev = hash;
+            if seq % SEGMENT == 0 || seq == n {
+                store.write(&std::mem::take(&mut batch))?;
+            }
         }
-        store.write(&batch)?;
         Ok((storage, store, signer, dir))
     }
 
@@ -418,10 +450,9 @@ mod tests {
         t
     }
 
-    fn broken(
-        store: &AuditStore,
-        keys: &TrustedKeys,
-    ) -> anyhow::Result<Option<(u64, BrokenPart, String)>> {
+    type Found = Option<(u64, BrokenPart, String)>;
+
+    fn broken(store: &AuditStore, keys: &TrustedKeys) -> anyhow::Result<Found> {
         let r = verify(store, keys)?;
         assert_eq!(r.intact, r.broken.is_none());
         Ok(r.broken.map(|b| (b.seq, b.part, b.reason)))
@@ -429,6 +460,12 @@ mod tests {
 
     fn tree(storage: &MemStorage) -> anyhow::Result<std::sync::Arc<dyn Tree>> {
         Ok(storage.tree(AUDIT_TREE)?)
+    }
+
+    /// The segment holding records `last - SEGMENT + 1 ..= last`.
+    fn segment(t: &dyn Tree, last: u64) -> anyhow::Result<Vec<u8>> {
+        t.get(&segment_key(last))?
+            .ok_or_else(|| anyhow::anyhow!("no segment {last}"))
     }
 
     #[test]
@@ -446,23 +483,30 @@ mod tests {
     }
 
     #[test]
-    fn every_single_byte_flip_names_its_record() -> anyhow::Result<()> {
+    fn every_single_byte_flip_names_the_record_it_belongs_to() -> anyhow::Result<()> {
         let (storage, store, signer, _dir) = log(12, 5)?;
         let keys = trusted(&signer);
         let t = tree(&storage)?;
-        let original = t.get(&record_key(7))?.unwrap_or_default();
+        let original = segment(t.as_ref(), 8)?;
+        let spans = frame_spans(&original);
+        assert_eq!(spans.len(), 4);
         for idx in 0..original.len() {
+            let owner = spans
+                .iter()
+                .find(|(_, span)| span.contains(&idx))
+                .and_then(|(seq, _)| *seq)
+                .ok_or_else(|| anyhow::anyhow!("byte {idx} in no frame"))?;
             let mut bad = original.clone();
             bad[idx] ^= 0x01;
-            t.insert(&record_key(7), &bad)?;
+            t.insert(&segment_key(8), &bad)?;
             let got = broken(&store, &keys)?;
             assert_eq!(
                 got.as_ref().map(|g| (g.0, &g.1)),
-                Some((7, &BrokenPart::Record)),
+                Some((owner, &BrokenPart::Record)),
                 "byte {idx}: {got:?}"
             );
         }
-        t.insert(&record_key(7), &original)?;
+        t.insert(&segment_key(8), &original)?;
         assert_eq!(broken(&store, &keys)?, None);
         Ok(())
     }
@@ -472,46 +516,62 @@ mod tests {
         let (storage, store, signer, _dir) = log(12, 100)?;
         let keys = trusted(&signer);
         let t = tree(&storage)?;
-        let r4 = t.get(&record_key(4))?.unwrap_or_default();
+        let middle = segment(t.as_ref(), 8)?;
+        let spans = frame_spans(&middle);
+        let frame = |i: usize| middle[spans[i].1.clone()].to_vec();
 
-        // Removed from the middle.
-        t.remove(&record_key(4))?;
+        // A whole segment removed.
+        t.remove(&segment_key(8))?;
         let got = broken(&store, &keys)?;
         assert!(
-            matches!(&got, Some((4, BrokenPart::Record, why)) if why.contains("missing")),
+            matches!(&got, Some((5, BrokenPart::Record, why)) if why.contains("missing")),
             "{got:?}"
         );
 
-        // Moved: record 4's bytes under key 5.
-        let r5 = t.get(&record_key(5))?.unwrap_or_default();
-        t.insert(&record_key(4), &r4)?;
-        t.insert(&record_key(5), &r4)?;
+        // One record cut out of its segment.
+        let without_6 = [frame(0), frame(2), frame(3)].concat();
+        t.insert(&segment_key(8), &without_6)?;
         let got = broken(&store, &keys)?;
         assert!(
-            matches!(&got, Some((5, BrokenPart::Record, why)) if why.contains("says it is record 4")),
+            matches!(&got, Some((6, BrokenPart::Record, why)) if why.contains("missing")),
             "{got:?}"
         );
-        t.insert(&record_key(5), &r5)?;
 
-        // Rewritten consistently (new content, hash recomputed): the next
-        // record's link breaks.
-        let mut rec = Record::decode(&r4[32..])?;
+        // Record 5 copied over record 6.
+        let moved = [frame(0), frame(0), frame(2), frame(3)].concat();
+        t.insert(&segment_key(8), &moved)?;
+        let got = broken(&store, &keys)?;
+        assert!(
+            matches!(&got, Some((6, BrokenPart::Record, why)) if why.contains("names record 5")),
+            "{got:?}"
+        );
+
+        // Record 6 rewritten with its hash recomputed: record 7's link
+        // breaks.
+        let old = frame(1);
+        let mut rec = Record::decode(&old[12 + 32..])?;
         rec.at_ms += 1;
         let bytes = rec.encode()?;
-        let mut value = hash_bytes(&bytes).to_vec();
-        value.extend_from_slice(&bytes);
-        t.insert(&record_key(4), &value)?;
+        let mut rewritten = old[..12].to_vec();
+        rewritten.extend_from_slice(&hash_bytes(&bytes));
+        rewritten.extend_from_slice(&bytes);
+        let forged = [frame(0), rewritten, frame(2), frame(3)].concat();
+        t.insert(&segment_key(8), &forged)?;
         let got = broken(&store, &keys)?;
         assert!(
-            matches!(&got, Some((5, BrokenPart::Record, why)) if why.contains("link to record 4")),
+            matches!(&got, Some((7, BrokenPart::Record, why)) if why.contains("link to record 6")),
             "{got:?}"
         );
-        t.insert(&record_key(4), &r4)?;
+        t.insert(&segment_key(8), &middle)?;
+        assert_eq!(broken(&store, &keys)?, None);
 
         // The tail cut off: the head names where the log should end.
-        t.remove(&record_key(12))?;
+        t.remove(&segment_key(12))?;
         let got = broken(&store, &keys)?;
-        assert!(matches!(&got, Some((12, BrokenPart::Record, _))), "{got:?}");
+        assert!(
+            matches!(&got, Some((9, BrokenPart::Record, why)) if why.contains("head says 12")),
+            "{got:?}"
+        );
         Ok(())
     }
 
@@ -519,7 +579,7 @@ mod tests {
     fn checkpoints_must_match_and_be_signed_by_a_trusted_key() -> anyhow::Result<()> {
         let (storage, store, signer, dir) = log(12, 5)?;
         let t = tree(&storage)?;
-        let mut cp_key = record_key(10);
+        let mut cp_key = segment_key(10);
         cp_key[0] = b'c';
         let cp = t.get(&cp_key)?.unwrap_or_default();
 
@@ -544,7 +604,7 @@ mod tests {
 
         // A checkpoint beyond the end of the log.
         t.insert(&cp_key, &cp)?;
-        let mut far = record_key(99);
+        let mut far = segment_key(99);
         far[0] = b'c';
         let beyond = Checkpoint::sign(&signer, 1, 99, [0; 32], 1).encode();
         t.insert(&far, &beyond)?;

@@ -3,20 +3,25 @@
 //! It takes queued decisions and the consensus feed of applied config
 //! changes, turns each into a record chained to the one before, signs a
 //! checkpoint every `checkpoint_every_records` records or
-//! `checkpoint_interval_ms`, and writes each batch (records, checkpoint and
-//! head in one atomic write) durably before it counts as appended. A failed
+//! `checkpoint_interval_ms`, and writes what accumulated at most once per
+//! `flush_interval_ms` (one segment, its checkpoints and the head in one
+//! atomic write), durably before it counts as appended. A failed
 //! write keeps the batch, already chained, and retries it with backoff;
 //! while it fails the writer stops taking from the queue, so memory stays
 //! bounded and `on_full` decides what callers see.
 //!
-//! Storage calls run on a blocking thread for sled (a flush is an fsync)
-//! and inline for the in-memory engine, so the simulator's single thread
-//! drives this task like any other.
+//! The task wakes once per flush interval while busy, not once per
+//! decision. Building records (encoding, hashing, signing) and the write
+//! run together on a blocking thread for sled (a flush is an fsync), away
+//! from the threads that answer decisions, and inline for the in-memory
+//! engine, so the simulator's single thread drives this task like any
+//! other.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use anyhow::Context;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -70,9 +75,11 @@ struct Writer {
     last_checkpoint_at: Instant,
     n_shed_recorded: u64,
     n_feed_dropped_recorded: u64,
-    /// After a failed write: how long the next wait is, and when to retry.
+    /// After a failed write, how long the next wait is.
     retry_backoff: Option<Duration>,
-    retry_at: Option<Instant>,
+    /// No write before this: the flush interval after the last write, or
+    /// the backoff after a failed one.
+    next_write_at: Instant,
 }
 
 /// Runs the writer until `shutdown`; then records what is queued, signs a
@@ -91,7 +98,7 @@ pub(crate) async fn run(
         config,
         blocking,
     } = parts;
-    let mut w = Writer::open(&state, store, signer, subject_key, config, blocking).await?;
+    let mut w = Box::new(Writer::open(&state, store, signer, subject_key, config, blocking).await?);
     w.append(
         state.now_ms(),
         Body::Start(StartRecord {
@@ -103,33 +110,44 @@ pub(crate) async fn run(
     );
     let mut events = Vec::with_capacity(MAX_BATCH_RECORDS);
     loop {
-        let can_take = w.pending.records.len() < MAX_PENDING_RECORDS;
-        let checkpoint_due = w.last_checkpoint_at + w.config.interval();
-        let retry_at = w.retry_at;
-        tokio::select! {
-            _ = shutdown.changed() => break,
-            n = rx.recv_many(&mut events, MAX_BATCH_RECORDS), if can_take => {
-                if n == 0 {
-                    break;
+        // Idle: wait for the first thing to do. Busy: do not wake per
+        // event (a wake-up per decision costs more than its record); let
+        // events gather in the queue until the next write is due.
+        if !w.has_pending() && rx.is_empty() {
+            let checkpoint_due = w.last_checkpoint_at + w.config.interval();
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                n = rx.recv_many(&mut events, MAX_BATCH_RECORDS) => {
+                    if n == 0 {
+                        break;
+                    }
                 }
+                _ = feed.ready() => {}
+                _ = tokio::time::sleep_until(checkpoint_due) => {}
             }
-            _ = feed.ready() => {}
-            _ = tokio::time::sleep_until(checkpoint_due) => {}
-            _ = async { if let Some(at) = retry_at { tokio::time::sleep_until(at).await } }, if retry_at.is_some() => {}
         }
-        w.take(&state, &feed, events.drain(..));
-        w.maybe_checkpoint(state.now_ms(), false);
-        w.write().await;
+        if Instant::now() < w.next_write_at && rx.len() < MAX_BATCH_RECORDS {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = tokio::time::sleep_until(w.next_write_at) => {}
+            }
+        }
+        // Take what is queued now; while writes fail, only up to the bound.
+        while w.pending.records.len() + events.len() < MAX_PENDING_RECORDS {
+            match rx.try_recv() {
+                Ok(event) => events.push(event),
+                Err(_) => break,
+            }
+        }
+        w = cycle(w, &state, &feed, std::mem::take(&mut events), false).await?;
     }
     // Shutting down: what is already queued still goes in.
     rx.close();
     while let Ok(event) = rx.try_recv() {
         events.push(event);
     }
-    w.take(&state, &feed, events.drain(..));
-    w.maybe_checkpoint(state.now_ms(), true);
-    w.retry_at = None;
-    w.write().await;
+    w.next_write_at = Instant::now();
+    let w = cycle(w, &state, &feed, events, true).await?;
     if !w.pending.records.is_empty() {
         tracing::warn!(
             n_records = w.pending.records.len(),
@@ -137,6 +155,30 @@ pub(crate) async fn run(
         );
     }
     Ok(())
+}
+
+/// Builds the records of `events` and of what the feed holds, signs what
+/// is due and writes. The encoding, hashing and signing run with the write
+/// on the storage thread (a blocking one for sled), never on the threads
+/// that answer decisions.
+async fn cycle(
+    mut w: Box<Writer>,
+    state: &NodeState,
+    feed: &Arc<AppliedFeed>,
+    events: Vec<Event>,
+    last: bool,
+) -> anyhow::Result<Box<Writer>> {
+    let now = state.now_ms();
+    let feed = Arc::clone(feed);
+    let blocking = w.blocking;
+    run_storage(blocking, move || {
+        w.take(now, &feed, events);
+        w.maybe_checkpoint(now, last);
+        w.write();
+        w
+    })
+    .await
+    .context("the audit writer stopped")
 }
 
 impl Writer {
@@ -182,7 +224,7 @@ impl Writer {
             n_shed_recorded: 0,
             n_feed_dropped_recorded: 0,
             retry_backoff: None,
-            retry_at: None,
+            next_write_at: Instant::now(),
         })
     }
 
@@ -216,8 +258,7 @@ impl Writer {
 
     /// Builds the records for newly shed decisions, config changes and
     /// queued events.
-    fn take(&mut self, state: &NodeState, feed: &AppliedFeed, events: impl Iterator<Item = Event>) {
-        let now = state.now_ms();
+    fn take(&mut self, now: i64, feed: &AppliedFeed, events: Vec<Event>) {
         let n_shed = self.stats.n_shed.load(Ordering::Relaxed);
         if n_shed > self.n_shed_recorded {
             let n_records = n_shed - self.n_shed_recorded;
@@ -344,38 +385,25 @@ impl Writer {
         self.last_checkpoint_at = Instant::now();
     }
 
-    /// Writes what is pending, durably; on failure keeps it for a retry.
-    async fn write(&mut self) {
-        if self.pending.records.is_empty()
-            && self.pending.checkpoints.is_empty()
-            && self.pending.config_index.is_none()
-        {
+    fn has_pending(&self) -> bool {
+        !self.pending.records.is_empty()
+            || !self.pending.checkpoints.is_empty()
+            || self.pending.config_index.is_some()
+    }
+
+    /// Writes what is pending, durably; on failure keeps it for a retry
+    /// after a backoff. Blocks on the fsync.
+    fn write(&mut self) {
+        if !self.has_pending() || Instant::now() < self.next_write_at {
             return;
         }
-        if self.retry_at.is_some_and(|at| Instant::now() < at) {
-            return;
-        }
-        let batch = std::mem::take(&mut self.pending);
-        let store = self.store.clone();
-        let written = run_storage(self.blocking, move || {
-            let result = store.write(&batch).and_then(|()| store.flush());
-            (batch, result)
-        })
-        .await;
-        let (batch, result) = match written {
-            Ok(pair) => pair,
-            Err(e) => {
-                // The blocking task itself failed; the batch went with it.
-                // Its records were never durable: the chain continues from
-                // the last durable head.
-                tracing::error!(error = %e, "audit write task failed");
-                self.stats.n_write_errors.fetch_add(1, Ordering::Relaxed);
-                self.reset_to_durable().await;
-                return;
-            }
-        };
+        let result = self
+            .store
+            .write(&self.pending)
+            .and_then(|()| self.store.flush());
         match result {
             Ok(()) => {
+                let batch = std::mem::take(&mut self.pending);
                 let n = batch.records.len() as u64;
                 self.stats.n_appended.fetch_add(n, Ordering::Relaxed);
                 self.stats
@@ -393,9 +421,11 @@ impl Writer {
                         .store(cp.seq, Ordering::Relaxed);
                 }
                 self.retry_backoff = None;
-                self.retry_at = None;
+                self.next_write_at = Instant::now() + self.config.flush_interval();
             }
             Err(e) => {
+                // Kept as built: the next write carries it, and what was
+                // chained after it, in order.
                 self.stats.n_write_errors.fetch_add(1, Ordering::Relaxed);
                 let backoff = self
                     .retry_backoff
@@ -406,31 +436,8 @@ impl Writer {
                     tracing::warn!(error = %e, "audit write failed; retrying");
                 }
                 self.retry_backoff = Some(backoff);
-                self.retry_at = Some(Instant::now() + backoff);
-                // Newer records were chained after these: keep the order.
-                let newer = std::mem::replace(&mut self.pending, batch);
-                self.pending.records.extend(newer.records);
-                self.pending.checkpoints.extend(newer.checkpoints);
-                self.pending.config_index = newer.config_index.or(self.pending.config_index);
-                self.pending.n_events += newer.n_events;
+                self.next_write_at = Instant::now() + backoff;
             }
-        }
-    }
-
-    /// After a lost batch, continues the chain from what is on disk.
-    async fn reset_to_durable(&mut self) {
-        let s = self.store.clone();
-        if let Ok(Ok((head, config_index))) = run_storage(self.blocking, move || {
-            Ok::<_, StorageError>((s.head()?, s.config_index()?))
-        })
-        .await
-        {
-            self.built = head.unwrap_or(Head {
-                seq: 0,
-                hash: super::record::GENESIS_PREV,
-            });
-            self.config_index = config_index;
-            self.last_checkpoint_seq = self.last_checkpoint_seq.min(self.built.seq);
         }
     }
 }

@@ -2,6 +2,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use tollgate_node::audit::record::{Body, Record};
+use tollgate_node::audit::store::Frame;
 use tollgate_quota::request::{CheckRequest, Meter};
 use tollgate_tests::TestNode;
 
@@ -49,11 +50,14 @@ async fn a_hundred_thousand_decisions_make_a_hundred_thousand_records() -> anyho
     let mut recorded = HashSet::with_capacity(N_DECISIONS);
     let mut seq = 1;
     while seq <= last_seq {
-        let chunk = store.records(seq, 4096)?;
-        anyhow::ensure!(!chunk.is_empty(), "records end before {last_seq}");
-        for stored in chunk {
-            seq = stored.seq + 1;
-            if let Body::Decision(d) = Record::decode(&stored.value[32..])?.body {
+        let frames = store.scan(seq, 4096)?;
+        anyhow::ensure!(!frames.is_empty(), "records end before {last_seq}");
+        for frame in frames {
+            let Frame::Record { seq: s, value } = frame else {
+                anyhow::bail!("a damaged frame after record {seq}");
+            };
+            seq = s + 1;
+            if let Body::Decision(d) = Record::decode(&value[32..])?.body {
                 assert!(d.dry_run);
                 recorded.insert(d.decision_id);
             }
