@@ -4,6 +4,7 @@
 //!
 //! This crate owns the openraft type config ([`types`]), the log store
 //! ([`log_store`]), the state machine and its snapshots ([`state_machine`]),
+//! the feed of what it applied ([`applied`]),
 //! the storage engines ([`storage`]), the async runtime and the process's one
 //! seedable random source ([`runtime`]), the Raft transport — its wire
 //! encoding ([`wire`]), client ([`grpc_network`]), server ([`raft_service`])
@@ -30,6 +31,7 @@
 //! [`ConsensusNode::join_cluster_with_dialer`] over its own network, on
 //! [`MemStorage`], with [`runtime::seed_thread_rng`] called first.
 
+pub mod applied;
 pub mod codec;
 pub mod dial;
 pub mod error;
@@ -44,6 +46,7 @@ pub mod storage;
 pub mod types;
 pub mod wire;
 
+pub use applied::{AppliedChange, AppliedEntry, AppliedFeed};
 pub use dial::{BoxIo, Dial, DialFuture, Io, TcpDialer};
 pub use error::{ConsensusError, WriteError};
 pub use grpc_network::{

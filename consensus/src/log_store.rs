@@ -86,6 +86,31 @@ impl LogStore {
     fn flush(&self, tree: &dyn Tree) -> Result<(), RaftStorageError> {
         tree.flush().map_err(write_err)
     }
+
+    /// Every entry after index `after` up to the persisted commit index, in
+    /// order: what a restart re-applies. Empty when no commit index was
+    /// saved.
+    pub(crate) fn committed_entries_after(
+        &self,
+        after: Option<u64>,
+    ) -> Result<Vec<Entry>, RaftStorageError> {
+        let Some(committed) = self.read_meta::<LogId>(KEY_COMMITTED, "committed log id")? else {
+            return Ok(Vec::new());
+        };
+        let start = match after {
+            Some(index) => Bound::Excluded(index.to_be_bytes()),
+            None => Bound::Unbounded,
+        };
+        let end = Bound::Included(committed.index.to_be_bytes());
+        let pairs = self
+            .log
+            .range(as_slice(&start), as_slice(&end))
+            .map_err(read_err)?;
+        pairs
+            .iter()
+            .map(|(k, v)| Self::decode_entry(k, v))
+            .collect()
+    }
 }
 
 fn read_err<E: std::error::Error + 'static>(e: E) -> RaftStorageError {

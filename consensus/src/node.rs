@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tollgate_quota::config::{ApplyOutcome, Config, ConfigCommand};
 
+use crate::applied::AppliedFeed;
 use crate::dial::{Dial, TcpDialer};
 use crate::error::{ConsensusError, WriteError};
 use crate::grpc_network::{
@@ -206,6 +207,7 @@ pub struct ConsensusNode {
     info: NodeInfo,
     raft: Raft,
     config: Arc<ArcSwap<Config>>,
+    applied: Arc<AppliedFeed>,
     // Dies when the log store, state machine and every clone of them (which
     // live in Raft's tasks) are gone, i.e. when no storage handle remains.
     alive: Weak<()>,
@@ -302,8 +304,13 @@ impl ConsensusNode {
         let alive = Arc::new(());
         let config = Arc::new(ArcSwap::from_pointee(Config::default()));
         let log_store = LogStore::open(storage.as_ref(), alive.clone())?;
-        let state_machine =
-            StateMachineStore::open(storage.as_ref(), config.clone(), alive.clone())?;
+        let applied = Arc::new(AppliedFeed::default());
+        let state_machine = StateMachineStore::open(
+            storage.as_ref(),
+            config.clone(),
+            applied.clone(),
+            alive.clone(),
+        )?;
         let weak_alive = Arc::downgrade(&alive);
         // Only the stores hold the token from now on.
         drop(alive);
@@ -315,6 +322,7 @@ impl ConsensusNode {
             info,
             raft,
             config,
+            applied,
             alive: weak_alive,
             settings: settings.clone(),
             peers,
@@ -882,6 +890,13 @@ impl ConsensusNode {
         peers
             .request(&peer.raft_addr, RaftRpc::NodeStatus, &(), timeout)
             .await
+    }
+
+    /// What the state machine applied since the last drain (config commands
+    /// with their outcomes, membership changes, installed snapshots), for
+    /// the node's audit log. Bounded: see [`AppliedFeed`].
+    pub fn applied_feed(&self) -> Arc<AppliedFeed> {
+        self.applied.clone()
     }
 
     /// The published config, swapped after each applied batch. Readers call

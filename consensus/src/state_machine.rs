@@ -21,8 +21,10 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tollgate_quota::config::{ApplyOutcome, Config};
 
+use crate::applied::{AppliedChange, AppliedEntry, AppliedFeed};
 use crate::codec::{self, CodecError};
 use crate::error::ConsensusError;
+use crate::log_store::LogStore;
 use crate::storage::{BatchOp, Storage, Tree};
 use crate::types::{Entry, LogId, RaftStorageError, SnapshotMeta, StoredMembership, TypeConfig};
 
@@ -104,36 +106,29 @@ pub struct StateMachineStore {
     state: SnapshotPayload,
     published: Arc<ArcSwap<Config>>,
     snapshots: Arc<SnapshotFile>,
+    applied: Arc<AppliedFeed>,
     alive: Arc<()>,
 }
 
 impl StateMachineStore {
     /// Opens the snapshot tree in `storage`, restores the state from the
     /// persisted snapshot if there is one, and publishes it to `published`.
+    /// Every entry applied from then on is also pushed to `applied`.
     /// `alive` is a liveness token (see `LogStore::open`).
     pub(crate) fn open(
         storage: &dyn Storage,
         published: Arc<ArcSwap<Config>>,
+        applied: Arc<AppliedFeed>,
         alive: Arc<()>,
     ) -> Result<Self, ConsensusError> {
-        let snapshots = Arc::new(SnapshotFile {
-            tree: storage.tree(SNAPSHOT_TREE)?,
-            write_lock: Mutex::new(()),
-            n_built: AtomicU64::new(0),
-        });
-        let state = match snapshots.load()? {
-            Some((_meta, data)) => decode_payload(&data)?,
-            None => SnapshotPayload {
-                config: Config::default(),
-                last_applied: None,
-                last_membership: StoredMembership::default(),
-            },
-        };
+        let snapshots = open_snapshots(storage)?;
+        let state = load_state(&snapshots)?;
         published.store(Arc::new(state.config.clone()));
         Ok(Self {
             state,
             published,
             snapshots,
+            applied,
             alive,
         })
     }
@@ -141,6 +136,52 @@ impl StateMachineStore {
     fn publish(&self) {
         self.published.store(Arc::new(self.state.config.clone()));
     }
+}
+
+fn open_snapshots(storage: &dyn Storage) -> Result<Arc<SnapshotFile>, ConsensusError> {
+    Ok(Arc::new(SnapshotFile {
+        tree: storage.tree(SNAPSHOT_TREE)?,
+        write_lock: Mutex::new(()),
+        n_built: AtomicU64::new(0),
+    }))
+}
+
+/// The state of the persisted snapshot, or the empty state without one.
+fn load_state(snapshots: &SnapshotFile) -> Result<SnapshotPayload, ConsensusError> {
+    Ok(match snapshots.load()? {
+        Some((_meta, data)) => decode_payload(&data)?,
+        None => SnapshotPayload {
+            config: Config::default(),
+            last_applied: None,
+            last_membership: StoredMembership::default(),
+        },
+    })
+}
+
+/// The config a stopped node's storage holds: its snapshot, plus every
+/// committed log entry after it applied in order, as a restart would. For
+/// offline tools (the audit verifier reads node keys from it); never call
+/// it on the storage of a running node.
+pub fn recover_config(storage: &dyn Storage) -> Result<Config, ConsensusError> {
+    let snapshots = open_snapshots(storage)?;
+    let mut state = load_state(&snapshots)?;
+    let log = LogStore::open(storage, Arc::new(()))?;
+    let after = state.last_applied.map(|l| l.index);
+    for entry in log
+        .committed_entries_after(after)
+        .map_err(|e| ConsensusError::Fatal(format!("reading the raft log: {e}")))?
+    {
+        let index = entry.log_id.index;
+        match entry.payload {
+            EntryPayload::Normal(cmd) => {
+                state.config.apply(&cmd, index);
+            }
+            EntryPayload::Blank | EntryPayload::Membership(_) => {
+                state.config.bump_version(index);
+            }
+        }
+    }
+    Ok(state.config)
 }
 
 fn decode_payload(data: &[u8]) -> Result<SnapshotPayload, CodecError> {
@@ -201,14 +242,34 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut outcomes = Vec::with_capacity(entries.size_hint().0);
         for entry in entries {
             let index = entry.log_id.index;
+            let term = entry.log_id.leader_id.term;
             self.state.last_applied = Some(entry.log_id);
             let outcome = match entry.payload {
-                EntryPayload::Normal(cmd) => self.state.config.apply(&cmd, index),
+                EntryPayload::Normal(cmd) => {
+                    let outcome = self.state.config.apply(&cmd, index);
+                    self.applied.push(AppliedEntry {
+                        index,
+                        term,
+                        change: AppliedChange::Command {
+                            command: Arc::new(cmd),
+                            outcome: outcome.clone(),
+                        },
+                    });
+                    outcome
+                }
                 EntryPayload::Blank => {
                     self.state.config.bump_version(index);
                     ApplyOutcome::Applied { version: index }
                 }
                 EntryPayload::Membership(membership) => {
+                    self.applied.push(AppliedEntry {
+                        index,
+                        term,
+                        change: AppliedChange::Membership {
+                            voters: membership.voter_ids().collect(),
+                            learners: membership.learner_ids().collect(),
+                        },
+                    });
                     self.state.last_membership =
                         StoredMembership::new(Some(entry.log_id), membership);
                     self.state.config.bump_version(index);
@@ -251,6 +312,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .map_err(snapshot_io_err(Some(meta.signature()), true))?;
         self.state = payload;
         self.publish();
+        if let Some(log_id) = meta.last_log_id {
+            self.applied.push(AppliedEntry {
+                index: log_id.index,
+                term: log_id.leader_id.term,
+                change: AppliedChange::Snapshot,
+            });
+        }
         Ok(())
     }
 

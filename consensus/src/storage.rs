@@ -94,6 +94,14 @@ pub trait Tree: Send + Sync {
     /// Every pair with a key inside `(start, end)`, in key order. An empty or
     /// inverted range yields nothing (never a panic).
     fn range(&self, start: Bound<&[u8]>, end: Bound<&[u8]>) -> Result<Vec<KvPair>, StorageError>;
+    /// The first `limit` pairs with a key inside `(start, end)`, in key
+    /// order: a bounded scan, for trees too large to read in one go.
+    fn range_limit(
+        &self,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KvPair>, StorageError>;
     /// The pair with the smallest key.
     fn first(&self) -> Result<Option<KvPair>, StorageError>;
     /// The pair with the greatest key.
@@ -202,6 +210,21 @@ impl Tree for SledTree {
             return Ok(Vec::new());
         }
         collect_sled(self.tree.range::<&[u8], _>((start, end)), "range")
+    }
+
+    fn range_limit(
+        &self,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KvPair>, StorageError> {
+        if range_is_empty(start, end) {
+            return Ok(Vec::new());
+        }
+        collect_sled(
+            self.tree.range::<&[u8], _>((start, end)).take(limit),
+            "range",
+        )
     }
 
     fn first(&self) -> Result<Option<KvPair>, StorageError> {
@@ -409,6 +432,24 @@ impl Tree for MemTree {
             .collect())
     }
 
+    fn range_limit(
+        &self,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KvPair>, StorageError> {
+        if range_is_empty(start, end) {
+            return Ok(Vec::new());
+        }
+        let state = self.state.read();
+        Ok(state
+            .live
+            .range::<[u8], _>((start, end))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
     fn first(&self) -> Result<Option<KvPair>, StorageError> {
         let state = self.state.read();
         Ok(state
@@ -487,6 +528,19 @@ mod tests {
             )
             .len(),
             4
+        );
+        // A bounded scan stops at its limit.
+        assert_eq!(
+            keys(
+                t.range_limit(Bound::Excluded(b"a"), Bound::Unbounded, 2)
+                    .expect("range_limit")
+            ),
+            vec![b"b".to_vec(), b"c".to_vec()]
+        );
+        assert!(
+            t.range_limit(Bound::Included(b"c"), Bound::Included(b"a"), 5)
+                .expect("inverted range_limit")
+                .is_empty()
         );
         // Empty and inverted ranges yield nothing instead of panicking.
         assert!(

@@ -263,3 +263,53 @@ async fn t51_mem_storage_node_keeps_acknowledged_writes_across_a_crash() -> Resu
     node.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn t60_applied_commands_reach_the_feed_and_a_stopped_node_config_is_recoverable() -> Result<()>
+{
+    use tollgate_consensus::{AppliedChange, state_machine::recover_config};
+
+    let dir = tempfile::tempdir()?;
+    // Snapshots every 3 entries, so recovery reads a snapshot and a log.
+    let settings = RaftSettings {
+        snapshot_after_entries: 3,
+        max_in_snapshot_log_to_keep: 0,
+        ..fast_settings()
+    };
+    let version = {
+        let node = start(dir.path(), &settings).await?;
+        node.initialize_single().await?;
+        node.wait_for_leader(WAIT).await?;
+        let version = write_n(&node, 0..7).await?;
+        let feed = node.applied_feed();
+        let drained = feed.drain();
+        let commands: Vec<(u64, String)> = drained
+            .iter()
+            .filter_map(|e| match &e.change {
+                AppliedChange::Command { command, outcome } => {
+                    assert!(matches!(outcome, ApplyOutcome::Applied { .. }));
+                    Some((e.index, command.op.targets().join(",")))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(commands.len(), 7, "{commands:?}");
+        assert_eq!(commands.last().map(|c| c.0), Some(version));
+        assert_eq!(commands[0].1, "license:lic-0");
+        assert!(
+            drained
+                .iter()
+                .any(|e| matches!(&e.change, AppliedChange::Membership { voters, .. } if voters == &vec![1])),
+            "the initial membership is in the feed"
+        );
+        assert_eq!(feed.n_dropped(), 0);
+        node.shutdown().await?;
+        version
+    };
+    let storage = SledStorage::open(dir.path())?;
+    let config = recover_config(&storage)?;
+    assert_eq!(config.version, version);
+    assert_eq!(config.licenses.len(), 7);
+    assert!(config.license_by_key("key-6").is_some());
+    Ok(())
+}

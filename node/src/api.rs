@@ -137,10 +137,8 @@ pub struct CheckJson {
     #[serde(default)]
     dry_run: bool,
     #[serde(default)]
-    #[allow(dead_code)]
     input_hash: Option<String>,
     #[serde(default)]
-    #[allow(dead_code)]
     output_hash: Option<String>,
     /// Every field not named above; in strict mode any is an error, so that
     /// a typo never silently changes a decision.
@@ -211,6 +209,8 @@ pub fn parse_check_json(body: &[u8], strict: bool) -> Result<CheckRequest, ApiEr
             .collect(),
         request_id: json.request_id,
         dry_run: json.dry_run,
+        input_hash: json.input_hash,
+        output_hash: json.output_hash,
     })
 }
 
@@ -247,6 +247,8 @@ pub fn check_from_proto(req: pb::CheckRequest) -> CheckRequest {
             .collect(),
         request_id: non_empty(req.request_id),
         dry_run: req.dry_run,
+        input_hash: non_empty(req.input_hash),
+        output_hash: non_empty(req.output_hash),
     }
 }
 

@@ -400,3 +400,125 @@ pub fn render_history(v: &serde_json::Value) -> String {
     }
     out
 }
+
+/// Where `tollgate audit export` reads from: a node's HTTP API and an
+/// auditor token.
+#[derive(Debug, Clone)]
+pub struct AuditTarget {
+    /// Base URL, e.g. `http://127.0.0.1:7480`.
+    pub url: String,
+    /// The bearer token.
+    pub token: String,
+}
+
+impl AuditTarget {
+    /// `url` and `token` as given, else from `cluster_dir/cluster.json`:
+    /// node `node` (or the first) and the auditor token file (or the admin
+    /// one for older files).
+    pub fn resolve(
+        url: Option<String>,
+        node: Option<u64>,
+        token: Option<String>,
+        cluster_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let cluster = || {
+            ClusterFile::read(cluster_dir).with_context(|| {
+                format!(
+                    "no --url/--token given and no {} found",
+                    cluster_dir.join("cluster.json").display()
+                )
+            })
+        };
+        let url = match url {
+            Some(u) => u,
+            None => {
+                let c = cluster()?;
+                let n = match node {
+                    Some(id) => c
+                        .nodes
+                        .iter()
+                        .find(|n| n.id == id)
+                        .with_context(|| format!("cluster.json has no node {id}"))?,
+                    None => c.nodes.first().context("cluster.json lists no nodes")?,
+                };
+                n.http_addr.clone()
+            }
+        };
+        let token = match token {
+            Some(t) => t.trim().to_string(),
+            None => {
+                let c = cluster()?;
+                read_token(c.auditor_token_file.as_ref().unwrap_or(&c.admin_token_file))?
+            }
+        };
+        Ok(Self {
+            url: endpoint_uri(&url).trim_end_matches('/').to_string(),
+            token,
+        })
+    }
+}
+
+/// Records asked for per HTTP request of an export.
+const EXPORT_PAGE_RECORDS: usize = 10_000;
+
+/// Streams `GET /v1/audit` pages into `sink` until the log (or `limit`)
+/// is exhausted; returns how many records were written.
+pub async fn export_audit(
+    target: &AuditTarget,
+    since: Option<&str>,
+    limit: Option<usize>,
+    sink: &mut dyn std::io::Write,
+) -> anyhow::Result<u64> {
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()?;
+    let mut remaining = limit.unwrap_or(usize::MAX);
+    let mut after_seq = 0u64;
+    let mut n_records = 0u64;
+    loop {
+        let page = remaining.min(EXPORT_PAGE_RECORDS);
+        let mut query = vec![
+            ("limit", page.to_string()),
+            ("after_seq", after_seq.to_string()),
+        ];
+        if let Some(s) = since {
+            query.push(("since", s.to_string()));
+        }
+        let mut resp = http
+            .get(format!("{}/v1/audit", target.url))
+            .bearer_auth(&target.token)
+            .query(&query)
+            .send()
+            .await
+            .with_context(|| format!("asking {} for its audit log", target.url))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let body = resp.text().await.unwrap_or_default();
+            anyhow::bail!("{}: HTTP {status}: {body}", target.url);
+        }
+        let mut n_page = 0usize;
+        let mut partial: Vec<u8> = Vec::new();
+        while let Some(chunk) = resp.chunk().await.context("reading the audit export")? {
+            partial.extend_from_slice(&chunk);
+            let Some(end) = partial.iter().rposition(|b| *b == b'\n') else {
+                continue;
+            };
+            let complete: Vec<u8> = partial.drain(..=end).collect();
+            for line in complete.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                let v: serde_json::Value = serde_json::from_slice(line)
+                    .context("the export sent a line that is not JSON")?;
+                if v["type"] != "checkpoint" {
+                    n_page += 1;
+                    after_seq = v["seq"].as_u64().unwrap_or(after_seq);
+                }
+            }
+            sink.write_all(&complete)?;
+        }
+        anyhow::ensure!(partial.is_empty(), "the audit export ended mid-line");
+        n_records += n_page as u64;
+        remaining = remaining.saturating_sub(n_page);
+        if n_page < page || remaining == 0 {
+            return Ok(n_records);
+        }
+    }
+}

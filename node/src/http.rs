@@ -2,7 +2,8 @@
 //! admin endpoints (`/v1/licenses`, `/v1/models`, `/v1/datasets`,
 //! `/v1/apply`, `/v1/lineage`), quota exceptions (`/v1/exceptions`, which an
 //! edge caller may also ask with its license's API key), escalations
-//! (`/v1/escalations`), status, `/metrics` (Prometheus text format) and
+//! (`/v1/escalations`), the audit log (`/v1/audit`, JSON Lines;
+//! `/v1/audit/verify`), status, `/metrics` (Prometheus text format) and
 //! `/dashboard` (HTML).
 //!
 //! Same contract as gRPC (see `api`): snake_case fields, the same reason
@@ -24,9 +25,12 @@ use serde::Deserialize;
 
 use crate::admin;
 use crate::api::{self, ApiError, DecisionJson};
+use crate::audit::export::{self, ExportCursor, ExportQuery};
+use crate::audit::verify;
 use crate::dashboard;
 use crate::lineage;
 use crate::metrics::exposition::CONTENT_TYPE as METRICS_CONTENT_TYPE;
+use crate::persist::run_storage;
 use crate::roles::{Principal, Role};
 use crate::settings::MAX_BODY_BYTES;
 use crate::state::{NodeState, SeatOp};
@@ -81,6 +85,8 @@ pub fn router(state: Arc<NodeState>) -> Router {
             post(acknowledge_escalation),
         )
         .route("/v1/escalations/{id}/resolve", post(resolve_escalation))
+        .route("/v1/audit", get(audit_export))
+        .route("/v1/audit/verify", get(audit_verify))
         .route("/healthz", get(|| async { "ok" }))
         .route_layer(axum::middleware::from_fn(trace_request))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -978,4 +984,137 @@ async fn resolve_escalation(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     update_escalation(&state, &headers, &id, &body, true).await
+}
+
+/// The audit log of a node that keeps one, or 404.
+fn audit_store(state: &NodeState) -> Result<crate::audit::store::AuditStore, ApiError> {
+    state.audit.store().cloned().ok_or_else(|| {
+        ApiError::NotFound("the audit trail is disabled on this node (audit.enabled: false)".into())
+    })
+}
+
+/// `since` (RFC 3339 or unix ms), `after_seq` and `limit`; anything else is
+/// a 400, so a typo never silently exports everything.
+fn export_query(q: &HashMap<String, String>) -> Result<ExportQuery, ApiError> {
+    let mut query = ExportQuery::default();
+    for (name, value) in q {
+        match name.as_str() {
+            "since" => {
+                query.since_ms = Some(
+                    export::parse_time(value)
+                        .map_err(|e| ApiError::InvalidArgument(format!("since: {e}")))?,
+                );
+            }
+            "after_seq" => {
+                query.after_seq = value.parse().map_err(|_| {
+                    ApiError::InvalidArgument("after_seq: must be a record number".into())
+                })?;
+            }
+            "limit" => {
+                let limit: usize = value
+                    .parse()
+                    .map_err(|_| ApiError::InvalidArgument("limit: must be a number".into()))?;
+                if !(1..=export::MAX_EXPORT_LIMIT).contains(&limit) {
+                    return Err(ApiError::InvalidArgument(format!(
+                        "limit: must be 1 to {}",
+                        export::MAX_EXPORT_LIMIT
+                    )));
+                }
+                query.limit = limit;
+            }
+            other => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "unknown parameter `{other}` (since, after_seq, limit)"
+                )));
+            }
+        }
+    }
+    Ok(query)
+}
+
+/// Chunks of an export in flight to one client.
+const EXPORT_STREAM_CHUNKS: usize = 4;
+
+/// `GET /v1/audit`: this node's audit records as JSON Lines, oldest first,
+/// each signed checkpoint after the record it covers. Needs `auditor`.
+/// Streams; page on with `after_seq` = the last `seq` received.
+async fn audit_export(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers, Role::Auditor)?;
+    let query = export_query(&q)?;
+    let store = audit_store(&state)?;
+    let blocking = state.audit.needs_blocking_thread();
+    let s = store.clone();
+    let cursor = run_storage(blocking, move || ExportCursor::start(&s, &query))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(format!("reading the audit log: {e}")))?;
+    let (tx, rx) =
+        tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(EXPORT_STREAM_CHUNKS);
+    tokio::spawn(async move {
+        let mut cursor = cursor;
+        loop {
+            let s = store.clone();
+            let step = run_storage(blocking, move || {
+                let chunk = cursor.next_chunk(&s);
+                (cursor, chunk)
+            })
+            .await;
+            let (next, chunk) = match step {
+                Ok(pair) => pair,
+                Err(e) => {
+                    let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                    return;
+                }
+            };
+            cursor = next;
+            let item = match chunk {
+                Ok(Some(chunk)) => Ok(Bytes::from(chunk)),
+                Ok(None) => return,
+                Err(e) => Err(std::io::Error::other(format!("reading the audit log: {e}"))),
+            };
+            let failed = item.is_err();
+            // A client that went away ends the export.
+            if tx.send(item).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    let body = axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-ndjson"),
+        )],
+        body,
+    )
+        .into_response())
+}
+
+/// `GET /v1/audit/verify`: verifies this node's audit log (chain, gaps,
+/// checkpoint signatures against the key the replicated config holds for
+/// this node) and returns the report. Needs `auditor`.
+async fn audit_verify(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers, Role::Auditor)?;
+    let store = audit_store(&state)?;
+    let local = state
+        .audit
+        .public_key()
+        .map(|k| (k, "this node's signing key".to_string()))
+        .into_iter()
+        .collect();
+    let trusted = verify::trusted_keys_for(Some(&state.config()), Some(state.node_id), local);
+    let report = run_storage(state.audit.needs_blocking_thread(), move || {
+        verify::verify(&store, &trusted)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(|e| ApiError::Internal(format!("reading the audit log: {e}")))?;
+    Ok(axum::Json(report).into_response())
 }

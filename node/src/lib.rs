@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod alerts;
 pub mod api;
+pub mod audit;
 pub mod bench;
 pub mod certs;
 pub mod client;

@@ -81,6 +81,10 @@ enum Command {
         /// runs, `bench --scenario gossip --heals N`).
         #[arg(long)]
         enable_fault_injection: bool,
+        /// Run without the audit trail (`audit.enabled: false`), e.g. to
+        /// measure what it costs.
+        #[arg(long)]
+        no_audit: bool,
     },
     /// Apply, read, list, revoke and roll back licenses; issue and revoke keys.
     License {
@@ -142,6 +146,61 @@ enum Command {
     Certs {
         #[command(subcommand)]
         command: CertsCommand,
+    },
+    /// Verify or export a node's audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check a stopped node's audit log: every record intact and chained,
+    /// no gaps, every checkpoint signed by the node's key (as registered in
+    /// the replicated config). Names the first broken record and exits
+    /// non-zero; an intact log prints a summary.
+    Verify {
+        /// The node's data dir (the one holding db/ and audit.key).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The node's signing key file, if not `audit.key` in the data dir.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write audit records as JSON Lines (one record per line, each
+    /// checkpoint after the record it signs). From a running node over
+    /// HTTP (auditor token), or from a stopped node's --data-dir.
+    Export {
+        /// Only records at or after this time: RFC 3339 or unix ms.
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many records.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Read a stopped node's data dir instead of asking a running node.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Base URL of the node's HTTP API; default: the node of
+        /// cluster.json named by --node, else its first node.
+        #[arg(long, env = "TOLLGATE_HTTP")]
+        url: Option<String>,
+        /// Which node of cluster.json to export from.
+        #[arg(long)]
+        node: Option<u64>,
+        /// An auditor (or admin) token; default: cluster.json's auditor
+        /// token file.
+        #[arg(long, env = "TOLLGATE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Data dir whose cluster.json names the nodes and token files.
+        #[arg(long = "cluster-dir", default_value = client::DEFAULT_DATA_DIR)]
+        cluster_dir: PathBuf,
+        /// Write to this file instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -643,10 +702,15 @@ async fn main() -> anyhow::Result<()> {
             data_dir,
             nodes,
             enable_fault_injection,
+            no_audit,
         } => {
             let telemetry = telemetry::init(log_format, otlp_endpoint.as_deref())?;
             let mut signals = StopSignals::install()?;
-            let (nodes, cluster) = up::start_with(&data_dir, nodes, enable_fault_injection).await?;
+            let options = up::UpOptions {
+                enable_fault_injection,
+                audit: !no_audit,
+            };
+            let (nodes, cluster) = up::start_with_options(&data_dir, nodes, options).await?;
             let shown = data_dir.canonicalize().unwrap_or(data_dir);
             println!("{}", up::banner(&cluster, &shown));
             signals.wait().await;
@@ -702,6 +766,7 @@ async fn main() -> anyhow::Result<()> {
             let v: serde_json::Value = serde_json::from_str(&s.status_json)?;
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
+        Command::Audit { command } => audit(command).await?,
         Command::Certs {
             command: CertsCommand::Init { out, nodes },
         } => {
@@ -925,6 +990,65 @@ async fn license(cmd: LicenseCommand, target: &Target) -> anyhow::Result<()> {
                 "rolled {id} back to its version-{to_version} content as version {}",
                 r.into_inner().version
             );
+        }
+    }
+    Ok(())
+}
+
+async fn audit(cmd: AuditCommand) -> anyhow::Result<()> {
+    use std::io::Write;
+    use tollgate_node::audit::{export, offline};
+    match cmd {
+        AuditCommand::Verify {
+            data_dir,
+            key_file,
+            json,
+        } => {
+            let report = offline::verify_data_dir(&data_dir, key_file.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            if let Some(b) = &report.broken {
+                anyhow::bail!("the audit log is broken at record {}", b.seq);
+            }
+        }
+        AuditCommand::Export {
+            since,
+            limit,
+            data_dir,
+            url,
+            node,
+            token,
+            cluster_dir,
+            out,
+        } => {
+            let since_ms = since
+                .as_deref()
+                .map(export::parse_time)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+            let mut sink: Box<dyn Write> = match &out {
+                Some(path) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(path)
+                        .with_context(|| format!("creating {}", path.display()))?,
+                )),
+                None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+            };
+            let n_records = match data_dir {
+                Some(dir) => {
+                    offline::export_data_dir(&dir, since_ms, limit.map(|l| l as u64), &mut sink)?
+                }
+                None => {
+                    let target = client::AuditTarget::resolve(url, node, token, &cluster_dir)?;
+                    client::export_audit(&target, since.as_deref(), limit, &mut sink).await?
+                }
+            };
+            sink.flush()?;
+            if out.is_some() {
+                eprintln!("exported {n_records} records");
+            }
         }
     }
     Ok(())

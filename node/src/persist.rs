@@ -77,14 +77,12 @@ pub struct UsageTrees {
 
 /// Runs storage work `f` on a blocking thread when the engine needs one,
 /// inline otherwise.
-async fn run_storage<T: Send + 'static>(
+pub(crate) async fn run_storage<T: Send + 'static>(
     blocking: bool,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> anyhow::Result<T> {
     if blocking {
-        tokio::task::spawn_blocking(f)
-            .await
-            .context("usage storage task")
+        tokio::task::spawn_blocking(f).await.context("storage task")
     } else {
         Ok(f())
     }

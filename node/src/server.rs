@@ -25,6 +25,10 @@ use tollgate_proto::v1::edge_server::EdgeServer;
 use tonic::transport::server::Connected;
 
 use crate::admin;
+use crate::audit::keys::{NodeSigner, SubjectKey};
+use crate::audit::store::AuditStore;
+use crate::audit::writer::WriterParts;
+use crate::audit::{AuditConfig, Auditor};
 use crate::clock::Clock;
 use crate::gossip::GossipNode;
 use crate::grpc::{AdminService, EdgeService};
@@ -53,19 +57,33 @@ pub struct RunningNode {
     pub raft_addr: SocketAddr,
     shutdown_tx: watch::Sender<bool>,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+    // The audit writer stops after every server did, so that the decisions
+    // of requests still in flight at shutdown are recorded too.
+    audit_shutdown_tx: watch::Sender<bool>,
+    audit_task: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 impl RunningNode {
-    /// Stops serving, flushes usage and shuts Raft down.
+    /// Stops serving, flushes usage and the audit log, and shuts Raft down.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.shutdown_tx.send(true);
         let mut first_err = None;
-        for t in self.tasks {
-            match t.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => first_err = first_err.or(Some(e)),
-                Err(e) => first_err = first_err.or(Some(anyhow::anyhow!("task panicked: {e}"))),
+        let mut note = |joined: Result<anyhow::Result<()>, tokio::task::JoinError>| match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => first_err = first_err.take().or(Some(e)),
+            Err(e) => {
+                first_err = first_err
+                    .take()
+                    .or(Some(anyhow::anyhow!("task panicked: {e}")))
             }
+        };
+        for t in self.tasks {
+            note(t.await);
+        }
+        // Every server has stopped: nothing more can be decided.
+        let _ = self.audit_shutdown_tx.send(true);
+        if let Some(t) = self.audit_task {
+            note(t.await);
         }
         self.state
             .consensus
@@ -405,6 +423,7 @@ where
     }
 
     let usage = persist::restore(storage.as_ref(), settings.node_id)?;
+    let audit_parts = open_audit(&settings, &storage, &consensus, &cluster_token)?;
     let mut state = NodeState::new(
         settings.node_id,
         settings.region.clone(),
@@ -421,6 +440,11 @@ where
             "metrics.per_license_labels is on and metrics.require_token is off: anyone who reaches the HTTP port can read license ids on /metrics"
         );
     }
+    let audit_writer = audit_parts.map(|(auditor, parts)| {
+        let public_key = auditor.public_key();
+        state.audit = auditor;
+        (parts, public_key)
+    });
     // Escrow counters split their limit among the members: know them
     // before the first Check can create one.
     let member_ids: Vec<u64> = consensus.members().iter().map(|m| m.id).collect();
@@ -459,6 +483,18 @@ where
         Arc::clone(&state),
         shutdown_rx.clone(),
     )));
+
+    let (audit_shutdown_tx, audit_shutdown_rx) = watch::channel(false);
+    let mut audit_task = None;
+    let mut audit_key = None;
+    if let Some((parts, public_key)) = audit_writer {
+        audit_task = Some(tokio::spawn(crate::audit::writer::run(
+            Arc::clone(&state),
+            parts,
+            audit_shutdown_rx,
+        )));
+        audit_key = public_key;
+    }
 
     tasks.push(tokio::spawn(crate::gossip::run(
         Arc::clone(&state),
@@ -506,6 +542,31 @@ where
         }));
     }
 
+    // Checkpoints are verified against the key in the replicated config.
+    // Register it once serving, and wait for it like the seed, so a caller
+    // of `start` sees a settled config version; without a leader yet, go
+    // on registering in the background.
+    if let Some(public_key) = audit_key {
+        let mut registering = tokio::spawn(register_audit_key(
+            Arc::clone(&state),
+            public_key,
+            shutdown_rx.clone(),
+        ));
+        match tokio::time::timeout(Duration::from_millis(LEADER_WAIT_MS), &mut registering).await {
+            Ok(joined) => {
+                if let Err(e) = joined.context("audit key registration task")? {
+                    tracing::warn!(error = %e, "checkpoints of this node cannot be verified against the replicated config");
+                }
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "no raft leader yet; the audit signing key will be registered once one is elected"
+                );
+                tasks.push(registering);
+            }
+        }
+    }
+
     tracing::info!(node_id = settings.node_id, %grpc_addr, %http_addr, %raft_addr, %gossip_addr, "node serving");
     Ok(RunningNode {
         state,
@@ -514,6 +575,8 @@ where
         raft_addr,
         shutdown_tx,
         tasks,
+        audit_shutdown_tx,
+        audit_task,
     })
 }
 
@@ -525,6 +588,115 @@ fn grpc_span<B>(req: &axum::http::Request<B>) -> tracing::Span {
         tracing::debug_span!("grpc", path)
     } else {
         tracing::info_span!("grpc", path)
+    }
+}
+
+/// The audit trail's queue for the hot path and the parts its writer
+/// takes, or `None` when `audit.enabled` is off.
+fn open_audit(
+    settings: &NodeSettings,
+    storage: &Arc<dyn Storage>,
+    consensus: &ConsensusNode,
+    cluster_token: &str,
+) -> anyhow::Result<Option<(Auditor, WriterParts)>> {
+    let config: &AuditConfig = &settings.audit;
+    if !config.enabled {
+        return Ok(None);
+    }
+    let key_path = config.key_path(&settings.data_dir);
+    let (signer, created) = NodeSigner::load_or_create(&key_path)?;
+    if created {
+        tracing::info!(path = %key_path.display(), "created the audit signing key");
+    }
+    let store = AuditStore::open(storage.as_ref()).context("opening the audit log")?;
+    let blocking = storage.needs_blocking_thread();
+    let (tx, rx) = tokio::sync::mpsc::channel(config.capacity());
+    let auditor = Auditor::new(tx, config, store.clone(), blocking, signer.public_key());
+    let parts = WriterParts {
+        store,
+        signer,
+        subject_key: SubjectKey::from_cluster_token(cluster_token),
+        feed: consensus.applied_feed(),
+        rx,
+        config: config.clone(),
+        blocking,
+    };
+    Ok(Some((auditor, parts)))
+}
+
+/// First wait between attempts to register the audit key.
+const REGISTER_RETRY_MIN_MS: u64 = 100;
+/// Longest wait between attempts.
+const REGISTER_RETRY_MAX_MS: u64 = 5_000;
+
+/// Puts this node's audit public key into the replicated config, unless it
+/// is there already; retries until it is, or the node stops.
+async fn register_audit_key(
+    state: Arc<NodeState>,
+    public_key: [u8; 32],
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let key_hex = hex::encode(public_key);
+    let mut backoff_ms = REGISTER_RETRY_MIN_MS;
+    loop {
+        if state
+            .config()
+            .node_keys(state.node_id)
+            .iter()
+            .any(|k| k.public_key == key_hex)
+        {
+            return Ok(());
+        }
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let cmd = tollgate_quota::config::ConfigCommand {
+            actor: format!("node-{}", state.node_id),
+            reason: Some("audit signing key".to_string()),
+            at_ms: state.now_ms(),
+            op: tollgate_quota::config::ConfigOp::RegisterNodeKey {
+                node_id: state.node_id,
+                public_key: key_hex.clone(),
+            },
+            // The same key always has the same id: a retry of a write whose
+            // answer was lost applies at most once.
+            request_id: Some(format!("node-{}/audit-key/{key_hex}", state.node_id)),
+        };
+        let attempt = async {
+            state
+                .consensus
+                .wait_for_leader(Duration::from_millis(LEADER_WAIT_MS))
+                .await
+                .map_err(|e| e.to_string())?;
+            state
+                .consensus
+                .write_forwarded(cmd)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let outcome = tokio::select! {
+            r = attempt => r,
+            _ = shutdown.changed() => return Ok(()),
+        };
+        match outcome {
+            Ok(tollgate_quota::config::ApplyOutcome::Applied { version }) => {
+                // Answered once applied here; check on the next turn.
+                let _ = state
+                    .consensus
+                    .wait_for_applied(version, Duration::from_millis(LEADER_WAIT_MS))
+                    .await;
+                continue;
+            }
+            Ok(tollgate_quota::config::ApplyOutcome::Rejected { reason, .. }) => {
+                anyhow::bail!("the cluster refused this node's audit key: {reason}");
+            }
+            Err(e) => tracing::debug!(error = %e, "audit key not registered yet; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(backoff_ms)) => {}
+            _ = shutdown.changed() => return Ok(()),
+        }
+        backoff_ms = (backoff_ms * 2).min(REGISTER_RETRY_MAX_MS);
     }
 }
 

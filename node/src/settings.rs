@@ -10,6 +10,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::alerts::AlertSettings;
+use crate::audit::AuditConfig;
 use crate::certs::TlsFiles;
 use crate::gossip::GossipConfig;
 use crate::metrics::MetricsSettings;
@@ -117,6 +118,10 @@ pub struct NodeSettings {
     /// Alert delivery: retries, backoff, timeout, body signing.
     #[serde(default)]
     pub alerts: AlertSettings,
+    /// The audit trail: on or off, what a full queue does, checkpoint
+    /// cadence, the signing key file (see `audit`).
+    #[serde(default)]
+    pub audit: AuditConfig,
 }
 
 /// Raft timing of one node. Every member should use the same values.
@@ -260,6 +265,7 @@ impl NodeSettings {
             cluster_token_file: None,
             metrics: MetricsSettings::default(),
             alerts: AlertSettings::default(),
+            audit: AuditConfig::default(),
         }
     }
 

@@ -8,7 +8,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use crate::roles::TokenSet;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use tollgate_consensus::ConsensusNode;
@@ -20,10 +19,13 @@ use tollgate_quota::seats::{SeatDecision, SeatRequest};
 use tollgate_quota::usage::Usage;
 
 use crate::alerts::Alerts;
+use crate::audit::Auditor;
+use crate::audit::record::{DecisionOp, SeatCall};
 use crate::clock::Clock;
 use crate::dashboard::Dashboard;
 use crate::gossip::GossipNode;
 use crate::metrics::{DecisionKind, Metrics};
+use crate::roles::TokenSet;
 
 /// Outcome counters for the status API. `/metrics` has the finer breakdown
 /// (by kind, outcome and reason) in [`NodeState::metrics`].
@@ -78,6 +80,18 @@ pub struct NodeState {
     pub clock: Arc<Clock>,
     /// Alert and escalation queues (see `alerts`).
     pub alerts: Alerts,
+    /// The audit trail's queue and counters.
+    pub audit: Auditor,
+}
+
+/// What deciding one request did.
+struct Ran {
+    decision: Decision,
+    /// The usage change number, when usage was recorded, and whether it
+    /// holds escrow units.
+    usage: Option<(u64, bool)>,
+    /// When it was decided.
+    at_ms: i64,
 }
 
 /// A seat call.
@@ -121,6 +135,7 @@ impl NodeState {
             gossip: OnceLock::new(),
             clock: Arc::new(Clock::system()),
             alerts: Alerts::default(),
+            audit: Auditor::disabled(),
         }
     }
 
@@ -139,17 +154,23 @@ impl NodeState {
     pub async fn check(&self, req: &CheckRequest) -> Result<Decision, RequestError> {
         // Elapsed time only, never the time of day: measured, not decided on.
         let started = std::time::Instant::now();
-        let (d, seq) = self.run(req, false)?;
-        self.wait_durable(seq).await;
+        let ran = self.run(req, false)?;
+        self.audit
+            .decision(DecisionOp::Check, req, &ran.decision, ran.at_ms)
+            .await;
+        self.wait_durable(ran.usage).await;
         self.metrics.latency.record(started.elapsed());
-        Ok(d)
+        Ok(ran.decision)
     }
 
     /// Records usage measured after an inference.
     pub async fn report(&self, req: &CheckRequest) -> Result<Decision, RequestError> {
-        let (d, seq) = self.run(req, true)?;
-        self.wait_durable(seq).await;
-        Ok(d)
+        let ran = self.run(req, true)?;
+        self.audit
+            .decision(DecisionOp::Report, req, &ran.decision, ran.at_ms)
+            .await;
+        self.wait_durable(ran.usage).await;
+        Ok(ran.decision)
     }
 
     /// Waits until usage change `seq` is on disk if it must be: with
@@ -168,13 +189,8 @@ impl NodeState {
         let _ = rx.wait_for(|persisted| *persisted >= seq).await;
     }
 
-    /// Decides and commits; returns the usage change number when usage was
-    /// recorded, and whether it holds escrow units.
-    fn run(
-        &self,
-        req: &CheckRequest,
-        is_report: bool,
-    ) -> Result<(Decision, Option<(u64, bool)>), RequestError> {
+    /// Decides and commits.
+    fn run(&self, req: &CheckRequest, is_report: bool) -> Result<Ran, RequestError> {
         if let Err(e) = req.validate() {
             self.stats.n_invalid.fetch_add(1, Ordering::Relaxed);
             return Err(e);
@@ -216,7 +232,11 @@ impl NodeState {
             DecisionKind::Check
         };
         self.metrics.record_decision(kind, &decision);
-        Ok((decision, seq.map(|n| (n, escrow))))
+        Ok(Ran {
+            decision,
+            usage: seq.map(|n| (n, escrow)),
+            at_ms: now,
+        })
     }
 
     /// Acquires, renews or releases a seat lease.
@@ -237,6 +257,15 @@ impl NodeState {
             self.usage_seq.fetch_add(1, Ordering::AcqRel);
             d
         };
+        let call = match op {
+            SeatOp::Acquire => SeatCall::Acquire,
+            SeatOp::Renew => SeatCall::Renew,
+            SeatOp::Release => SeatCall::Release,
+        };
+        if self.audit.enabled() {
+            let decision_id = self.next_decision_id(now);
+            self.audit.seat(call, &d, decision_id, now).await;
+        }
         // A seat is an escrow unit: always on disk before the answer.
         self.wait_durable(Some((self.usage_seq(), true))).await;
         d
@@ -298,6 +327,7 @@ impl NodeState {
             "gossip": gossip,
             "alerts": self.alerts.status_json(),
             "rights": rights,
+            "audit": self.audit.status_json(),
             "usage": {
                 "durable_ack": self.durable_usage_ack,
                 "seq": self.usage_seq(),

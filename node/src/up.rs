@@ -206,15 +206,37 @@ pub async fn start(
     data_dir: &Path,
     n_nodes: usize,
 ) -> anyhow::Result<(Vec<RunningNode>, ClusterFile)> {
-    start_with(data_dir, n_nodes, false).await
+    start_with_options(data_dir, n_nodes, UpOptions::default()).await
 }
 
-/// [`start`], with fault injection (dropping gossip on command) enabled or not.
-pub async fn start_with(
+/// How `up` runs its nodes, beyond the defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UpOptions {
+    /// Accept fault-injection commands (dropping gossip on command).
+    pub enable_fault_injection: bool,
+    /// Keep the audit trail (`audit.enabled`).
+    pub audit: bool,
+}
+
+impl Default for UpOptions {
+    fn default() -> Self {
+        Self {
+            enable_fault_injection: false,
+            audit: true,
+        }
+    }
+}
+
+/// [`start`], with `options`.
+pub async fn start_with_options(
     data_dir: &Path,
     n_nodes: usize,
-    enable_fault_injection: bool,
+    options: UpOptions,
 ) -> anyhow::Result<(Vec<RunningNode>, ClusterFile)> {
+    let UpOptions {
+        enable_fault_injection,
+        audit,
+    } = options;
     anyhow::ensure!(
         (1..=MAX_LOCAL_NODES).contains(&n_nodes),
         "--nodes must be between 1 and {MAX_LOCAL_NODES}"
@@ -296,6 +318,7 @@ pub async fn start_with(
         settings.gossip_addr = m.gossip_addr;
         settings.tls = Some(crate::certs::node_files(&certs_dir, p.id));
         settings.enable_fault_injection = enable_fault_injection;
+        settings.audit.enabled = audit;
         settings.admin_token_file = token_file.clone();
         settings.cluster_token_file = Some(cluster_token_file.clone());
         settings.admin_tokens = vec![

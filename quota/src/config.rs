@@ -31,6 +31,22 @@ use crate::license::{Document, License, LicenseStatus, Model, OnExceed, Quota, S
 /// still matches two keys is rejected as ambiguous.
 pub const MIN_KEY_HASH_PREFIX_LEN: usize = 8;
 
+/// Most audit signing keys the config keeps per node; registering one more
+/// drops the oldest. A node registers a new key only when it lost its key
+/// file, so a handful covers a node's life.
+pub const MAX_KEYS_PER_NODE: usize = 8;
+
+/// One node's audit signing key, as registered through Raft.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeKey {
+    /// The Ed25519 public key, 64 lowercase hex characters.
+    pub public_key: String,
+    /// The config version that registered it.
+    pub since_version: u64,
+    /// When the node asked for it (its clock, recorded, never checked).
+    pub at_ms: i64,
+}
+
 /// The replicated configuration: licenses, models and datasets.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Config {
@@ -71,6 +87,10 @@ pub struct Config {
     /// Escalation records by id. Replicated; shared like `requests`.
     #[serde(default)]
     escalations: Arc<BTreeMap<String, Arc<Escalation>>>,
+    /// Each node's audit signing keys (Ed25519 public keys), oldest first:
+    /// what a checkpoint of that node's audit log is verified against.
+    #[serde(default)]
+    node_keys: BTreeMap<u64, Vec<NodeKey>>,
     /// SHA-256 of each key -> license id. Derived; rebuilt after a snapshot.
     #[serde(skip)]
     key_index: HashMap<[u8; 32], String, BuildHasherDefault<DigestHasher>>,
@@ -293,6 +313,93 @@ pub enum ConfigOp {
         /// Escalation id.
         id: String,
     },
+    /// Registers a node's audit signing key (Ed25519 public key), so that
+    /// anyone holding the config can verify the checkpoints of that node's
+    /// audit log. Registering a key the node already has changes nothing.
+    RegisterNodeKey {
+        /// The node.
+        node_id: u64,
+        /// The public key, 64 hex characters.
+        public_key: String,
+    },
+}
+
+impl ConfigOp {
+    /// A stable snake_case name of the op, for audit records.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ConfigOp::PutLicense(_) => "put_license",
+            ConfigOp::RevokeLicense { .. } => "revoke_license",
+            ConfigOp::AddKey { .. } => "add_key",
+            ConfigOp::PutModel(_) => "put_model",
+            ConfigOp::DeleteLicense { .. } => "delete_license",
+            ConfigOp::RevokeKey { .. } => "revoke_key",
+            ConfigOp::Batch { .. } => "batch",
+            ConfigOp::RollbackLicense { .. } => "rollback_license",
+            ConfigOp::PutDataset(_) => "put_dataset",
+            ConfigOp::DeleteDataset { .. } => "delete_dataset",
+            ConfigOp::RequestException { .. } => "request_exception",
+            ConfigOp::ApproveException { .. } => "approve_exception",
+            ConfigOp::RejectException { .. } => "reject_exception",
+            ConfigOp::ExpireException { .. } => "expire_exception",
+            ConfigOp::OpenEscalation { .. } => "open_escalation",
+            ConfigOp::AcknowledgeEscalation { .. } => "acknowledge_escalation",
+            ConfigOp::ResolveEscalation { .. } => "resolve_escalation",
+            ConfigOp::RegisterNodeKey { .. } => "register_node_key",
+        }
+    }
+
+    /// What the op touches, as `kind:id` strings (ids and key hashes only,
+    /// never document content), in op order; a batch lists its ops'.
+    pub fn targets(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        self.push_targets(&mut out);
+        out
+    }
+
+    fn push_targets(&self, out: &mut Vec<String>) {
+        match self {
+            ConfigOp::PutLicense(l) => out.push(format!("license:{}", l.id)),
+            ConfigOp::RevokeLicense { id, .. }
+            | ConfigOp::DeleteLicense { id }
+            | ConfigOp::RollbackLicense { id, .. } => out.push(format!("license:{id}")),
+            ConfigOp::AddKey { license_id, key } => {
+                out.push(format!("license:{license_id}"));
+                let prefix: String = key.sha256.chars().take(16).collect();
+                out.push(format!("key:{}", prefix.to_ascii_lowercase()));
+            }
+            ConfigOp::RevokeKey { license_id, key_id } => {
+                out.push(format!("license:{license_id}"));
+                out.push(format!("key:{key_id}"));
+            }
+            ConfigOp::PutModel(m) => out.push(format!("model:{}", m.id)),
+            ConfigOp::Batch { ops, .. } => {
+                for op in ops {
+                    op.push_targets(out);
+                }
+            }
+            ConfigOp::PutDataset(d) => out.push(format!("dataset:{}", d.id)),
+            ConfigOp::DeleteDataset { id } => out.push(format!("dataset:{id}")),
+            ConfigOp::RequestException {
+                license_id,
+                quota_id,
+                ..
+            } => {
+                out.push(format!("license:{license_id}"));
+                out.push(format!("quota:{quota_id}"));
+            }
+            ConfigOp::ApproveException { id, .. }
+            | ConfigOp::RejectException { id }
+            | ConfigOp::ExpireException { id } => out.push(format!("exception:{id}")),
+            ConfigOp::OpenEscalation { license_id, .. } => {
+                out.push(format!("license:{license_id}"));
+            }
+            ConfigOp::AcknowledgeEscalation { id } | ConfigOp::ResolveEscalation { id } => {
+                out.push(format!("escalation:{id}"));
+            }
+            ConfigOp::RegisterNodeKey { node_id, .. } => out.push(format!("node:{node_id}")),
+        }
+    }
 }
 
 /// Largest amount one exception may raise a limit by.
@@ -423,6 +530,13 @@ impl Config {
         index: u64,
         previous_version: u64,
     ) -> Result<(), String> {
+        if let ConfigOp::RegisterNodeKey {
+            node_id,
+            public_key,
+        } = op
+        {
+            return self.register_node_key(*node_id, public_key, index, cmd.at_ms);
+        }
         let record = |action: ChangeAction, diff: Vec<history::DiffEntry>| ModelChangeRecord {
             version: index,
             actor: cmd.actor.clone(),
@@ -473,6 +587,34 @@ impl Config {
         if let Some(change) = self.apply_op(op, cmd, index, previous_version)? {
             self.record(cmd, index, change);
         }
+        Ok(())
+    }
+
+    /// Adds `public_key` to node `node_id`'s audit keys (a no-op if it is
+    /// there already), dropping the oldest beyond [`MAX_KEYS_PER_NODE`].
+    fn register_node_key(
+        &mut self,
+        node_id: u64,
+        public_key: &str,
+        index: u64,
+        at_ms: i64,
+    ) -> Result<(), String> {
+        let public_key = public_key.to_ascii_lowercase();
+        if public_key.len() != 64 || !public_key.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err("node key: must be 64 hex characters (an Ed25519 public key)".to_string());
+        }
+        let keys = self.node_keys.entry(node_id).or_default();
+        if keys.iter().any(|k| k.public_key == public_key) {
+            return Ok(());
+        }
+        if keys.len() >= MAX_KEYS_PER_NODE {
+            keys.remove(0);
+        }
+        keys.push(NodeKey {
+            public_key,
+            since_version: index,
+            at_ms,
+        });
         Ok(())
     }
 
@@ -632,6 +774,9 @@ impl Config {
                 )))
             }
             ConfigOp::Batch { .. } => Err("a batch must be applied as a whole".to_string()),
+            ConfigOp::RegisterNodeKey { .. } => {
+                Err("a node key is registered with its command".to_string())
+            }
             ConfigOp::RollbackLicense { id, to_version } => {
                 // `to_version` must already have been applied when this
                 // command was proposed: the current index is not a version
@@ -1241,6 +1386,11 @@ impl Config {
         self.license_by_key_hash_bytes(&keys::hash_key_bytes(key))
     }
 
+    /// The audit signing keys registered for node `node_id`, oldest first.
+    pub fn node_keys(&self, node_id: u64) -> &[NodeKey] {
+        self.node_keys.get(&node_id).map_or(&[][..], Vec::as_slice)
+    }
+
     /// The model with `id`.
     pub fn model(&self, id: &str) -> Option<&Arc<Model>> {
         self.models.get(id)
@@ -1374,6 +1524,85 @@ mod tests {
             "apiVersion: tollgate/v1\nkind: License\nid: {id}\ncustomer: C\nkeys: [{{key: {key}}}]\n"
         ))
         .unwrap()
+    }
+
+    #[test]
+    fn node_keys_are_registered_once_and_bounded() {
+        let mut c = Config::default();
+        let key = |i: u8| format!("{i:02x}").repeat(32);
+        let register = |node_id, public_key: String| {
+            cmd(ConfigOp::RegisterNodeKey {
+                node_id,
+                public_key,
+            })
+        };
+        assert_eq!(
+            c.apply(&register(1, key(1).to_ascii_uppercase()), 1),
+            ApplyOutcome::Applied { version: 1 }
+        );
+        // Stored in lowercase; the same key again changes nothing.
+        assert_eq!(
+            c.apply(&register(1, key(1)), 2),
+            ApplyOutcome::Applied { version: 2 }
+        );
+        assert_eq!(c.node_keys(1).len(), 1);
+        assert_eq!(c.node_keys(1)[0].public_key, key(1));
+        assert_eq!(c.node_keys(1)[0].since_version, 1);
+        assert!(c.node_keys(2).is_empty());
+        // Not a key: rejected, nothing stored.
+        assert!(matches!(
+            c.apply(&register(2, "abc".into()), 3),
+            ApplyOutcome::Rejected { .. }
+        ));
+        assert!(c.node_keys(2).is_empty());
+        // Bounded: the oldest goes first.
+        for i in 2..=(MAX_KEYS_PER_NODE as u8 + 1) {
+            c.apply(&register(1, key(i)), 10 + u64::from(i));
+        }
+        let keys = c.node_keys(1);
+        assert_eq!(keys.len(), MAX_KEYS_PER_NODE);
+        assert_eq!(keys[0].public_key, key(2));
+        // A node key never makes a config count as holding licenses.
+        let seed = cmd(ConfigOp::Batch {
+            ops: vec![ConfigOp::PutLicense(lic("a", "ka"))],
+            only_if_empty: true,
+        });
+        assert!(matches!(c.apply(&seed, 30), ApplyOutcome::Applied { .. }));
+    }
+
+    #[test]
+    fn ops_name_their_kind_and_targets_without_content() {
+        let batch = ConfigOp::Batch {
+            ops: vec![
+                ConfigOp::PutLicense(lic("a", "ka")),
+                ConfigOp::RevokeKey {
+                    license_id: "a".into(),
+                    key_id: "ci".into(),
+                },
+            ],
+            only_if_empty: false,
+        };
+        assert_eq!(batch.kind(), "batch");
+        assert_eq!(batch.targets(), vec!["license:a", "license:a", "key:ci"]);
+        let add = ConfigOp::AddKey {
+            license_id: "a".into(),
+            key: StoredKey {
+                id: None,
+                sha256: keys::hash_key("secret"),
+            },
+        };
+        let targets = add.targets();
+        assert_eq!(targets[0], "license:a");
+        assert_eq!(targets[1].len(), "key:".len() + 16);
+        assert!(!targets.iter().any(|t| t.contains("secret")));
+        assert_eq!(
+            ConfigOp::RegisterNodeKey {
+                node_id: 3,
+                public_key: String::new()
+            }
+            .targets(),
+            vec!["node:3"]
+        );
     }
 
     #[test]

@@ -14,6 +14,10 @@ pub const MAX_METER_QUANTITY: u64 = 1_000_000_000;
 pub const MAX_FIELD_BYTES: usize = 256;
 /// Most lineage entries (dataset releases) one request may name.
 pub const MAX_LINEAGE: usize = 16;
+/// Shortest caller-supplied content hash, in hex characters (128 bits).
+pub const MIN_CONTENT_HASH_HEX: usize = 32;
+/// Longest caller-supplied content hash, in hex characters (512 bits).
+pub const MAX_CONTENT_HASH_HEX: usize = 128;
 
 /// One metered quantity.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +74,13 @@ pub struct CheckRequest {
     /// Decide without recording anything.
     #[serde(default)]
     pub dry_run: bool,
+    /// Caller-computed digest of the inference input, in hex (never the
+    /// input itself); kept in the audit trail.
+    #[serde(default)]
+    pub input_hash: Option<String>,
+    /// Caller-computed digest of the inference output, in hex.
+    #[serde(default)]
+    pub output_hash: Option<String>,
 }
 
 // Hand-written so the plain key never reaches logs.
@@ -88,6 +99,8 @@ impl std::fmt::Debug for CheckRequest {
             .field("lineage", &self.lineage)
             .field("request_id", &self.request_id)
             .field("dry_run", &self.dry_run)
+            .field("input_hash", &self.input_hash)
+            .field("output_hash", &self.output_hash)
             .finish()
     }
 }
@@ -128,6 +141,15 @@ pub enum RequestError {
     BadMetric {
         /// Meter index.
         index: usize,
+    },
+    /// A content hash that is not an even number of hex digits between
+    /// `MIN_CONTENT_HASH_HEX` and `MAX_CONTENT_HASH_HEX`.
+    #[error(
+        "{field}: must be {MIN_CONTENT_HASH_HEX} to {MAX_CONTENT_HASH_HEX} hex digits (an even number), the digest of the content, never the content"
+    )]
+    BadContentHash {
+        /// Field name.
+        field: &'static str,
     },
     /// The same metric twice.
     #[error("meters[{index}].metric: duplicate metric {metric:?}")]
@@ -179,6 +201,8 @@ impl CheckRequest {
             lineage: Vec::new(),
             request_id: None,
             dry_run: false,
+            input_hash: None,
+            output_hash: None,
         }
     }
 
@@ -206,6 +230,14 @@ impl CheckRequest {
         ] {
             if value.as_ref().is_some_and(|v| v.len() > MAX_FIELD_BYTES) {
                 return Err(RequestError::TooLong { field });
+            }
+        }
+        for (field, value) in [
+            ("input_hash", &self.input_hash),
+            ("output_hash", &self.output_hash),
+        ] {
+            if value.as_deref().is_some_and(|h| !is_content_hash(h)) {
+                return Err(RequestError::BadContentHash { field });
             }
         }
         if self.meters.len() > MAX_METERS {
@@ -256,6 +288,14 @@ impl CheckRequest {
         }
         Ok(())
     }
+}
+
+/// Whether `h` is a plausible digest: an even number of hex digits (either
+/// case) between [`MIN_CONTENT_HASH_HEX`] and [`MAX_CONTENT_HASH_HEX`].
+pub fn is_content_hash(h: &str) -> bool {
+    (MIN_CONTENT_HASH_HEX..=MAX_CONTENT_HASH_HEX).contains(&h.len())
+        && h.len() & 1 == 0
+        && h.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 #[cfg(test)]
@@ -316,6 +356,29 @@ mod tests {
                     .collect();
             },
             Some("at most 16"),
+        );
+        let sha256 = "ab".repeat(32);
+        check(|r| r.input_hash = Some(sha256.clone()), None);
+        check(|r| r.output_hash = Some("AB".repeat(64)), None);
+        check(
+            |r| r.input_hash = Some("ab".repeat(15)),
+            Some("input_hash: must be 32 to 128 hex digits"),
+        );
+        check(
+            |r| r.output_hash = Some("ab".repeat(65)),
+            Some("output_hash: must be"),
+        );
+        check(
+            |r| r.input_hash = Some(format!("{}a", "ab".repeat(16))),
+            Some("input_hash: must be"),
+        );
+        check(
+            |r| r.input_hash = Some(format!("{}zz", "ab".repeat(16))),
+            Some("input_hash: must be"),
+        );
+        check(
+            |r| r.output_hash = Some(String::new()),
+            Some("output_hash: must be"),
         );
     }
 

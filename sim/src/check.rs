@@ -20,6 +20,7 @@ pub const CHECKERS: &[&str] = &[
     "durability",
     "seat-safety",
     "liveness",
+    "audit-chain",
 ];
 
 /// One checker's verdict.
@@ -83,6 +84,7 @@ pub fn check(run: &Run) -> (Vec<Verdict>, Figures) {
         Verdict::from("durability", durability(run)),
         Verdict::from("seat-safety", seat_safety(run)),
         Verdict::from("liveness", liveness(run)),
+        Verdict::from("audit-chain", audit_chain(run)),
     ];
     (verdicts, figures)
 }
@@ -352,6 +354,20 @@ fn seat_safety(run: &Run) -> Result<(), String> {
             }
         } else {
             live.remove(id);
+        }
+    }
+    Ok(())
+}
+
+/// Every live node's audit log verifies at the end (chain, checkpoints
+/// signed by the key its config registered), crashes and restarts included,
+/// and holds records.
+fn audit_chain(run: &Run) -> Result<(), String> {
+    for (node, verdict) in &run.audit {
+        match verdict {
+            Ok(0) => return Err(format!("node {node}'s audit log is empty")),
+            Ok(_) => {}
+            Err(e) => return Err(format!("node {node}'s audit log: {e}")),
         }
     }
     Ok(())

@@ -114,6 +114,9 @@ pub struct Run {
     pub live_nodes: BTreeSet<u64>,
     /// Nodes removed from the membership (and stopped) on purpose.
     pub removed: BTreeSet<u64>,
+    /// Each live node's audit log at the end, verified against the key its
+    /// config registered: the records it holds, or the first problem.
+    pub audit: BTreeMap<u64, Result<u64, String>>,
 }
 
 /// A node's config at the end of a run.
@@ -1358,10 +1361,12 @@ fn finish(
     let live = d.live();
     let mut final_usage: BTreeMap<(Lic, i64), u64> = BTreeMap::new();
     let mut final_configs = BTreeMap::new();
+    let mut audit = BTreeMap::new();
     for id in &live {
         let Some(state) = d.slots[id].node() else {
             continue;
         };
+        audit.insert(*id, verify_audit(&state));
         if final_usage.is_empty() {
             state.with_usage(|u| {
                 for (k, c) in u.counters() {
@@ -1432,5 +1437,26 @@ fn finish(
         node_failures,
         live_nodes: live,
         removed: d.removed.clone(),
+        audit,
     })
+}
+
+/// Verifies a node's audit log on its in-memory storage (crashes included)
+/// against the keys its config registered for it.
+fn verify_audit(state: &NodeState) -> Result<u64, String> {
+    use tollgate_node::audit::verify::{trusted_keys_for, verify};
+    let store = state
+        .audit
+        .store()
+        .ok_or_else(|| "the audit trail is off".to_string())?;
+    let config = state.config();
+    if config.node_keys(state.node_id).is_empty() {
+        return Err("no audit key registered for this node".into());
+    }
+    let trusted = trusted_keys_for(Some(&config), Some(state.node_id), Vec::new());
+    let report = verify(store, &trusted).map_err(|e| e.to_string())?;
+    match report.broken {
+        None => Ok(report.n_records),
+        Some(b) => Err(format!("{:?} {}: {}", b.part, b.seq, b.reason)),
+    }
 }

@@ -163,8 +163,7 @@ impl TestNode {
         ))
     }
 
-    /// GETs `path` with `token` as bearer (None: none); returns the status
-    /// and the body as text.
+    /// GETs `path` with `token` and returns (status, body text).
     pub async fn get_text(&self, path: &str, token: Option<&str>) -> anyhow::Result<(u16, String)> {
         let mut req = self.client.get(format!("{}{path}", self.http));
         if let Some(t) = token {
@@ -172,6 +171,25 @@ impl TestNode {
         }
         let r = req.send().await?;
         Ok((r.status().as_u16(), r.text().await?))
+    }
+
+    /// Waits until the audit writer has durably appended at least
+    /// `n_records` records and holds nothing queued; returns the `audit`
+    /// part of status.
+    pub async fn wait_audited(&self, n_records: u64) -> anyhow::Result<serde_json::Value> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let audit = self.status().await?["audit"].clone();
+            let appended = audit["appended"].as_u64().unwrap_or(0);
+            if appended >= n_records && audit["backlog"].as_u64() == Some(0) {
+                return Ok(audit);
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "audit appended {appended} of {n_records} records: {audit}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     /// The node's config version (policy version) as reported by status.

@@ -259,6 +259,21 @@ impl ProcCluster {
         Ok(())
     }
 
+    /// Stops node `i` cleanly (SIGTERM: it flushes and closes its storage)
+    /// and waits for the process to exit.
+    pub fn stop(&mut self, i: usize) -> anyhow::Result<()> {
+        let mut child = self.children[i].take().context("node is not running")?;
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .context("running kill")?;
+        anyhow::ensure!(status.success(), "kill -TERM failed");
+        let exit = child.wait()?;
+        anyhow::ensure!(exit.success(), "node {i} exited with {exit}");
+        Ok(())
+    }
+
     /// Indexes of running nodes.
     pub fn running(&self) -> Vec<usize> {
         (0..self.children.len())

@@ -1,0 +1,443 @@
+//! The one task that writes the audit log.
+//!
+//! It takes queued decisions and the consensus feed of applied config
+//! changes, turns each into a record chained to the one before, signs a
+//! checkpoint every `checkpoint_every_records` records or
+//! `checkpoint_interval_ms`, and writes what accumulated at most once per
+//! `flush_interval_ms` (one segment, its checkpoints and the head in one
+//! atomic write), durably before it counts as appended. A failed
+//! write keeps the batch, already chained, and retries it with backoff;
+//! while it fails the writer stops taking from the queue, so memory stays
+//! bounded and `on_full` decides what callers see.
+//!
+//! The task wakes once per flush interval while busy, not once per
+//! decision. Building records (encoding, hashing, signing) and the write
+//! run together on a blocking thread for sled (a flush is an fsync), away
+//! from the threads that answer decisions, and inline for the in-memory
+//! engine, so the simulator's single thread drives this task like any
+//! other.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tollgate_consensus::storage::StorageError;
+use tollgate_consensus::{AppliedChange, AppliedEntry, AppliedFeed};
+
+use super::keys::{NodeSigner, SubjectKey};
+use super::record::{
+    Body, Checkpoint, ConfigRecord, DecisionRecord, FORMAT_VERSION, MembershipRecord, Record,
+    SeatRecord, StartRecord, hash_bytes,
+};
+use super::store::{AuditStore, Head, WriteBatch};
+use super::{AuditConfig, AuditStats, Event, MAX_BATCH_RECORDS};
+use crate::persist::run_storage;
+use crate::state::NodeState;
+
+/// Records built but not yet durable, beyond which the writer stops taking
+/// decisions off the queue (a failing disk): the queue, not this buffer,
+/// is where back-pressure shows.
+const MAX_PENDING_RECORDS: usize = 4 * MAX_BATCH_RECORDS;
+/// First wait after a failed write; doubles up to [`MAX_RETRY_BACKOFF_MS`].
+const FIRST_RETRY_BACKOFF_MS: u64 = 10;
+/// Longest wait between retries of a failed write.
+const MAX_RETRY_BACKOFF_MS: u64 = 1_000;
+
+/// What the writer needs besides the node state.
+pub(crate) struct WriterParts {
+    pub store: AuditStore,
+    pub signer: NodeSigner,
+    pub subject_key: SubjectKey,
+    pub feed: Arc<AppliedFeed>,
+    pub rx: mpsc::Receiver<Event>,
+    pub config: AuditConfig,
+    pub blocking: bool,
+}
+
+struct Writer {
+    node: u64,
+    store: AuditStore,
+    signer: NodeSigner,
+    subject_key: SubjectKey,
+    stats: Arc<AuditStats>,
+    config: AuditConfig,
+    blocking: bool,
+    /// The last record built (durable or pending).
+    built: Head,
+    /// Built, not yet durable.
+    pending: WriteBatch,
+    config_index: Option<u64>,
+    last_checkpoint_seq: u64,
+    last_checkpoint_at: Instant,
+    n_shed_recorded: u64,
+    n_feed_dropped_recorded: u64,
+    /// After a failed write, how long the next wait is.
+    retry_backoff: Option<Duration>,
+    /// No write before this: the flush interval after the last write, or
+    /// the backoff after a failed one.
+    next_write_at: Instant,
+}
+
+/// Runs the writer until `shutdown`; then records what is queued, signs a
+/// last checkpoint and writes it all.
+pub(crate) async fn run(
+    state: Arc<NodeState>,
+    parts: WriterParts,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let WriterParts {
+        store,
+        signer,
+        subject_key,
+        feed,
+        mut rx,
+        config,
+        blocking,
+    } = parts;
+    let mut w = Box::new(Writer::open(&state, store, signer, subject_key, config, blocking).await?);
+    w.append(
+        state.now_ms(),
+        Body::Start(StartRecord {
+            policy_version: state.config().version,
+            public_key: w.signer.public_key(),
+            subject_key_id: w.subject_key.id(),
+            software: env!("CARGO_PKG_VERSION").to_string(),
+        }),
+    );
+    let mut events = Vec::with_capacity(MAX_BATCH_RECORDS);
+    loop {
+        // Idle: wait for the first thing to do. Busy: do not wake per
+        // event (a wake-up per decision costs more than its record); let
+        // events gather in the queue until the next write is due.
+        if !w.has_pending() && rx.is_empty() {
+            let checkpoint_due = w.last_checkpoint_at + w.config.interval();
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                n = rx.recv_many(&mut events, MAX_BATCH_RECORDS) => {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                _ = feed.ready() => {}
+                _ = tokio::time::sleep_until(checkpoint_due) => {}
+            }
+        }
+        if Instant::now() < w.next_write_at && rx.len() < MAX_BATCH_RECORDS {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = tokio::time::sleep_until(w.next_write_at) => {}
+            }
+        }
+        // Take what is queued now; while writes fail, only up to the bound.
+        while w.pending.records.len() + events.len() < MAX_PENDING_RECORDS {
+            match rx.try_recv() {
+                Ok(event) => events.push(event),
+                Err(_) => break,
+            }
+        }
+        w = cycle(w, &state, &feed, std::mem::take(&mut events), false).await?;
+    }
+    // Shutting down: what is already queued still goes in.
+    rx.close();
+    while let Ok(event) = rx.try_recv() {
+        events.push(event);
+    }
+    w.next_write_at = Instant::now();
+    let w = cycle(w, &state, &feed, events, true).await?;
+    if !w.pending.records.is_empty() {
+        tracing::warn!(
+            n_records = w.pending.records.len(),
+            "audit records could not be written before shutdown"
+        );
+    }
+    Ok(())
+}
+
+/// Builds the records of `events` and of what the feed holds, signs what
+/// is due and writes. The encoding, hashing and signing run with the write
+/// on the storage thread (a blocking one for sled), never on the threads
+/// that answer decisions.
+async fn cycle(
+    mut w: Box<Writer>,
+    state: &NodeState,
+    feed: &Arc<AppliedFeed>,
+    events: Vec<Event>,
+    last: bool,
+) -> anyhow::Result<Box<Writer>> {
+    let now = state.now_ms();
+    let feed = Arc::clone(feed);
+    let blocking = w.blocking;
+    run_storage(blocking, move || {
+        w.take(now, &feed, events);
+        w.maybe_checkpoint(now, last);
+        w.write();
+        w
+    })
+    .await
+    .context("the audit writer stopped")
+}
+
+impl Writer {
+    async fn open(
+        state: &NodeState,
+        store: AuditStore,
+        signer: NodeSigner,
+        subject_key: SubjectKey,
+        config: AuditConfig,
+        blocking: bool,
+    ) -> anyhow::Result<Self> {
+        let node = state.node_id;
+        let public_key = signer.public_key();
+        let s = store.clone();
+        let (head, config_index, last_checkpoint) = run_storage(blocking, move || {
+            s.set_identity(node, &public_key)?;
+            Ok::<_, StorageError>((s.head()?, s.config_index()?, s.last_checkpoint()?))
+        })
+        .await??;
+        let built = head.unwrap_or(Head {
+            seq: 0,
+            hash: super::record::GENESIS_PREV,
+        });
+        let stats = Arc::clone(&state.audit.stats);
+        stats.last_seq.store(built.seq, Ordering::Relaxed);
+        let last_checkpoint_seq = last_checkpoint.map_or(0, |c| c.seq);
+        stats
+            .last_checkpoint_seq
+            .store(last_checkpoint_seq, Ordering::Relaxed);
+        Ok(Self {
+            node,
+            store,
+            signer,
+            subject_key,
+            stats,
+            config,
+            blocking,
+            built,
+            pending: WriteBatch::default(),
+            config_index,
+            last_checkpoint_seq,
+            last_checkpoint_at: Instant::now(),
+            n_shed_recorded: 0,
+            n_feed_dropped_recorded: 0,
+            retry_backoff: None,
+            next_write_at: Instant::now(),
+        })
+    }
+
+    /// Chains `body` after the last built record.
+    fn append(&mut self, at_ms: i64, body: Body) {
+        let record = Record {
+            format: FORMAT_VERSION,
+            seq: self.built.seq + 1,
+            prev: self.built.hash,
+            at_ms,
+            node: self.node,
+            body,
+        };
+        match record.encode() {
+            Ok(bytes) => {
+                let hash = hash_bytes(&bytes);
+                self.pending.records.push((record.seq, hash, bytes));
+                self.built = Head {
+                    seq: record.seq,
+                    hash,
+                };
+                if self.built.seq - self.last_checkpoint_seq >= self.config.every_records() {
+                    self.checkpoint(at_ms);
+                }
+            }
+            // Our own types always encode; if one ever does not, the chain
+            // stays whole and the gap shows as a missing decision.
+            Err(e) => tracing::error!(error = %e, "an audit record could not be encoded"),
+        }
+    }
+
+    /// Builds the records for newly shed decisions, config changes and
+    /// queued events.
+    fn take(&mut self, now: i64, feed: &AppliedFeed, events: Vec<Event>) {
+        let n_shed = self.stats.n_shed.load(Ordering::Relaxed);
+        if n_shed > self.n_shed_recorded {
+            let n_records = n_shed - self.n_shed_recorded;
+            self.n_shed_recorded = n_shed;
+            self.append(now, Body::Shed { n_records });
+        }
+        let n_dropped = feed.n_dropped();
+        if n_dropped > self.n_feed_dropped_recorded {
+            let n_entries = n_dropped - self.n_feed_dropped_recorded;
+            self.n_feed_dropped_recorded = n_dropped;
+            self.append(now, Body::ConfigGap { n_entries });
+        }
+        for entry in feed.drain() {
+            self.take_applied(now, entry);
+        }
+        for event in events {
+            let (at_ms, body) = self.body_of(event);
+            self.append(at_ms, body);
+            self.pending.n_events += 1;
+        }
+    }
+
+    fn take_applied(&mut self, now: i64, entry: AppliedEntry) {
+        // Entries re-applied after a restart were recorded before.
+        if self
+            .config_index
+            .is_some_and(|recorded| entry.index <= recorded)
+        {
+            return;
+        }
+        self.config_index = Some(entry.index);
+        self.pending.config_index = Some(entry.index);
+        let body = match entry.change {
+            AppliedChange::Command { command, outcome } => {
+                let json = serde_json::to_vec(&*command).unwrap_or_default();
+                Body::Config(ConfigRecord {
+                    index: entry.index,
+                    term: entry.term,
+                    actor: command.actor.clone(),
+                    op: command.op.kind().to_string(),
+                    targets: command.op.targets(),
+                    command_sha256: Sha256::digest(&json).into(),
+                    applied: matches!(
+                        outcome,
+                        tollgate_quota::config::ApplyOutcome::Applied { .. }
+                    ),
+                })
+            }
+            AppliedChange::Membership { voters, learners } => Body::Membership(MembershipRecord {
+                index: entry.index,
+                term: entry.term,
+                voters,
+                learners,
+            }),
+            AppliedChange::Snapshot => Body::Snapshot { index: entry.index },
+        };
+        self.append(now, body);
+    }
+
+    fn body_of(&self, event: Event) -> (i64, Body) {
+        match event {
+            Event::Decision(d) => (
+                d.at_ms,
+                Body::Decision(DecisionRecord {
+                    op: d.op,
+                    decision_id: d.decision_id,
+                    license: d.license,
+                    subject: d.subject.as_deref().map(|s| self.subject_key.pseudonym(s)),
+                    model: d.model,
+                    model_version: d.model_version,
+                    verdict: d.verdict,
+                    reasons: d.reasons.into_iter().map(str::to_string).collect(),
+                    policy_version: d.policy_version,
+                    // Validated as hex before the decision; a value that
+                    // still does not decode is left out, never stored raw.
+                    input_hash: d.input_hash.and_then(|h| hex::decode(h).ok()),
+                    output_hash: d.output_hash.and_then(|h| hex::decode(h).ok()),
+                    request_id: d.request_id,
+                    dry_run: d.dry_run,
+                }),
+            ),
+            Event::Seat(s) => (
+                s.at_ms,
+                Body::Seat(SeatRecord {
+                    call: s.call,
+                    decision_id: s.decision_id,
+                    license: s.license,
+                    lease_id: s.lease_id,
+                    granted: s.granted,
+                    reasons: s.reasons.into_iter().map(str::to_string).collect(),
+                    policy_version: s.policy_version,
+                }),
+            ),
+        }
+    }
+
+    /// Signs a checkpoint of the last built record when the interval went
+    /// by (or `force`, at shutdown); `append` signs one every
+    /// `checkpoint_every_records`.
+    fn maybe_checkpoint(&mut self, now_ms: i64, force: bool) {
+        let since = self.built.seq - self.last_checkpoint_seq;
+        let timer_due = self.last_checkpoint_at.elapsed() >= self.config.interval();
+        if timer_due {
+            // Restart the interval even when nothing is due, so an idle
+            // writer does not wake up in a loop.
+            self.last_checkpoint_at = Instant::now();
+        }
+        if since > 0 && (force || timer_due) {
+            self.checkpoint(now_ms);
+        }
+    }
+
+    /// Signs a checkpoint of the last built record.
+    fn checkpoint(&mut self, now_ms: i64) {
+        let cp = Checkpoint::sign(
+            &self.signer,
+            self.node,
+            self.built.seq,
+            self.built.hash,
+            now_ms,
+        );
+        self.pending.checkpoints.push(cp);
+        self.last_checkpoint_seq = self.built.seq;
+        self.last_checkpoint_at = Instant::now();
+    }
+
+    fn has_pending(&self) -> bool {
+        !self.pending.records.is_empty()
+            || !self.pending.checkpoints.is_empty()
+            || self.pending.config_index.is_some()
+    }
+
+    /// Writes what is pending, durably; on failure keeps it for a retry
+    /// after a backoff. Blocks on the fsync.
+    fn write(&mut self) {
+        if !self.has_pending() || Instant::now() < self.next_write_at {
+            return;
+        }
+        let result = self
+            .store
+            .write(&self.pending)
+            .and_then(|()| self.store.flush());
+        match result {
+            Ok(()) => {
+                let batch = std::mem::take(&mut self.pending);
+                let n = batch.records.len() as u64;
+                self.stats.n_appended.fetch_add(n, Ordering::Relaxed);
+                self.stats
+                    .n_recorded
+                    .fetch_add(batch.n_events, Ordering::Relaxed);
+                if let Some((seq, _, _)) = batch.records.last() {
+                    self.stats.last_seq.store(*seq, Ordering::Relaxed);
+                }
+                if let Some(cp) = batch.checkpoints.last() {
+                    self.stats
+                        .n_checkpoints
+                        .fetch_add(batch.checkpoints.len() as u64, Ordering::Relaxed);
+                    self.stats
+                        .last_checkpoint_seq
+                        .store(cp.seq, Ordering::Relaxed);
+                }
+                self.retry_backoff = None;
+                self.next_write_at = Instant::now() + self.config.flush_interval();
+            }
+            Err(e) => {
+                // Kept as built: the next write carries it, and what was
+                // chained after it, in order.
+                self.stats.n_write_errors.fetch_add(1, Ordering::Relaxed);
+                let backoff = self
+                    .retry_backoff
+                    .map_or(Duration::from_millis(FIRST_RETRY_BACKOFF_MS), |b| {
+                        (b * 2).min(Duration::from_millis(MAX_RETRY_BACKOFF_MS))
+                    });
+                if self.retry_backoff.is_none() {
+                    tracing::warn!(error = %e, "audit write failed; retrying");
+                }
+                self.retry_backoff = Some(backoff);
+                self.next_write_at = Instant::now() + backoff;
+            }
+        }
+    }
+}
