@@ -83,6 +83,14 @@ fn now_ms() -> i64 {
 async fn gossip_cluster(dir: &Path, n: usize, durable: bool) -> anyhow::Result<ProcCluster> {
     let mut opts = ClusterOptions::gossip();
     opts.durable_usage_ack = durable;
+    gossip_cluster_with(dir, n, opts).await
+}
+
+async fn gossip_cluster_with(
+    dir: &Path,
+    n: usize,
+    opts: ClusterOptions,
+) -> anyhow::Result<ProcCluster> {
     let cluster = ProcCluster::start_with(dir, n, &opts)?;
     cluster.wait_seeded().await?;
     for i in 0..n {
@@ -492,7 +500,12 @@ async fn usage_converges_within_three_gossip_intervals_over_50_heals() -> anyhow
 async fn gossip_costs_at_most_16_bytes_per_increment() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir()?;
-    let cluster = gossip_cluster(dir.path(), 5, false).await?;
+    // Audit off: its writer's CPU on a 2-core machine makes the load
+    // generator shed, and fewer increments share the same keep-alives and
+    // acks. The bytes measured are gossip's either way.
+    let mut cluster_opts = ClusterOptions::gossip();
+    cluster_opts.no_audit = true;
+    let cluster = gossip_cluster_with(dir.path(), 5, cluster_opts).await?;
     let path = cluster.write_cluster_json()?;
     let opts = gossip_bench::GossipBenchOptions {
         duration_secs: 4,
@@ -500,18 +513,30 @@ async fn gossip_costs_at_most_16_bytes_per_increment() -> anyhow::Result<()> {
         rate_per_node: 400,
         ..Default::default()
     };
-    let report = gossip_bench::run(&path, opts.clone()).await?;
-    eprintln!("gossip cost: {report}");
-    let increments = report["increments"].as_u64().unwrap_or(0);
+    // The figure is defined at a steady 400 Checks/s per node. When the
+    // machine cannot hold that rate (the load generator shares its cores
+    // with five nodes), fewer increments share the same keep-alives and
+    // acks and the run measured something else: it is run again, up to
+    // three times, and a run that held the load is the one judged.
     let offered = opts.rate_per_node * opts.duration_secs * 5;
-    assert!(
-        increments * 2 >= offered,
-        "the load did not run: {increments} increments of {offered} offered"
-    );
-    let per_increment = report["bytes_per_increment"].as_f64().unwrap_or(f64::MAX);
+    let mut runs = Vec::new();
+    let steady = loop {
+        let report = gossip_bench::run(&path, opts.clone()).await?;
+        eprintln!("gossip cost: {report}");
+        let increments = report["increments"].as_u64().unwrap_or(0);
+        if increments * 100 >= offered * 95 {
+            break report;
+        }
+        runs.push(report);
+        assert!(
+            runs.len() < 3,
+            "the load never held 95% of {offered} offered Checks in three runs: {runs:?}"
+        );
+    };
+    let per_increment = steady["bytes_per_increment"].as_f64().unwrap_or(f64::MAX);
     assert!(
         per_increment <= gossip_bench::TARGET_BYTES_PER_INCREMENT,
-        "{per_increment} wire bytes per increment"
+        "{per_increment} wire bytes per increment: {steady}"
     );
     Ok(())
 }

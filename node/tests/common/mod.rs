@@ -38,6 +38,9 @@ pub struct ClusterOptions {
     pub fault_injection: bool,
     /// `durable_usage_ack: true`: acknowledged usage is on disk.
     pub durable_usage_ack: bool,
+    /// `audit: { enabled: false }`: for measurements of something else
+    /// (gossip bytes) that the audit writer's CPU would only blur.
+    pub no_audit: bool,
 }
 
 /// The `gossip` section of the settings.
@@ -66,6 +69,7 @@ impl ClusterOptions {
             gossip: Some(GossipOptions::default()),
             fault_injection: true,
             durable_usage_ack: false,
+            no_audit: false,
         }
     }
 }
@@ -205,6 +209,9 @@ impl ProcCluster {
             }
             if opts.fault_injection {
                 yaml.push_str("enable_fault_injection: true\n");
+            }
+            if opts.no_audit {
+                yaml.push_str("audit:\n  enabled: false\n");
             }
             if opts.durable_usage_ack {
                 yaml.push_str("durable_usage_ack: true\n");
