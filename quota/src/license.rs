@@ -205,7 +205,11 @@ pub struct License {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub valid_until: Option<DateTime<Utc>>,
     /// How long use stays allowed (with a warning) after `valid_until`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "grace_period"
+    )]
     pub grace_period: Option<HumaneDuration>,
     /// API keys, stored as SHA-256 hashes only.
     #[serde(default)]
@@ -236,7 +240,11 @@ pub struct License {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub max_instances: u32,
     /// How long a seat lease lasts without renewal (default 60s).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "seat_lease_ttl"
+    )]
     pub seat_lease_ttl: Option<HumaneDuration>,
     /// Dataset constraints on the lineage of each use; absent means none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -384,9 +392,21 @@ fn named_duration<'de, D: serde::Deserializer<'de>>(
     let text = String::deserialize(deserializer)?;
     HumaneDuration::parse(&text).map(Some).ok_or_else(|| {
         serde::de::Error::custom(format!(
-            ".{field}: expected a duration like 24h (30s, 15m, 12h, 7d), got {text:?}"
+            ".{field}: expected a duration like 7d (30s, 15m, 12h, 7d), got {text:?}"
         ))
     })
+}
+
+fn grace_period<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<HumaneDuration>, D::Error> {
+    named_duration(deserializer, "grace_period")
+}
+
+fn seat_lease_ttl<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<HumaneDuration>, D::Error> {
+    named_duration(deserializer, "seat_lease_ttl")
 }
 
 fn escalation_deadline<'de, D: serde::Deserializer<'de>>(
@@ -763,7 +783,7 @@ impl<'de> Deserialize<'de> for HumaneDuration {
         let text = String::deserialize(deserializer)?;
         HumaneDuration::parse(&text).ok_or_else(|| {
             serde::de::Error::custom(format!(
-                ".grace_period: expected a duration like 7d (30s, 15m, 12h, 7d), got {text:?}"
+                "expected a duration like 7d (30s, 15m, 12h, 7d), got {text:?}"
             ))
         })
     }
@@ -1764,6 +1784,10 @@ mod tests {
                 "rate_limits[0].schedule.timezone",
                 "unknown time zone \"Mars/Base\"",
             ],
+        );
+        check(
+            "seat_lease_ttl: later\nmax_instances: 2\n",
+            &["seat_lease_ttl: expected a duration like 7d", "\"later\""],
         );
         check(
             "grace_period: soon\n",
