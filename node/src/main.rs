@@ -207,7 +207,7 @@ enum AuditCommand {
 #[derive(Subcommand)]
 enum CertsCommand {
     /// Create a dev CA (or reuse the one in --out) and a certificate and
-    /// key per node: ca.pem, ca.key, node-<id>.pem, node-<id>.key. For
+    /// key per node: ca.pem, ca.key, `node-<id>.pem`, `node-<id>.key`. For
     /// production, point each node's `tls` settings at PEM files from your
     /// own CA instead.
     Init {
