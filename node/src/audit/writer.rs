@@ -12,10 +12,12 @@
 //!
 //! The task wakes once per flush interval while busy, not once per
 //! decision. Building records (encoding, hashing, signing) and the write
-//! run together on a blocking thread for sled (a flush is an fsync), away
-//! from the threads that answer decisions, and inline for the in-memory
-//! engine, so the simulator's single thread drives this task like any
-//! other.
+//! run together on the writer's own OS thread for sled (a flush is an
+//! fsync), away from the threads that answer decisions and, on Linux, at a
+//! lower CPU priority than they have (nice +10), so on a busy machine the
+//! audit trail waits for the cores rather than decisions waiting for it. On
+//! the in-memory engine they run inline, so the simulator's single thread
+//! drives this task like any other.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -47,6 +49,75 @@ const FIRST_RETRY_BACKOFF_MS: u64 = 10;
 /// Longest wait between retries of a failed write.
 const MAX_RETRY_BACKOFF_MS: u64 = 1_000;
 
+/// How much lower than the node's other threads the audit thread runs
+/// (a nice increment; +10 gives it about a tenth of a busy core's share).
+const AUDIT_THREAD_NICE: libc::c_int = 10;
+
+/// A job for the audit thread.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The writer's own OS thread, for an engine whose writes block (sled).
+/// It stops when the writer drops it.
+struct AuditThread {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+impl AuditThread {
+    fn spawn() -> anyhow::Result<Self> {
+        let (jobs, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("tollgate-audit".into())
+            .spawn(move || {
+                lower_priority();
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })
+            .context("starting the audit thread")?;
+        Ok(Self { jobs })
+    }
+
+    /// Runs `f` on the thread and waits (without blocking) for its result.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| anyhow::anyhow!("the audit thread stopped"))?;
+        rx.await.context("the audit thread stopped")
+    }
+}
+
+/// Lowers the calling thread's CPU priority by [`AUDIT_THREAD_NICE`]. On
+/// Linux the nice value belongs to a thread, not the process, so the
+/// node's other threads keep theirs. Best effort: a refusal is logged.
+#[cfg(target_os = "linux")]
+fn lower_priority() {
+    // SAFETY: gettid and setpriority take and return plain integers and
+    // touch no memory of ours.
+    let result = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(
+            libc::PRIO_PROCESS,
+            libc::id_t::try_from(tid).unwrap_or(0),
+            AUDIT_THREAD_NICE,
+        )
+    };
+    if result != 0 {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "could not lower the audit thread's priority"
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lower_priority() {}
+
 /// What the writer needs besides the node state.
 pub(crate) struct WriterParts {
     pub store: AuditStore,
@@ -65,7 +136,6 @@ struct Writer {
     subject_key: SubjectKey,
     stats: Arc<AuditStats>,
     config: AuditConfig,
-    blocking: bool,
     /// The last record built (durable or pending).
     built: Head,
     /// Built, not yet durable.
@@ -99,6 +169,12 @@ pub(crate) async fn run(
         blocking,
     } = parts;
     let mut w = Box::new(Writer::open(&state, store, signer, subject_key, config, blocking).await?);
+    let thread = if blocking {
+        Some(AuditThread::spawn()?)
+    } else {
+        None
+    };
+    let thread = thread.as_ref();
     w.append(
         state.now_ms(),
         Body::Start(StartRecord {
@@ -139,7 +215,7 @@ pub(crate) async fn run(
                 Err(_) => break,
             }
         }
-        w = cycle(w, &state, &feed, std::mem::take(&mut events), false).await?;
+        w = cycle(w, thread, &state, &feed, std::mem::take(&mut events), false).await?;
     }
     // Shutting down: what is already queued still goes in.
     rx.close();
@@ -147,7 +223,7 @@ pub(crate) async fn run(
         events.push(event);
     }
     w.next_write_at = Instant::now();
-    let w = cycle(w, &state, &feed, events, true).await?;
+    let w = cycle(w, thread, &state, &feed, events, true).await?;
     if !w.pending.records.is_empty() {
         tracing::warn!(
             n_records = w.pending.records.len(),
@@ -159,10 +235,11 @@ pub(crate) async fn run(
 
 /// Builds the records of `events` and of what the feed holds, signs what
 /// is due and writes. The encoding, hashing and signing run with the write
-/// on the storage thread (a blocking one for sled), never on the threads
+/// on the audit thread (sled) or inline (in memory), never on the threads
 /// that answer decisions.
 async fn cycle(
     mut w: Box<Writer>,
+    thread: Option<&AuditThread>,
     state: &NodeState,
     feed: &Arc<AppliedFeed>,
     events: Vec<Event>,
@@ -170,15 +247,16 @@ async fn cycle(
 ) -> anyhow::Result<Box<Writer>> {
     let now = state.now_ms();
     let feed = Arc::clone(feed);
-    let blocking = w.blocking;
-    run_storage(blocking, move || {
+    let work = move || {
         w.take(now, &feed, events);
         w.maybe_checkpoint(now, last);
         w.write();
         w
-    })
-    .await
-    .context("the audit writer stopped")
+    };
+    match thread {
+        Some(thread) => thread.run(work).await.context("the audit writer stopped"),
+        None => Ok(work()),
+    }
 }
 
 impl Writer {
@@ -215,7 +293,6 @@ impl Writer {
             subject_key,
             stats,
             config,
-            blocking,
             built,
             pending: WriteBatch::default(),
             config_index,
