@@ -13,6 +13,7 @@ pub mod certs;
 pub mod client;
 pub mod clock;
 pub mod dashboard;
+pub mod drain;
 pub mod gossip;
 pub mod gossip_bench;
 pub mod grpc;

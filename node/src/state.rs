@@ -22,6 +22,7 @@ use tollgate_quota::usage::Usage;
 use crate::alerts::Alerts;
 use crate::clock::Clock;
 use crate::dashboard::Dashboard;
+use crate::drain::Drain;
 use crate::gossip::GossipNode;
 use crate::metrics::{DecisionKind, Metrics};
 
@@ -78,6 +79,25 @@ pub struct NodeState {
     pub clock: Arc<Clock>,
     /// Alert and escalation queues (see `alerts`).
     pub alerts: Alerts,
+    /// Whether this node still takes usage or is leaving (see `drain`).
+    pub drain: Drain,
+}
+
+/// Why a Check, Report or seat call was not decided.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The request is malformed; nothing changed.
+    #[error(transparent)]
+    Invalid(#[from] RequestError),
+    /// The node is leaving the cluster and takes no more usage; nothing
+    /// changed. Another member answers.
+    #[error(
+        "node {node_id} is draining (it is leaving the cluster); send the call to another member"
+    )]
+    Draining {
+        /// This node.
+        node_id: u64,
+    },
 }
 
 /// A seat call.
@@ -121,6 +141,7 @@ impl NodeState {
             gossip: OnceLock::new(),
             clock: Arc::new(Clock::system()),
             alerts: Alerts::default(),
+            drain: Drain::default(),
         }
     }
 
@@ -136,7 +157,7 @@ impl NodeState {
     }
 
     /// Decides one Check and, unless it is a dry run, counts it.
-    pub async fn check(&self, req: &CheckRequest) -> Result<Decision, RequestError> {
+    pub async fn check(&self, req: &CheckRequest) -> Result<Decision, CallError> {
         // Elapsed time only, never the time of day: measured, not decided on.
         let started = std::time::Instant::now();
         let (d, seq) = self.run(req, false)?;
@@ -146,7 +167,7 @@ impl NodeState {
     }
 
     /// Records usage measured after an inference.
-    pub async fn report(&self, req: &CheckRequest) -> Result<Decision, RequestError> {
+    pub async fn report(&self, req: &CheckRequest) -> Result<Decision, CallError> {
         let (d, seq) = self.run(req, true)?;
         self.wait_durable(seq).await;
         Ok(d)
@@ -174,16 +195,24 @@ impl NodeState {
         &self,
         req: &CheckRequest,
         is_report: bool,
-    ) -> Result<(Decision, Option<(u64, bool)>), RequestError> {
+    ) -> Result<(Decision, Option<(u64, bool)>), CallError> {
         if let Err(e) = req.validate() {
             self.stats.n_invalid.fetch_add(1, Ordering::Relaxed);
-            return Err(e);
+            return Err(e.into());
         }
         let now = self.now_ms();
         let decision_id = self.next_decision_id(now);
         let config = self.config.load();
         let (decision, seq) = {
             let mut usage = self.usage.lock();
+            // Under the usage lock: a drain's first flush takes it after
+            // the phase changed, so every use counted here is in it.
+            if !self.drain.accepts_usage() {
+                self.drain.count_refused();
+                return Err(CallError::Draining {
+                    node_id: self.node_id,
+                });
+            }
             let d = if is_report {
                 usage.report(&config, req, now, decision_id)
             } else {
@@ -220,11 +249,19 @@ impl NodeState {
     }
 
     /// Acquires, renews or releases a seat lease.
-    pub async fn seat(&self, op: SeatOp, req: &SeatRequest) -> SeatDecision {
+    /// A draining node refuses to acquire or renew (those would hold a seat
+    /// here after it left) but still releases.
+    pub async fn seat(&self, op: SeatOp, req: &SeatRequest) -> Result<SeatDecision, CallError> {
         let now = self.now_ms();
         let config = self.config.load();
         let d = {
             let mut usage = self.usage.lock();
+            if op != SeatOp::Release && !self.drain.accepts_usage() {
+                self.drain.count_refused();
+                return Err(CallError::Draining {
+                    node_id: self.node_id,
+                });
+            }
             let d = match op {
                 SeatOp::Acquire => {
                     let salt = tollgate_consensus::runtime::random_u64();
@@ -239,7 +276,7 @@ impl NodeState {
         };
         // A seat is an escrow unit: always on disk before the answer.
         self.wait_durable(Some((self.usage_seq(), true))).await;
-        d
+        Ok(d)
     }
 
     fn next_decision_id(&self, now: i64) -> String {
@@ -297,6 +334,7 @@ impl NodeState {
             "raft": serde_json::to_value(&m).unwrap_or_default(),
             "gossip": gossip,
             "alerts": self.alerts.status_json(),
+            "drain": self.drain.status_json(),
             "rights": rights,
             "usage": {
                 "durable_ack": self.durable_usage_ack,
