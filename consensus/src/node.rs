@@ -177,24 +177,22 @@ pub struct Removal {
     pub seen_by: NodeId,
 }
 
-/// Whether `theirs` (some member's metrics, possibly `me`'s own, `ours`)
-/// shows a committed membership without node `me` that is newer than the
-/// one `me` holds, or is `me`'s own. Only an applied entry counts: an entry
-/// that is merely appended may still be truncated by a new leader, and a
-/// node that drained on it would have left for nothing.
+/// Whether `theirs` (some member's metrics, possibly `me`'s own) shows a
+/// committed membership without node `me` that is newer than
+/// `member_at`, the newest membership index at which `me` saw itself a
+/// member. Only an applied entry counts: an entry that is merely appended
+/// may still be truncated by a new leader, and a node that drained on it
+/// would have left for nothing. A node that never saw itself a member
+/// (still joining; or fresh from a snapshot taken before it was added,
+/// whose membership does not list it yet) has not been removed.
 pub fn removal_in(
     me: NodeId,
-    ours: &ConsensusMetrics,
+    member_at: Option<u64>,
     theirs: &ConsensusMetrics,
 ) -> Option<Removal> {
     let index = theirs.membership_index?;
     let applied = theirs.last_applied_index.is_some_and(|a| a >= index);
-    let own_view = theirs.node_id == ours.node_id;
-    // A peer's view counts only if it is newer than ours, and ours still
-    // lists us: a node that was never a member (still joining) has not
-    // been removed.
-    let newer = own_view
-        || (ours.membership_index.is_none_or(|i| index > i) && ours.member_ids.contains(&me));
+    let newer = member_at.is_some_and(|m| index > m);
     (applied && newer && !theirs.member_ids.contains(&me)).then_some(Removal {
         membership_index: index,
         seen_by: theirs.node_id,
@@ -254,6 +252,9 @@ pub struct ConsensusNode {
     // node runs on another network (single node, tests).
     peers: Option<PeerClient>,
     install_snapshot_rpcs: AtomicU64,
+    /// One more than the newest membership index at which this node saw
+    /// itself a member in its own view (0: never), for `find_own_removal`.
+    member_at: AtomicU64,
 }
 
 impl std::fmt::Debug for ConsensusNode {
@@ -359,6 +360,7 @@ impl ConsensusNode {
             settings: settings.clone(),
             peers,
             install_snapshot_rpcs: AtomicU64::new(0),
+            member_at: AtomicU64::new(0),
         })
     }
 
@@ -920,7 +922,13 @@ impl ConsensusNode {
     /// Asks the known leader, or without one at most `max_asked` members.
     pub async fn find_own_removal(&self, max_asked: usize) -> Option<Removal> {
         let own = self.metrics();
-        if let Some(removal) = removal_in(self.node_id, &own, &own) {
+        if own.member_ids.contains(&self.node_id)
+            && let Some(index) = own.membership_index
+        {
+            self.member_at.fetch_max(index + 1, Ordering::AcqRel);
+        }
+        let member_at = self.member_at.load(Ordering::Acquire).checked_sub(1);
+        if let Some(removal) = removal_in(self.node_id, member_at, &own) {
             return Some(removal);
         }
         // A leader that is still a member has not been removed.
@@ -935,7 +943,7 @@ impl ConsensusNode {
         for member in members.into_iter().take(max_asked) {
             match self.peer_status(&member.info).await {
                 Ok(theirs) => {
-                    if let Some(removal) = removal_in(self.node_id, &own, &theirs) {
+                    if let Some(removal) = removal_in(self.node_id, member_at, &theirs) {
                         return Some(removal);
                     }
                 }
@@ -1190,33 +1198,32 @@ mod tests {
         }
     }
 
-    fn check(ours: &ConsensusMetrics, theirs: &ConsensusMetrics, expected: Option<u64>) {
+    fn check(member_at: Option<u64>, theirs: &ConsensusMetrics, expected: Option<u64>) {
         assert_eq!(
-            removal_in(3, ours, theirs).map(|r| r.membership_index),
+            removal_in(3, member_at, theirs).map(|r| r.membership_index),
             expected,
-            "ours {ours:?}, theirs {theirs:?}"
+            "member at {member_at:?}, theirs {theirs:?}"
         );
     }
 
     #[test]
     fn a_removal_counts_once_applied_newer_and_without_the_node() {
-        let ours = view(3, &[1, 2, 3], Some(10), 12);
+        // Node 3 last saw itself a member in the membership of entry 10.
+        let member_at = Some(10);
         // A peer applied a newer membership without node 3.
-        check(&ours, &view(1, &[1, 2], Some(14), 14), Some(14));
+        check(member_at, &view(1, &[1, 2], Some(14), 14), Some(14));
         // Appended but not applied yet: it may still be truncated.
-        check(&ours, &view(1, &[1, 2], Some(14), 13), None);
+        check(member_at, &view(1, &[1, 2], Some(14), 13), None);
         // Still listing node 3 (e.g. the joint config).
-        check(&ours, &view(1, &[1, 2, 3], Some(14), 14), None);
-        // An older view than ours says nothing.
-        check(&ours, &view(1, &[1, 2], Some(8), 14), None);
+        check(member_at, &view(1, &[1, 2, 3], Some(14), 14), None);
+        // An older view says nothing.
+        check(member_at, &view(1, &[1, 2], Some(8), 14), None);
         // A leader that removed itself sees it in its own view.
-        let own = view(3, &[1, 2], Some(14), 14);
-        check(&own, &own, Some(14));
-        let own_unapplied = view(3, &[1, 2], Some(14), 13);
-        check(&own_unapplied, &own_unapplied, None);
-        // A node still joining (no membership with it yet) was not removed.
-        let joining = view(3, &[], None, 0);
-        check(&joining, &view(1, &[1, 2], Some(14), 14), None);
-        check(&joining, &joining, None);
+        check(member_at, &view(3, &[1, 2], Some(14), 14), Some(14));
+        // A node that never saw itself a member was not removed: one still
+        // joining, or one that installed a snapshot taken before it was
+        // added (its own view lists the others only, for now).
+        check(None, &view(1, &[1, 2], Some(14), 14), None);
+        check(None, &view(3, &[1, 2], Some(14), 14), None);
     }
 }
