@@ -54,7 +54,7 @@ pub use grpc_network::{
     TransportError, TransportSettings,
 };
 pub use network::NoNetwork;
-pub use node::{ConsensusMetrics, ConsensusNode, Member, RaftSettings};
+pub use node::{ConsensusMetrics, ConsensusNode, Member, RaftSettings, Removal, removal_in};
 pub use raft_service::{RaftService, raft_server};
 pub use runtime::TollgateRuntime;
 pub use storage::{BatchOp, MemStorage, SledStorage, Storage, StorageError, Tree};

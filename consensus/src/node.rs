@@ -143,6 +143,13 @@ pub struct ConsensusMetrics {
     pub purged_index: Option<u64>,
     /// Voting members of the current membership config.
     pub voter_ids: Vec<NodeId>,
+    /// Every member of the current membership config, learners included.
+    #[serde(default)]
+    pub member_ids: Vec<NodeId>,
+    /// Log index of the entry that made the current membership config
+    /// (`None`: the initial, empty one).
+    #[serde(default)]
+    pub membership_index: Option<u64>,
     /// On the leader: milliseconds since a majority of voters last
     /// acknowledged it. `None` elsewhere, or before the first majority ack.
     #[serde(default)]
@@ -160,6 +167,37 @@ pub struct ConsensusMetrics {
     /// restart); the Raft address cannot.
     #[serde(default)]
     pub serving: NodeInfo,
+}
+
+/// A committed membership change that left a node out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Removal {
+    /// Log index of the membership entry without the node.
+    pub membership_index: u64,
+    /// The member whose view showed it (the node itself, or a peer).
+    pub seen_by: NodeId,
+}
+
+/// Whether `theirs` (some member's metrics, possibly `me`'s own) shows a
+/// committed membership without node `me` that is newer than
+/// `member_at`, the newest membership index at which `me` saw itself a
+/// member. Only an applied entry counts: an entry that is merely appended
+/// may still be truncated by a new leader, and a node that drained on it
+/// would have left for nothing. A node that never saw itself a member
+/// (still joining; or fresh from a snapshot taken before it was added,
+/// whose membership does not list it yet) has not been removed.
+pub fn removal_in(
+    me: NodeId,
+    member_at: Option<u64>,
+    theirs: &ConsensusMetrics,
+) -> Option<Removal> {
+    let index = theirs.membership_index?;
+    let applied = theirs.last_applied_index.is_some_and(|a| a >= index);
+    let newer = member_at.is_some_and(|m| index > m);
+    (applied && newer && !theirs.member_ids.contains(&me)).then_some(Removal {
+        membership_index: index,
+        seen_by: theirs.node_id,
+    })
 }
 
 /// One node of the current membership config.
@@ -216,6 +254,9 @@ pub struct ConsensusNode {
     // node runs on another network (single node, tests).
     peers: Option<PeerClient>,
     install_snapshot_rpcs: AtomicU64,
+    /// One more than the newest membership index at which this node saw
+    /// itself a member in its own view (0: never), for `find_own_removal`.
+    member_at: AtomicU64,
 }
 
 impl std::fmt::Debug for ConsensusNode {
@@ -327,6 +368,7 @@ impl ConsensusNode {
             settings: settings.clone(),
             peers,
             install_snapshot_rpcs: AtomicU64::new(0),
+            member_at: AtomicU64::new(0),
         })
     }
 
@@ -880,6 +922,47 @@ impl ConsensusNode {
             .collect()
     }
 
+    /// The committed membership change that removed this node, if this node
+    /// knows of one: its own view when it applied it (a leader removing
+    /// itself), else the view of a member it asks over `NodeStatus` (a
+    /// removed follower or learner never receives the entry that removes
+    /// it: the leader stops replicating to it as soon as the entry exists).
+    /// Asks the known leader, or without one at most `max_asked` members.
+    pub async fn find_own_removal(&self, max_asked: usize) -> Option<Removal> {
+        let own = self.metrics();
+        if own.member_ids.contains(&self.node_id)
+            && let Some(index) = own.membership_index
+        {
+            self.member_at.fetch_max(index + 1, Ordering::AcqRel);
+        }
+        let member_at = self.member_at.load(Ordering::Acquire).checked_sub(1);
+        if let Some(removal) = removal_in(self.node_id, member_at, &own) {
+            return Some(removal);
+        }
+        // A leader that is still a member has not been removed.
+        if own.is_leader {
+            return None;
+        }
+        let max_asked = if own.leader.is_some() { 1 } else { max_asked };
+        let mut members = self.members();
+        members.retain(|m| m.id != self.node_id);
+        // The leader knows first; then the others in id order.
+        members.sort_by_key(|m| (Some(m.id) != own.leader, m.id));
+        for member in members.into_iter().take(max_asked) {
+            match self.peer_status(&member.info).await {
+                Ok(theirs) => {
+                    if let Some(removal) = removal_in(self.node_id, member_at, &theirs) {
+                        return Some(removal);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(peer = member.id, error = %e, "membership check: peer did not answer")
+                }
+            }
+        }
+        None
+    }
+
     /// The metrics of the member at `peer` (over its `NodeStatus` RPC, with
     /// the transport's short status timeout).
     pub async fn peer_status(&self, peer: &NodeInfo) -> Result<ConsensusMetrics, CallError> {
@@ -964,6 +1047,13 @@ impl ConsensusNode {
             snapshot_index: m.snapshot.map(|l| l.index),
             purged_index: m.purged.map(|l| l.index),
             voter_ids: m.membership_config.membership().voter_ids().collect(),
+            member_ids: m
+                .membership_config
+                .membership()
+                .nodes()
+                .map(|(id, _)| *id)
+                .collect(),
+            membership_index: m.membership_config.log_id().map(|l| l.index),
             millis_since_quorum_ack: m.millis_since_quorum_ack,
             replication: m
                 .replication
@@ -1090,5 +1180,65 @@ fn wait_error(e: WaitError, what: &str, timeout: Duration) -> ConsensusError {
             after_ms: duration_ms(timeout),
         },
         WaitError::ShuttingDown => ConsensusError::Fatal("raft is shutting down".to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(
+        node_id: NodeId,
+        members: &[NodeId],
+        index: Option<u64>,
+        applied: u64,
+    ) -> ConsensusMetrics {
+        ConsensusMetrics {
+            node_id,
+            term: 1,
+            leader: None,
+            is_leader: false,
+            state: "follower".into(),
+            last_log_index: Some(applied),
+            last_applied_index: Some(applied),
+            snapshot_index: None,
+            purged_index: None,
+            voter_ids: members.to_vec(),
+            member_ids: members.to_vec(),
+            membership_index: index,
+            millis_since_quorum_ack: None,
+            replication: BTreeMap::new(),
+            install_snapshot_rpcs_received: 0,
+            serving: NodeInfo::default(),
+        }
+    }
+
+    fn check(member_at: Option<u64>, theirs: &ConsensusMetrics, expected: Option<u64>) {
+        assert_eq!(
+            removal_in(3, member_at, theirs).map(|r| r.membership_index),
+            expected,
+            "member at {member_at:?}, theirs {theirs:?}"
+        );
+    }
+
+    #[test]
+    fn a_removal_counts_once_applied_newer_and_without_the_node() {
+        // Node 3 last saw itself a member in the membership of entry 10.
+        let member_at = Some(10);
+        // A peer applied a newer membership without node 3.
+        check(member_at, &view(1, &[1, 2], Some(14), 14), Some(14));
+        // Appended but not applied yet: it may still be truncated.
+        check(member_at, &view(1, &[1, 2], Some(14), 13), None);
+        // Still listing node 3 (e.g. the joint config).
+        check(member_at, &view(1, &[1, 2, 3], Some(14), 14), None);
+        // An older view says nothing.
+        check(member_at, &view(1, &[1, 2], Some(8), 14), None);
+        // A leader that removed itself sees it in its own view.
+        check(member_at, &view(3, &[1, 2], Some(14), 14), Some(14));
+        // A node that never saw itself a member was not removed: one still
+        // joining, or one that installed a snapshot taken before it was
+        // added (its own view lists the others only, for now).
+        check(None, &view(1, &[1, 2], Some(14), 14), None);
+        check(None, &view(3, &[1, 2], Some(14), 14), None);
     }
 }

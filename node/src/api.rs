@@ -43,6 +43,10 @@ pub enum ApiError {
     /// Something went wrong inside the node.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The node is leaving the cluster (removed, or shutting down) and
+    /// takes no more usage; nothing changed. Another member answers.
+    #[error("{0}")]
+    Draining(String),
     /// A fault-injection command on a node started without
     /// `--enable-fault-injection`; nothing changed.
     #[error("fault injection is disabled on this node; start it with --enable-fault-injection")]
@@ -58,6 +62,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "permission_denied",
             ApiError::NotFound(_) => "not_found",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::Draining(_) => "node_draining",
             ApiError::NoQuorum(_) => "no_quorum",
             ApiError::OutcomeUnknown(_) => "outcome_unknown",
             ApiError::Rejected(_) => "failed_precondition",
@@ -73,7 +78,7 @@ impl ApiError {
             ApiError::Unauthenticated => 401,
             ApiError::Forbidden(_) => 403,
             ApiError::NotFound(_) => 404,
-            ApiError::Unavailable(_) | ApiError::NoQuorum(_) => 503,
+            ApiError::Unavailable(_) | ApiError::NoQuorum(_) | ApiError::Draining(_) => 503,
             ApiError::OutcomeUnknown(_) => 504,
             ApiError::Rejected(_) => 409,
             ApiError::Internal(_) => 500,
@@ -93,6 +98,17 @@ impl From<crate::roles::AuthError> for ApiError {
     }
 }
 
+impl From<crate::state::CallError> for ApiError {
+    fn from(e: crate::state::CallError) -> Self {
+        match e {
+            crate::state::CallError::Invalid(e) => ApiError::InvalidArgument(e.to_string()),
+            draining @ crate::state::CallError::Draining { .. } => {
+                ApiError::Draining(draining.to_string())
+            }
+        }
+    }
+}
+
 impl From<ApiError> for tonic::Status {
     fn from(e: ApiError) -> Self {
         let msg = e.to_string();
@@ -101,7 +117,9 @@ impl From<ApiError> for tonic::Status {
             ApiError::Unauthenticated => tonic::Status::unauthenticated(msg),
             ApiError::Forbidden(_) => tonic::Status::permission_denied(msg),
             ApiError::NotFound(_) => tonic::Status::not_found(msg),
-            ApiError::Unavailable(_) | ApiError::NoQuorum(_) => tonic::Status::unavailable(msg),
+            ApiError::Unavailable(_) | ApiError::NoQuorum(_) | ApiError::Draining(_) => {
+                tonic::Status::unavailable(msg)
+            }
             ApiError::OutcomeUnknown(_) => tonic::Status::deadline_exceeded(msg),
             ApiError::Rejected(_) => tonic::Status::failed_precondition(msg),
             ApiError::Internal(_) => tonic::Status::internal(msg),

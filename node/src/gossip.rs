@@ -38,6 +38,18 @@ pub const HOT_PUSH_INTERVAL_MS: u64 = 2;
 /// How often expired window epochs are dropped.
 pub const GC_INTERVAL_MS: u64 = 60_000;
 
+/// Default of `gossip.drain_timeout_ms`.
+pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 5_000;
+
+/// During a drain the protocol ticks at least this often, whatever
+/// `gossip.interval_ms` says: a leaving node sends what is pending at once.
+pub const DRAIN_TICK_MS: u64 = 10;
+
+/// During a drain, a peer not heard from at all is given up on after this
+/// many ack timeouts, once another peer holds everything: it is down or cut
+/// off, and waiting for it would only delay leaving.
+pub const DRAIN_SILENT_GRACE_ACK_TIMEOUTS: u64 = 4;
+
 /// Gossip settings as the node's settings file spells them.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -48,6 +60,10 @@ pub struct GossipConfig {
     pub fanout: usize,
     /// Digest (anti-entropy) interval (ms).
     pub anti_entropy_ms: u64,
+    /// How long a leaving node (removed, or shutting down) waits for its
+    /// peers to ack its whole usage before it gives up and reports a
+    /// timed-out drain (ms). 0: no drain; the node leaves at once.
+    pub drain_timeout_ms: u64,
 }
 
 impl Default for GossipConfig {
@@ -57,6 +73,7 @@ impl Default for GossipConfig {
             interval_ms: d.interval_ms,
             fanout: d.fanout,
             anti_entropy_ms: d.anti_entropy_ms,
+            drain_timeout_ms: DEFAULT_DRAIN_TIMEOUT_MS,
         }
     }
 }
@@ -82,6 +99,7 @@ pub struct GossipNode {
     peers: Mutex<Vec<(u64, SocketAddr)>>,
     fault_injection: bool,
     n_send_errors: std::sync::atomic::AtomicU64,
+    drain_timeout_ms: u64,
 }
 
 impl GossipNode {
@@ -106,7 +124,13 @@ impl GossipNode {
             peers: Mutex::new(Vec::new()),
             fault_injection,
             n_send_errors: std::sync::atomic::AtomicU64::new(0),
+            drain_timeout_ms: config.drain_timeout_ms,
         }
+    }
+
+    /// How long a drain may take (ms); 0: no drain.
+    pub fn drain_timeout_ms(&self) -> u64 {
+        self.drain_timeout_ms
     }
 
     /// Where gossip listens.
@@ -135,16 +159,16 @@ impl GossipNode {
         }
         let peers = self.peers.lock().clone();
         for msg in out {
-            let Some((_, addr)) = peers.iter().find(|(id, _)| *id == msg.to) else {
-                continue;
+            let sent = match peers.iter().find(|(id, _)| *id == msg.to) {
+                Some((_, addr)) => self.transport.send(msg.to, *addr, Bytes::from(msg.bytes)),
+                // Not a member (any more): a node that was removed and is
+                // draining its usage to us. Its acks go back on the
+                // connection it opened; nothing is dialled for it.
+                None => self.transport.reply(msg.to, Bytes::from(msg.bytes)),
             };
             // A message that cannot go now is not retried here: the
             // protocol resends what is not acked.
-            if self
-                .transport
-                .send(msg.to, *addr, Bytes::from(msg.bytes))
-                .is_err()
-            {
+            if sent.is_err() {
                 self.n_send_errors
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
@@ -390,8 +414,103 @@ fn push_hot(state: &NodeState, gossip: &GossipNode, hot: &mut BTreeSet<CounterKe
     gossip.send(out);
 }
 
+/// A drain under way in the gossip loop.
+struct Draining {
+    deadline: tokio::time::Instant,
+    started_ms: i64,
+    grace_ms: i64,
+}
+
+/// Starts handing this node's usage to its peers: flushes what was
+/// accepted (the hot path refuses usage from now on, see `drain`),
+/// re-publishes everything to every peer and sends at once. With a zero
+/// timeout there is no drain: it is reported over at once.
+async fn begin_drain(
+    state: &NodeState,
+    gossip: &GossipNode,
+    trees: &UsageTrees,
+    hot: &mut BTreeSet<CounterKey>,
+) -> Option<Draining> {
+    let now = state.now_ms();
+    if gossip.drain_timeout_ms == 0 {
+        tracing::warn!("leaving without a drain (gossip.drain_timeout_ms is 0)");
+        state
+            .drain
+            .finish(true, gossip.protocol.lock().drain_progress(), now);
+        return None;
+    }
+    flush_and_publish(state, gossip, trees, hot).await;
+    let now = state.now_ms();
+    // The peers as the membership names them now, not at the last tick.
+    gossip.refresh_peers(state, now);
+    let random = tollgate_consensus::runtime::random_u64();
+    let (out, peers, ack_timeout_ms) = {
+        let mut protocol = gossip.protocol.lock();
+        protocol.begin_drain(now);
+        let out = protocol.on_tick(now, random);
+        (out, protocol.peer_ids(), protocol.settings().ack_timeout_ms)
+    };
+    gossip.send(out);
+    tracing::info!(
+        reason = ?state.drain.reason(),
+        ?peers,
+        timeout_ms = gossip.drain_timeout_ms,
+        "draining: handing this node's usage to its peers"
+    );
+    Some(Draining {
+        deadline: tokio::time::Instant::now() + Duration::from_millis(gossip.drain_timeout_ms),
+        started_ms: now,
+        grace_ms: i64::try_from(ack_timeout_ms.saturating_mul(DRAIN_SILENT_GRACE_ACK_TIMEOUTS))
+            .unwrap_or(i64::MAX),
+    })
+}
+
+/// Ends the drain if every live peer acked everything this node counted,
+/// or if its deadline passed. Returns whether it ended.
+async fn poll_drain(
+    state: &NodeState,
+    gossip: &GossipNode,
+    trees: &UsageTrees,
+    hot: &mut BTreeSet<CounterKey>,
+    drain: &Draining,
+) -> bool {
+    // Usage accepted just before the drain began, or a seat released
+    // since: on disk and published before it counts as handed over.
+    if state.usage_unflushed() {
+        flush_and_publish(state, gossip, trees, hot).await;
+    }
+    let now = state.now_ms();
+    let progress = gossip.protocol.lock().drain_progress();
+    let elapsed_ms = now.saturating_sub(drain.started_ms);
+    let complete = !state.usage_unflushed() && progress.is_complete(elapsed_ms, drain.grace_ms);
+    if complete {
+        tracing::info!(
+            elapsed_ms,
+            caught_up = ?progress.caught_up,
+            silent = ?progress.silent,
+            "drained: peers hold all of this node's usage"
+        );
+        state.drain.finish(true, progress, now);
+        return true;
+    }
+    if tokio::time::Instant::now() >= drain.deadline {
+        tracing::warn!(
+            elapsed_ms,
+            caught_up = ?progress.caught_up,
+            behind = ?progress.behind,
+            silent = ?progress.silent,
+            unflushed = state.usage_unflushed(),
+            "drain timed out: some usage may exist only on this node"
+        );
+        state.drain.finish(false, progress, now);
+        return true;
+    }
+    false
+}
+
 /// Runs flushes, gossip, rebalancing, seat expiry and GC until `shutdown`
-/// flips, then flushes once more.
+/// flips, then flushes once more. When the node's drain begins, hands its
+/// usage to its peers and reports the outcome (see `crate::drain`).
 pub async fn run(
     state: Arc<NodeState>,
     gossip: Arc<GossipNode>,
@@ -427,8 +546,33 @@ pub async fn run(
     );
     gc_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let policy = RebalancePolicy::default();
+    let mut drain_tick = tick(interval_ms.min(DRAIN_TICK_MS));
+    let mut drain_phase = state.drain.subscribe();
+    let mut drain_started = false;
+    let mut draining: Option<Draining> = None;
     loop {
+        // A drain that began before this loop started is seen at once.
+        if !drain_started && !state.drain.accepts_usage() {
+            drain_started = true;
+            draining = begin_drain(&state, &gossip, &trees, &mut hot).await;
+            // A node without peers is done at once.
+            if let Some(d) = &draining
+                && poll_drain(&state, &gossip, &trees, &mut hot, d).await
+            {
+                draining = None;
+            }
+        }
+        let deadline = draining.as_ref().map(|d| d.deadline);
         tokio::select! {
+            _ = drain_phase.changed(), if !drain_started => {}
+            _ = drain_tick.tick(), if draining.is_some() => {
+                let now = state.now_ms();
+                let random = tollgate_consensus::runtime::random_u64();
+                let out = gossip.protocol.lock().on_tick(now, random);
+                gossip.send(out);
+            }
+            // Only wakes the loop: the drain is polled below.
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {}
             _ = flush_tick.tick() => flush_and_publish(&state, &gossip, &trees, &mut hot).await,
             // Someone waits for durability (strict quotas, seats, or
             // `durable_usage_ack`): flush now instead of at the next tick.
@@ -472,6 +616,13 @@ pub async fn run(
                 persist::delete_counters(&trees, &removed).await;
             }
             _ = shutdown.changed() => break,
+        }
+        // Whatever woke the loop (an ack, a tick, a flush) may have ended
+        // the drain.
+        if let Some(d) = &draining
+            && poll_drain(&state, &gossip, &trees, &mut hot, d).await
+        {
+            draining = None;
         }
     }
     let result = persist::flush(&state, &trees).await.map(|_| ());

@@ -35,11 +35,7 @@ impl Edge for EdgeService {
         req: Request<pb::CheckRequest>,
     ) -> Result<Response<pb::CheckResponse>, Status> {
         let req = api::check_from_proto(req.into_inner());
-        let d = self
-            .state
-            .check(&req)
-            .await
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let d = self.state.check(&req).await.map_err(ApiError::from)?;
         Ok(Response::new(api::decision_to_proto(&d)))
     }
 
@@ -48,11 +44,7 @@ impl Edge for EdgeService {
         req: Request<pb::CheckRequest>,
     ) -> Result<Response<pb::CheckResponse>, Status> {
         let req = api::check_from_proto(req.into_inner());
-        let d = self
-            .state
-            .report(&req)
-            .await
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let d = self.state.report(&req).await.map_err(ApiError::from)?;
         Ok(Response::new(api::decision_to_proto(&d)))
     }
 
@@ -61,7 +53,11 @@ impl Edge for EdgeService {
         req: Request<pb::SeatRequest>,
     ) -> Result<Response<pb::SeatResponse>, Status> {
         let req = api::seat_from_proto(req.into_inner(), true)?;
-        let d = self.state.seat(SeatOp::Acquire, &req).await;
+        let d = self
+            .state
+            .seat(SeatOp::Acquire, &req)
+            .await
+            .map_err(ApiError::from)?;
         Ok(Response::new(api::seat_to_proto(&d)))
     }
 
@@ -70,7 +66,11 @@ impl Edge for EdgeService {
         req: Request<pb::SeatRequest>,
     ) -> Result<Response<pb::SeatResponse>, Status> {
         let req = api::seat_from_proto(req.into_inner(), false)?;
-        let d = self.state.seat(SeatOp::Renew, &req).await;
+        let d = self
+            .state
+            .seat(SeatOp::Renew, &req)
+            .await
+            .map_err(ApiError::from)?;
         Ok(Response::new(api::seat_to_proto(&d)))
     }
 
@@ -79,7 +79,11 @@ impl Edge for EdgeService {
         req: Request<pb::SeatRequest>,
     ) -> Result<Response<pb::SeatResponse>, Status> {
         let req = api::seat_from_proto(req.into_inner(), false)?;
-        let d = self.state.seat(SeatOp::Release, &req).await;
+        let d = self
+            .state
+            .seat(SeatOp::Release, &req)
+            .await
+            .map_err(ApiError::from)?;
         Ok(Response::new(api::seat_to_proto(&d)))
     }
 }

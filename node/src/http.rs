@@ -143,19 +143,13 @@ fn decision_response(d: &tollgate_quota::decision::Decision) -> Response {
 
 async fn check(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let req = parse(&state, &body)?;
-    let d = state
-        .check(&req)
-        .await
-        .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+    let d = state.check(&req).await.map_err(ApiError::from)?;
     Ok(decision_response(&d))
 }
 
 async fn report(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let req = parse(&state, &body)?;
-    let d = state
-        .report(&req)
-        .await
-        .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+    let d = state.report(&req).await.map_err(ApiError::from)?;
     Ok(decision_response(&d))
 }
 
@@ -394,7 +388,7 @@ async fn usage(
 
 async fn seat(state: &NodeState, op: SeatOp, body: &Bytes) -> Result<Response, ApiError> {
     let req = api::parse_seat_json(body, op == SeatOp::Acquire)?;
-    let d = state.seat(op, &req).await;
+    let d = state.seat(op, &req).await?;
     let retry = d.retry_after_ms;
     let mut resp = axum::Json(d).into_response();
     if let Some(ms) = retry

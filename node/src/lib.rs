@@ -14,6 +14,7 @@ pub mod certs;
 pub mod client;
 pub mod clock;
 pub mod dashboard;
+pub mod drain;
 pub mod gossip;
 pub mod gossip_bench;
 pub mod grpc;

@@ -397,23 +397,31 @@ impl QuicTransport {
             peer.dropped_out += 1;
             return Err(SendError::NotConnected);
         };
-        match conn.send_datagram(bytes) {
-            Ok(()) => {
-                peer.datagrams_sent += 1;
-                Ok(())
-            }
-            Err(e) => {
-                peer.dropped_out += 1;
-                Err(match e {
-                    quinn::SendDatagramError::TooLarge => SendError::TooLarge {
-                        max: conn.max_datagram_size().unwrap_or(0),
-                    },
-                    quinn::SendDatagramError::ConnectionLost(_) => SendError::NotConnected,
-                    quinn::SendDatagramError::UnsupportedByPeer
-                    | quinn::SendDatagramError::Disabled => SendError::Unsupported,
-                })
-            }
+        send_datagram(peer, &conn, bytes)
+    }
+
+    /// Sends one datagram to `to` on a connection that is already up,
+    /// without dialling: an answer to a node that is no longer a member
+    /// (its address is not known here, and it is leaving anyway).
+    pub fn reply(&self, to: u64, bytes: Bytes) -> Result<(), SendError> {
+        let inner = &self.inner;
+        if inner.closed.load(Ordering::Acquire) {
+            return Err(SendError::Closed);
         }
+        let now = Instant::now();
+        let mut peers = inner.peers.lock();
+        let Some(peer) = peers.get_mut(&to) else {
+            return Err(SendError::NotConnected);
+        };
+        if inner.dropped.read().contains(&to) {
+            peer.dropped_out += 1;
+            return Err(SendError::Dropped);
+        }
+        let Some(conn) = peer.pick(now, inner.node_id < to).cloned() else {
+            peer.dropped_out += 1;
+            return Err(SendError::NotConnected);
+        };
+        send_datagram(peer, &conn, bytes)
     }
 
     /// The largest datagram currently sendable to `to`, None if no
@@ -610,6 +618,27 @@ impl Inner {
             peer.datagrams_received += 1;
         } else {
             peer.dropped_in += 1;
+        }
+    }
+}
+
+/// Hands one datagram to `conn`, counting it on `peer`.
+fn send_datagram(peer: &mut Peer, conn: &quinn::Connection, bytes: Bytes) -> Result<(), SendError> {
+    match conn.send_datagram(bytes) {
+        Ok(()) => {
+            peer.datagrams_sent += 1;
+            Ok(())
+        }
+        Err(e) => {
+            peer.dropped_out += 1;
+            Err(match e {
+                quinn::SendDatagramError::TooLarge => SendError::TooLarge {
+                    max: conn.max_datagram_size().unwrap_or(0),
+                },
+                quinn::SendDatagramError::ConnectionLost(_) => SendError::NotConnected,
+                quinn::SendDatagramError::UnsupportedByPeer
+                | quinn::SendDatagramError::Disabled => SendError::Unsupported,
+            })
         }
     }
 }

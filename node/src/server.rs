@@ -30,6 +30,7 @@ use crate::audit::store::AuditStore;
 use crate::audit::writer::WriterParts;
 use crate::audit::{AuditConfig, Auditor};
 use crate::clock::Clock;
+use crate::drain::{DrainPhase, DrainReason};
 use crate::gossip::GossipNode;
 use crate::grpc::{AdminService, EdgeService};
 use crate::metrics::Metrics;
@@ -44,6 +45,14 @@ use crate::state::NodeState;
 pub const LEADER_WAIT_MS: u64 = 10_000;
 /// How long a new node keeps asking to be added to the cluster.
 pub const JOIN_TIMEOUT_MS: u64 = 60_000;
+/// How often a node checks whether a committed membership change removed
+/// it (one `NodeStatus` call to the leader, see [`watch_removal`]).
+pub const REMOVAL_CHECK_INTERVAL_MS: u64 = 500;
+/// Members asked per removal check when the leader is not known.
+const REMOVAL_CHECK_MAX_ASKED: usize = 2;
+/// How much longer than the drain timeout shutdown waits for a drain's
+/// outcome.
+const DRAIN_WAIT_SLACK_MS: u64 = 1_000;
 
 /// A node that is serving.
 pub struct RunningNode {
@@ -61,11 +70,15 @@ pub struct RunningNode {
     // of requests still in flight at shutdown are recorded too.
     audit_shutdown_tx: watch::Sender<bool>,
     audit_task: Option<JoinHandle<anyhow::Result<()>>>,
+    drain_timeout_ms: u64,
 }
 
 impl RunningNode {
-    /// Stops serving, flushes usage and the audit log, and shuts Raft down.
+    /// Drains (refuses new usage and waits, at most `gossip.drain_timeout_ms`,
+    /// until its peers hold all of this node's usage), then stops serving,
+    /// flushes usage and the audit log, and shuts Raft down.
     pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.drain().await;
         let _ = self.shutdown_tx.send(true);
         let mut first_err = None;
         let mut note = |joined: Result<anyhow::Result<()>, tokio::task::JoinError>| match joined {
@@ -93,6 +106,23 @@ impl RunningNode {
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),
+        }
+    }
+
+    /// Begins a drain (unless one began already, e.g. on removal) and waits
+    /// for its end. The gossip loop enforces the timeout; the wait here has
+    /// a little slack over it in case that loop is gone.
+    pub async fn drain(&self) -> DrainPhase {
+        let state = &self.state;
+        state.drain.begin(DrainReason::Shutdown, state.now_ms());
+        let bound =
+            Duration::from_millis(self.drain_timeout_ms.saturating_add(DRAIN_WAIT_SLACK_MS));
+        match tokio::time::timeout(bound, state.drain.finished()).await {
+            Ok(phase) => phase,
+            Err(_) => {
+                tracing::warn!("the drain did not report an outcome in time; stopping anyway");
+                state.drain.phase()
+            }
         }
     }
 
@@ -505,6 +535,11 @@ where
         shutdown_rx.clone(),
     )));
 
+    tasks.push(tokio::spawn(watch_removal(
+        Arc::clone(&state),
+        shutdown_rx.clone(),
+    )));
+
     tasks.push(tokio::spawn(crate::alerts::run(
         Arc::clone(&state),
         settings.alerts.clone(),
@@ -577,7 +612,43 @@ where
         tasks,
         audit_shutdown_tx,
         audit_task,
+        drain_timeout_ms: settings.gossip.drain_timeout_ms,
     })
+}
+
+/// Begins a drain once a committed membership change removed this node.
+/// Raft does not tell a removed follower (its leader stops replicating to
+/// it as soon as the change exists), so a node that is not the leader asks
+/// the leader, or a member, for its view every
+/// [`REMOVAL_CHECK_INTERVAL_MS`]. Ends at shutdown or once a drain began.
+async fn watch_removal(
+    state: Arc<NodeState>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_millis(REMOVAL_CHECK_INTERVAL_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return Ok(()),
+        }
+        if !state.drain.accepts_usage() {
+            return Ok(());
+        }
+        let found = tokio::select! {
+            found = state.consensus.find_own_removal(REMOVAL_CHECK_MAX_ASKED) => found,
+            _ = shutdown.changed() => return Ok(()),
+        };
+        if let Some(removal) = found {
+            tracing::info!(
+                membership_index = removal.membership_index,
+                seen_by = removal.seen_by,
+                "this node was removed from the cluster; draining"
+            );
+            state.drain.begin(DrainReason::Removed, state.now_ms());
+            return Ok(());
+        }
+    }
 }
 
 /// One span per gRPC call, named by its method path; Edge calls (the hot

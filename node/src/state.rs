@@ -23,6 +23,7 @@ use crate::audit::Auditor;
 use crate::audit::record::{DecisionOp, SeatCall};
 use crate::clock::Clock;
 use crate::dashboard::Dashboard;
+use crate::drain::Drain;
 use crate::gossip::GossipNode;
 use crate::metrics::{DecisionKind, Metrics};
 use crate::roles::TokenSet;
@@ -82,6 +83,8 @@ pub struct NodeState {
     pub alerts: Alerts,
     /// The audit trail's queue and counters.
     pub audit: Auditor,
+    /// Whether this node still takes usage or is leaving (see `drain`).
+    pub drain: Drain,
 }
 
 /// What deciding one request did.
@@ -92,6 +95,23 @@ struct Ran {
     usage: Option<(u64, bool)>,
     /// When it was decided.
     at_ms: i64,
+}
+
+/// Why a Check, Report or seat call was not decided.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The request is malformed; nothing changed.
+    #[error(transparent)]
+    Invalid(#[from] RequestError),
+    /// The node is leaving the cluster and takes no more usage; nothing
+    /// changed. Another member answers.
+    #[error(
+        "node {node_id} is draining (it is leaving the cluster); send the call to another member"
+    )]
+    Draining {
+        /// This node.
+        node_id: u64,
+    },
 }
 
 /// A seat call.
@@ -136,6 +156,7 @@ impl NodeState {
             clock: Arc::new(Clock::system()),
             alerts: Alerts::default(),
             audit: Auditor::disabled(),
+            drain: Drain::default(),
         }
     }
 
@@ -151,7 +172,7 @@ impl NodeState {
     }
 
     /// Decides one Check and, unless it is a dry run, counts it.
-    pub async fn check(&self, req: &CheckRequest) -> Result<Decision, RequestError> {
+    pub async fn check(&self, req: &CheckRequest) -> Result<Decision, CallError> {
         // Elapsed time only, never the time of day: measured, not decided on.
         let started = std::time::Instant::now();
         let ran = self.run(req, false)?;
@@ -164,7 +185,7 @@ impl NodeState {
     }
 
     /// Records usage measured after an inference.
-    pub async fn report(&self, req: &CheckRequest) -> Result<Decision, RequestError> {
+    pub async fn report(&self, req: &CheckRequest) -> Result<Decision, CallError> {
         let ran = self.run(req, true)?;
         self.audit
             .decision(DecisionOp::Report, req, &ran.decision, ran.at_ms)
@@ -190,16 +211,24 @@ impl NodeState {
     }
 
     /// Decides and commits.
-    fn run(&self, req: &CheckRequest, is_report: bool) -> Result<Ran, RequestError> {
+    fn run(&self, req: &CheckRequest, is_report: bool) -> Result<Ran, CallError> {
         if let Err(e) = req.validate() {
             self.stats.n_invalid.fetch_add(1, Ordering::Relaxed);
-            return Err(e);
+            return Err(e.into());
         }
         let now = self.now_ms();
         let decision_id = self.next_decision_id(now);
         let config = self.config.load();
         let (decision, seq) = {
             let mut usage = self.usage.lock();
+            // Under the usage lock: a drain's first flush takes it after
+            // the phase changed, so every use counted here is in it.
+            if !self.drain.accepts_usage() {
+                self.drain.count_refused();
+                return Err(CallError::Draining {
+                    node_id: self.node_id,
+                });
+            }
             let d = if is_report {
                 usage.report(&config, req, now, decision_id)
             } else {
@@ -240,11 +269,19 @@ impl NodeState {
     }
 
     /// Acquires, renews or releases a seat lease.
-    pub async fn seat(&self, op: SeatOp, req: &SeatRequest) -> SeatDecision {
+    /// A draining node refuses to acquire or renew (those would hold a seat
+    /// here after it left) but still releases.
+    pub async fn seat(&self, op: SeatOp, req: &SeatRequest) -> Result<SeatDecision, CallError> {
         let now = self.now_ms();
         let config = self.config.load();
         let d = {
             let mut usage = self.usage.lock();
+            if op != SeatOp::Release && !self.drain.accepts_usage() {
+                self.drain.count_refused();
+                return Err(CallError::Draining {
+                    node_id: self.node_id,
+                });
+            }
             let d = match op {
                 SeatOp::Acquire => {
                     let salt = tollgate_consensus::runtime::random_u64();
@@ -268,7 +305,7 @@ impl NodeState {
         }
         // A seat is an escrow unit: always on disk before the answer.
         self.wait_durable(Some((self.usage_seq(), true))).await;
-        d
+        Ok(d)
     }
 
     fn next_decision_id(&self, now: i64) -> String {
@@ -326,6 +363,7 @@ impl NodeState {
             "raft": serde_json::to_value(&m).unwrap_or_default(),
             "gossip": gossip,
             "alerts": self.alerts.status_json(),
+            "drain": self.drain.status_json(),
             "rights": rights,
             "audit": self.audit.status_json(),
             "usage": {

@@ -31,6 +31,16 @@
 //!
 //! **Size.** No message exceeds `max_message_bytes`; larger batches are
 //! split. Encoding is postcard (varints), decoding never panics.
+//!
+//! **Drain.** A node about to leave (removed from the membership, or
+//! stopping) calls [`Gossip::begin_drain`]: every published counter becomes
+//! pending for every peer again, and from then on each tick serves every
+//! peer rather than `fanout` of them. [`Gossip::drain_progress`] says which
+//! peers have acked this node's whole published state since, which are
+//! behind, and which have not been heard from since the drain began; the
+//! acks are the ordinary delta acks above. Call order: `begin_drain`, then
+//! `on_tick` / `on_message_with` as usual, reading `drain_progress` after
+//! each.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -286,6 +296,33 @@ pub struct Gossip {
     anti_entropy_turn: usize,
     n_malformed: u64,
     n_oversize: u64,
+    // When this node began draining (it is leaving the cluster).
+    draining_since_ms: Option<i64>,
+}
+
+/// Where a drain stands: which peers hold everything this node published.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DrainProgress {
+    /// Peers that acked every published state since the drain began (or
+    /// that there was nothing to send to).
+    pub caught_up: Vec<u64>,
+    /// Peers heard from since the drain began that still miss some state.
+    pub behind: Vec<u64>,
+    /// Peers not heard from since the drain began.
+    pub silent: Vec<u64>,
+}
+
+impl DrainProgress {
+    /// Whether the drain is done: at least one peer holds everything, and
+    /// every other peer either holds everything too or has been silent for
+    /// `grace_ms` or more since the drain began (`elapsed_ms` ago). A node
+    /// without peers has nobody to drain to and is done at once.
+    pub fn is_complete(&self, elapsed_ms: i64, grace_ms: i64) -> bool {
+        if self.caught_up.is_empty() {
+            return self.behind.is_empty() && self.silent.is_empty();
+        }
+        self.behind.is_empty() && (self.silent.is_empty() || elapsed_ms >= grace_ms)
+    }
 }
 
 impl Gossip {
@@ -311,7 +348,53 @@ impl Gossip {
             anti_entropy_turn: 0,
             n_malformed: 0,
             n_oversize: 0,
+            draining_since_ms: None,
         }
+    }
+
+    /// Starts a drain (see the module doc): everything published becomes
+    /// pending for every peer, and ticks serve every peer. Calling it again
+    /// changes nothing.
+    pub fn begin_drain(&mut self, now_ms: i64) {
+        if self.draining_since_ms.is_some() {
+            return;
+        }
+        self.draining_since_ms = Some(now_ms);
+        for peer in self.peers.values_mut() {
+            for key in self.published.keys() {
+                peer.mark(key, now_ms);
+            }
+        }
+    }
+
+    /// When the drain began, if one did.
+    pub fn draining_since_ms(&self) -> Option<i64> {
+        self.draining_since_ms
+    }
+
+    /// Which peers hold this node's whole published state (nothing pending
+    /// or in flight to them), and of the others, which were heard from
+    /// since the drain began. Meaningful only after [`Self::begin_drain`];
+    /// before, every peer counts as silent.
+    pub fn drain_progress(&self) -> DrainProgress {
+        let mut progress = DrainProgress::default();
+        let Some(since) = self.draining_since_ms else {
+            progress.silent = self.peers.keys().copied().collect();
+            return progress;
+        };
+        for (id, peer) in &self.peers {
+            // Nothing pending or in flight after `begin_drain` marked
+            // everything pending means every state went out and was acked
+            // (or there was nothing to send).
+            if peer.pending.is_empty() && peer.in_flight.is_empty() {
+                progress.caught_up.push(*id);
+            } else if peer.last_heard_ms.is_some_and(|t| t >= since) {
+                progress.behind.push(*id);
+            } else {
+                progress.silent.push(*id);
+            }
+        }
+        progress
     }
 
     /// The settings.
@@ -714,7 +797,14 @@ impl Gossip {
             .collect();
         candidates.sort_unstable();
         let mut out = Vec::new();
-        for (_, id) in candidates.into_iter().take(self.settings.fanout) {
+        // A draining node hands its state to every peer at once: it is
+        // about to leave and cannot wait for epidemic spread.
+        let fanout = if self.draining_since_ms.is_some() {
+            usize::MAX
+        } else {
+            self.settings.fanout
+        };
+        for (_, id) in candidates.into_iter().take(fanout) {
             let keys: Vec<(CounterKey, i64)> = match self.peers.get_mut(&id) {
                 Some(p) => std::mem::take(&mut p.pending).into_iter().collect(),
                 None => continue,

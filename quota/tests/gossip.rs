@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use proptest::prelude::*;
 use tollgate_quota::config::{Config, ConfigCommand, ConfigOp};
-use tollgate_quota::gossip::{Gossip, GossipSettings, Outgoing, PeerInfo, decode};
+use tollgate_quota::gossip::{DrainProgress, Gossip, GossipSettings, Outgoing, PeerInfo, decode};
 use tollgate_quota::license::parse_license;
 use tollgate_quota::request::{CheckRequest, Meter};
 use tollgate_quota::usage::{CounterKey, Usage};
@@ -264,4 +264,129 @@ proptest! {
             prop_assert_eq!(gossip.n_malformed(), 1);
         }
     }
+}
+
+fn peer_infos(ids: &[u64]) -> Vec<PeerInfo> {
+    ids.iter()
+        .map(|&id| PeerInfo {
+            id,
+            region: format!("r{}", id % 2),
+        })
+        .collect()
+}
+
+fn slot_of(net: &Net, i: usize, node: u64) -> u64 {
+    net.nodes[i]
+        .usage
+        .counters()
+        .map(|(_, c)| c.slot(node))
+        .sum()
+}
+
+#[test]
+fn a_removed_node_drains_to_peers_that_already_dropped_it() {
+    let mut net = Net::new(3, config(2), GossipSettings::default());
+    // Node 3 counts uses nobody else has heard of yet.
+    for k in 0..5 {
+        net.use_once(2, k % 2, &format!("s{k}"));
+    }
+    // Nodes 1 and 2 applied the removal: node 3 is no peer of theirs.
+    for i in 0..2 {
+        net.nodes[i].gossip.set_peers(&peer_infos(&[1, 2]), net.now);
+    }
+    let started = net.now;
+    net.nodes[2].gossip.begin_drain(started);
+    let before = net.nodes[2].gossip.drain_progress();
+    assert_eq!(before.silent, vec![1, 2], "{before:?}");
+    assert!(!before.is_complete(0, 1_000));
+
+    let mut ticks = 0;
+    while !net.nodes[2]
+        .gossip
+        .drain_progress()
+        .is_complete(net.now - started, 1_000)
+    {
+        ticks += 1;
+        assert!(ticks <= 3, "{:?}", net.nodes[2].gossip.drain_progress());
+        net.tick();
+    }
+    // Both peers acked, although they no longer list node 3 as a peer.
+    assert_eq!(net.nodes[2].gossip.drain_progress().caught_up, vec![1, 2]);
+    for i in 0..2 {
+        assert_eq!(slot_of(&net, i, 3), 5, "node {} lacks node 3's uses", i + 1);
+    }
+}
+
+#[test]
+fn a_drain_cut_off_from_every_peer_never_completes() {
+    let mut net = Net::new(3, config(1), GossipSettings::default());
+    net.use_once(2, 0, "s");
+    net.cut.insert(2);
+    net.nodes[2].gossip.begin_drain(net.now);
+    let started = net.now;
+    for _ in 0..20 {
+        net.tick();
+    }
+    let progress = net.nodes[2].gossip.drain_progress();
+    assert_eq!(progress.silent, vec![1, 2], "{progress:?}");
+    assert!(!progress.is_complete(net.now - started, 100));
+    // Healed: the resends get through and are acked.
+    net.cut.clear();
+    for _ in 0..5 {
+        net.tick();
+    }
+    let progress = net.nodes[2].gossip.drain_progress();
+    assert!(progress.is_complete(net.now - started, 100), "{progress:?}");
+    assert_eq!(slot_of(&net, 0, 3), 1);
+}
+
+#[test]
+fn a_drain_serves_every_peer_each_tick_not_just_fanout() {
+    let settings = GossipSettings {
+        fanout: 1,
+        ..GossipSettings::default()
+    };
+    let mut net = Net::new(5, config(1), settings);
+    net.use_once(4, 0, "s");
+    net.nodes[4].gossip.begin_drain(net.now);
+    let out = net.nodes[4].gossip.on_tick(net.now + 50, 0);
+    let deltas: BTreeSet<u64> = out
+        .iter()
+        .filter(|o| {
+            matches!(
+                decode(&o.bytes),
+                Ok(tollgate_quota::gossip::Message::Delta { .. })
+            )
+        })
+        .map(|o| o.to)
+        .collect();
+    assert_eq!(deltas, BTreeSet::from([1, 2, 3, 4]));
+}
+
+fn check_complete(progress: DrainProgress, elapsed_ms: i64, expected: bool) {
+    assert_eq!(
+        progress.is_complete(elapsed_ms, 500),
+        expected,
+        "{progress:?} after {elapsed_ms} ms"
+    );
+}
+
+#[test]
+fn when_a_drain_is_complete() {
+    let p = |caught_up: &[u64], behind: &[u64], silent: &[u64]| DrainProgress {
+        caught_up: caught_up.to_vec(),
+        behind: behind.to_vec(),
+        silent: silent.to_vec(),
+    };
+    // No peers: nobody to hand usage to.
+    check_complete(p(&[], &[], &[]), 0, true);
+    check_complete(p(&[1, 2], &[], &[]), 0, true);
+    // A silent peer is waited for during the grace, then given up on.
+    check_complete(p(&[1], &[], &[2]), 100, false);
+    check_complete(p(&[1], &[], &[2]), 500, true);
+    // A peer that answers but still misses state is always waited for.
+    check_complete(p(&[1], &[2], &[]), 10_000, false);
+    // Nobody holds everything: never complete (the timeout ends it).
+    check_complete(p(&[], &[], &[1, 2]), 10_000, false);
+    check_complete(p(&[], &[1], &[]), 10_000, false);
 }

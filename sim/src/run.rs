@@ -212,6 +212,9 @@ fn node_settings(
     s.raft = RaftTiming::local();
     s.snapshot_after_entries = 50;
     s.snapshot_keep_entries = 10;
+    if let Some(ms) = scenario.drain_timeout_ms {
+        s.gossip.drain_timeout_ms = ms;
+    }
     match join {
         Some(addr) => {
             s.bootstrap = false;
@@ -725,16 +728,16 @@ struct Driver<'a> {
     founders: Arc<Mutex<Vec<(u64, IpAddr)>>>,
     seed_docs: String,
     // Removals under way: the node, whether the removal committed, and
-    // when the node is stopped once it has (see REMOVAL_DRAIN_MS).
+    // the latest time it is stopped at once it has (see REMOVAL_STOP_BOUND_MS).
     pending_removals: Vec<(u64, Arc<Mutex<bool>>, Option<u64>)>,
 }
 
-/// How long a removed node keeps running after its removal committed before
-/// it is stopped: the time an operator's drain gives it to hand its last
-/// usage to the others. The product does not drain by itself yet: a node
-/// killed the moment it is removed can take usage it acknowledged but had
-/// not yet gossiped with it.
-const REMOVAL_DRAIN_MS: u64 = 1_000;
+/// How long a removed node may run after its removal committed. It is
+/// stopped the moment it reports its drain over (it noticed the removal,
+/// refused new usage and its peers acked all it counted, or its drain timed
+/// out); this bound only stops a node that never reports, e.g. one cut off
+/// from every member, which cannot learn of its removal.
+const REMOVAL_STOP_BOUND_MS: u64 = 30_000;
 
 impl<'a> Driver<'a> {
     fn fault(&mut self, what: String) {
@@ -1221,21 +1224,33 @@ fn run_seeded(scenario: &Scenario, seed: u64) -> anyhow::Result<Run> {
             let live = d.all_ids().into_iter().collect();
             d.max_components = d.max_components.max(d.cuts.components(&live));
         }
-        // Removals that committed: stop the node after its drain.
+        // Removals that committed: stop the node as soon as it reports
+        // its drain over, as an operator's script waiting on /v1/status
+        // would, or at the bound.
         let mut i = 0;
         while i < d.pending_removals.len() {
             let committed = *d.pending_removals[i].1.lock();
             if committed && d.pending_removals[i].2.is_none() {
-                d.pending_removals[i].2 = Some(now + REMOVAL_DRAIN_MS);
+                d.pending_removals[i].2 = Some(now + REMOVAL_STOP_BOUND_MS);
             }
-            if d.pending_removals[i].2.is_some_and(|t| now >= t) {
+            let id = d.pending_removals[i].0;
+            let drained = committed
+                && d.slots[&id]
+                    .node()
+                    .is_some_and(|s| s.drain.phase().is_finished());
+            if drained || d.pending_removals[i].2.is_some_and(|t| now >= t) {
                 let (id, _, _) = d.pending_removals.remove(i);
                 if !d.crashed.contains(&id) {
                     d.sim.crash(host_name(id));
                 }
                 *d.slots[&id].state.lock() = None;
                 d.removed.insert(id);
-                d.fault(format!("removed {id}"));
+                let how = if drained {
+                    "drained"
+                } else {
+                    "stop bound reached"
+                };
+                d.fault(format!("removed {id} ({how})"));
             } else {
                 i += 1;
             }

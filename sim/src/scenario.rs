@@ -55,6 +55,10 @@ pub const BUILTIN: &[(&str, &str)] = &[
         "late-usage-after-window-end",
         include_str!("../scenarios/late-usage-after-window-end.yaml"),
     ),
+    (
+        "removed-node-drains",
+        include_str!("../scenarios/removed-node-drains.yaml"),
+    ),
 ];
 
 /// A scenario file could not be used.
@@ -133,6 +137,11 @@ pub struct Scenario {
     /// Faults, in time order.
     #[serde(default)]
     pub faults: Vec<Fault>,
+    /// Every node's `gossip.drain_timeout_ms`; 0 turns the drain off (a
+    /// removed node reports its drain over at once and is stopped).
+    /// Default: the node's default.
+    #[serde(default)]
+    pub drain_timeout_ms: Option<u64>,
 }
 
 /// Minimum and maximum one-way latency.

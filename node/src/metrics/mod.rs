@@ -321,6 +321,7 @@ impl Metrics {
         self.render_utilization(&mut out);
         render_usage(state, &mut out);
         render_gossip(state, &mut out);
+        render_drain(state, &mut out);
         render_raft(state, &mut out);
         self.registry.render(&mut out);
         out.finish()
@@ -680,6 +681,45 @@ fn render_gossip(state: &NodeState, out: &mut TextEncoder) {
         MetricType::Counter,
         "Gossip messages that could not be handed to the transport.",
         f.send_errors as f64,
+    );
+}
+
+fn render_drain(state: &NodeState, out: &mut TextEncoder) {
+    const PHASE: &str = "tollgate_drain_phase";
+    out.family(
+        PHASE,
+        MetricType::Gauge,
+        "This node's drain phase: 1 for the current one (serving, draining, drained, timed_out).",
+    );
+    let now = state.drain.phase();
+    for phase in crate::drain::DrainPhase::all() {
+        out.sample(
+            PHASE,
+            &[("phase", phase.as_str())],
+            if phase == now { 1.0 } else { 0.0 },
+        );
+    }
+    const DRAINS: &str = "tollgate_drains_total";
+    out.family(
+        DRAINS,
+        MetricType::Counter,
+        "Drains that ended, by outcome: drained (every live peer acked this node's usage) or timed_out.",
+    );
+    out.sample(
+        DRAINS,
+        &[("outcome", "drained")],
+        state.drain.n_drained() as f64,
+    );
+    out.sample(
+        DRAINS,
+        &[("outcome", "timed_out")],
+        state.drain.n_timed_out() as f64,
+    );
+    out.single(
+        "tollgate_drain_refused_calls_total",
+        MetricType::Counter,
+        "Checks, Reports and seat calls refused because this node was draining.",
+        state.drain.n_refused() as f64,
     );
 }
 

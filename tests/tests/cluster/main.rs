@@ -12,3 +12,4 @@ mod t50_quorum;
 mod t60_gossip;
 mod t70_governance;
 mod t70_lineage;
+mod t80_drain;
