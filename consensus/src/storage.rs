@@ -37,6 +37,20 @@ pub enum StorageError {
 }
 
 impl StorageError {
+    /// Whether another handle holds the database's lock (sled's `db` file
+    /// lock): another process, or an instance in this one whose last
+    /// handles are still being dropped.
+    pub fn is_locked(&self) -> bool {
+        match self {
+            // sled reports it as an `Other` I/O error with this text.
+            Self::Sled {
+                source: sled::Error::Io(e),
+                ..
+            } => e.to_string().starts_with("could not acquire lock"),
+            Self::Sled { .. } => false,
+        }
+    }
+
     fn sled(op: &'static str) -> impl FnOnce(sled::Error) -> Self {
         move |source| Self::Sled { op, source }
     }
@@ -606,6 +620,18 @@ mod tests {
         let storage = SledStorage::open(dir.path()).expect("reopen sled");
         let t = storage.tree("t").expect("tree");
         assert_eq!(t.get(b"k").expect("get"), Some(b"v".to_vec()));
+    }
+
+    #[test]
+    fn a_second_open_while_the_first_is_held_reports_the_lock() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let held = SledStorage::open(dir.path()).expect("open sled");
+        let err = SledStorage::open(dir.path())
+            .err()
+            .expect("the directory is locked");
+        assert!(err.is_locked(), "{err}");
+        drop(held);
+        assert!(SledStorage::open(dir.path()).is_ok(), "released on drop");
     }
 
     #[test]

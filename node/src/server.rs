@@ -132,6 +132,28 @@ impl RunningNode {
     }
 }
 
+/// How long `start` waits for a database lock held by an instance of this
+/// node that is still stopping.
+const STORAGE_LOCK_WAIT_MS: u64 = 5_000;
+
+/// Opens the sled database in `dir`. A node restarted in the same process
+/// (the embedded cluster, tests) can find the lock still held for a moment
+/// after the old instance stopped: sled's I/O threads and storage work
+/// already handed to blocking threads drop their handles on their own
+/// time. That lock is waited for, up to [`STORAGE_LOCK_WAIT_MS`]; a lock
+/// held longer (another process) is reported as it is.
+async fn open_sled(dir: &Path) -> Result<SledStorage, tollgate_consensus::storage::StorageError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(STORAGE_LOCK_WAIT_MS);
+    loop {
+        match SledStorage::open(dir) {
+            Err(e) if e.is_locked() && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Reads a token file (one line, not empty).
 fn read_token_file(path: &Path) -> anyhow::Result<String> {
     let token = std::fs::read_to_string(path)
@@ -347,9 +369,11 @@ where
             std::fs::create_dir_all(&settings.data_dir)
                 .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
             Arc::new(
-                SledStorage::open(settings.data_dir.join("db")).with_context(|| {
-                    format!("opening storage in {}", settings.data_dir.display())
-                })?,
+                open_sled(&settings.data_dir.join("db"))
+                    .await
+                    .with_context(|| {
+                        format!("opening storage in {}", settings.data_dir.display())
+                    })?,
             )
         }
     };

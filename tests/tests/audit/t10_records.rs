@@ -45,11 +45,25 @@ async fn decisions_and_config_changes_are_recorded_with_ids_and_hashes_only() ->
         .await?;
     let version = put["version"].as_u64().unwrap_or(0);
 
-    // Start, the seed batch, the node key, 4 decisions, the put: at least 8.
-    n.wait_audited(8).await?;
-    let (status, text) = n.get_text("/v1/audit", Some(&n.auditor_token)).await?;
-    assert_eq!(status, 200, "{text}");
-    let all = lines(&text)?;
+    // Start, the membership, the seed batch, the node key, 4 decisions, the
+    // put: at least 9. The put's record is the one to wait for: the
+    // writer takes applied config changes from their own feed, so it may
+    // come after records that were queued later.
+    n.wait_audited(9).await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (text, all) = loop {
+        let (status, text) = n.get_text("/v1/audit", Some(&n.auditor_token)).await?;
+        assert_eq!(status, 200, "{text}");
+        let all = lines(&text)?;
+        if all
+            .iter()
+            .any(|r| r["type"] == "config" && r["index"] == version)
+            || std::time::Instant::now() >= deadline
+        {
+            break (text, all);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
 
     // Payload-free: no key, no raw subject, no document content.
     for secret in [
