@@ -13,11 +13,14 @@
 //! The task wakes once per flush interval while busy, not once per
 //! decision. Building records (encoding, hashing, signing) and the write
 //! run together on the writer's own OS thread for sled (a flush is an
-//! fsync), away from the threads that answer decisions and, on Linux, at a
-//! lower CPU priority than they have (nice +10), so on a busy machine the
-//! audit trail waits for the cores rather than decisions waiting for it. On
-//! the in-memory engine they run inline, so the simulator's single thread
-//! drives this task like any other.
+//! fsync), away from the threads that answer decisions. With `on_full:
+//! shed` (the operator chose decision latency over a complete trail) that
+//! thread runs, on Linux, at a lower CPU priority (nice +10), so on a
+//! saturated machine the trail waits for the cores rather than decisions
+//! waiting for it; with `block` (the default) it keeps the node's priority,
+//! since there a starved writer would only turn into blocked callers and
+//! then shed records. On the in-memory engine the work runs inline, so the
+//! simulator's single thread drives this task like any other.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -36,7 +39,7 @@ use super::record::{
     SeatRecord, StartRecord, hash_bytes,
 };
 use super::store::{AuditStore, Head, WriteBatch};
-use super::{AuditConfig, AuditStats, Event, MAX_BATCH_RECORDS};
+use super::{AuditConfig, AuditStats, Event, MAX_BATCH_RECORDS, OnFull};
 use crate::persist::run_storage;
 use crate::state::NodeState;
 
@@ -63,12 +66,14 @@ struct AuditThread {
 }
 
 impl AuditThread {
-    fn spawn() -> anyhow::Result<Self> {
+    fn spawn(low_priority: bool) -> anyhow::Result<Self> {
         let (jobs, rx) = std::sync::mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("tollgate-audit".into())
             .spawn(move || {
-                lower_priority();
+                if low_priority {
+                    lower_priority();
+                }
                 while let Ok(job) = rx.recv() {
                     job();
                 }
@@ -170,7 +175,7 @@ pub(crate) async fn run(
     } = parts;
     let mut w = Box::new(Writer::open(&state, store, signer, subject_key, config, blocking).await?);
     let thread = if blocking {
-        Some(AuditThread::spawn()?)
+        Some(AuditThread::spawn(w.config.on_full == OnFull::Shed)?)
     } else {
         None
     };
