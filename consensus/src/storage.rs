@@ -626,9 +626,7 @@ mod tests {
     fn a_second_open_while_the_first_is_held_reports_the_lock() {
         let dir = tempfile::tempdir().expect("tempdir");
         let held = SledStorage::open(dir.path()).expect("open sled");
-        let err = SledStorage::open(dir.path())
-            .err()
-            .expect("the directory is locked");
+        let err = SledStorage::open(dir.path()).expect_err("the directory is locked");
         assert!(err.is_locked(), "{err}");
         drop(held);
         assert!(SledStorage::open(dir.path()).is_ok(), "released on drop");
