@@ -7,6 +7,11 @@
 //! [`init`] makes a development CA and node certificates (production
 //! deployments bring their own PEM files and point [`TlsFiles`] at them);
 //! [`TlsMaterial::load`] reads and checks the PEM files a node runs with.
+//!
+//! The keys [`init`] makes are Ed25519: small, fast, and with signatures of
+//! one fixed length, so a handshake's size never depends on the randomness
+//! of a signature (which keeps the simulator's packet count, and so its
+//! schedule, the same from one process to the next).
 
 use std::fmt;
 use std::fs;
@@ -33,6 +38,8 @@ pub const CA_KEY_FILE: &str = "ca.key";
 const CA_COMMON_NAME: &str = "tollgate dev CA";
 /// How long development certificates are valid.
 const VALIDITY_YEARS: u32 = 10;
+/// The key type of the certificates [`init`] makes.
+const KEY_ALGORITHM: &rcgen::SignatureAlgorithm = &rcgen::PKCS_ED25519;
 
 /// The crypto provider every TLS config of the node is built with: *ring*,
 /// passed explicitly rather than installed as the process default.
@@ -179,7 +186,7 @@ fn create_ca(cert_path: &Path, key_path: &Path) -> anyhow::Result<Issuer<'static
         KeyUsagePurpose::DigitalSignature,
     ];
     validity(&mut params)?;
-    let key = KeyPair::generate().context("generating the CA key")?;
+    let key = KeyPair::generate_for(KEY_ALGORITHM).context("generating the CA key")?;
     let cert = params
         .self_signed(&key)
         .context("signing the CA certificate")?;
@@ -238,7 +245,7 @@ fn create_node_cert(
     ];
     params.use_authority_key_identifier_extension = true;
     validity(&mut params)?;
-    let key = KeyPair::generate().context("generating a node key")?;
+    let key = KeyPair::generate_for(KEY_ALGORITHM).context("generating a node key")?;
     let cert = params
         .signed_by(&key, issuer)
         .with_context(|| format!("signing the certificate of node {id}"))?;
