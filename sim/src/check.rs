@@ -60,7 +60,7 @@ impl Verdict {
 }
 
 /// Figures the summary aggregates across seeds.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct Figures {
     /// Time from the last heal until every live node agreed (ms).
     pub convergence_ms: Option<u64>,

@@ -43,9 +43,17 @@ struct Args {
     /// Also write the summary JSON here.
     #[arg(long)]
     summary: Option<PathBuf>,
+    /// Also write one JSON line per seed here (seed, scenario, trace hash,
+    /// calls, ok), to compare two runs seed by seed.
+    #[arg(long)]
+    traces: Option<PathBuf>,
     /// List the built-in scenarios and exit.
     #[arg(long)]
     list: bool,
+    /// With `--seed`: print the result as one machine-readable line (how
+    /// `--seeds` runs each seed in a process of its own).
+    #[arg(long, requires = "seed", hide = true)]
+    emit_result: bool,
 }
 
 fn parse_seeds(text: &str) -> anyhow::Result<std::ops::Range<u64>> {
@@ -105,7 +113,34 @@ fn main() -> anyhow::Result<()> {
         .jobs
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let single = args.seed.is_some();
-    let (results, wall_s) = runner::run_many(&work, plant, jobs, &|r| {
+    if args.emit_result {
+        // One seed for a parent runner: the result line only.
+        for (seed, scenario) in &work {
+            let r = runner::run_seed(scenario, *seed, plant);
+            println!("{}", runner::result_line(&r)?);
+        }
+        tollgate_sim::run::remove_fixtures();
+        return Ok(());
+    }
+    // Each seed of a batch gets a process of its own (this binary, as its
+    // REPRODUCE line runs it); a single seed runs here.
+    let exe = std::env::current_exe().context("finding the runner's own binary")?;
+    let scenario_args: Vec<String> = match (&args.scenario, &args.scenario_file) {
+        (Some(name), _) => vec!["--scenario".into(), name.clone()],
+        (None, Some(path)) => vec!["--scenario-file".into(), path.display().to_string()],
+        (None, None) => Vec::new(),
+    };
+    let run_one = |seed: u64, scenario: &Scenario| {
+        if single {
+            return runner::run_seed(scenario, seed, plant);
+        }
+        let mut named = scenario_args.clone();
+        if named.is_empty() {
+            named = vec!["--scenario".into(), scenario.name.clone()];
+        }
+        runner::run_seed_in_process(&exe, &named, scenario, seed, plant)
+    };
+    let (results, wall_s) = runner::run_many(&work, &run_one, jobs, &|r| {
         let mut out = std::io::stdout().lock();
         if single {
             let _ = writeln!(
@@ -130,9 +165,25 @@ fn main() -> anyhow::Result<()> {
             let _ = write!(out, "{}", runner::report_failure(r, plant));
         }
     });
+    tollgate_sim::run::remove_fixtures();
     let summary = runner::summarize(&results, wall_s);
     let json = serde_json::to_string_pretty(&summary)?;
     println!("{json}");
+    if let Some(path) = &args.traces {
+        let mut lines = String::new();
+        for r in &results {
+            let line = serde_json::json!({
+                "seed": r.seed,
+                "scenario": r.scenario,
+                "trace_hash": format!("{:016x}", r.trace_hash),
+                "calls": r.calls,
+                "ok": r.ok(),
+            });
+            lines.push_str(&line.to_string());
+            lines.push('\n');
+        }
+        std::fs::write(path, lines).with_context(|| format!("writing {}", path.display()))?;
+    }
     if let Some(path) = &args.summary {
         std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
     }

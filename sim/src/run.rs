@@ -142,8 +142,23 @@ fn fixtures() -> anyhow::Result<&'static Fixtures> {
         .map_err(|e| anyhow::anyhow!("simulator fixtures: {e}"))
 }
 
+/// Removes this process's fixtures dir, if it made one. Call once no run
+/// is left in the process; a later run makes nothing again.
+pub fn remove_fixtures() {
+    let dir = fixtures_dir();
+    if dir.exists()
+        && let Err(e) = std::fs::remove_dir_all(&dir)
+    {
+        tracing::warn!(error = %e, dir = %dir.display(), "could not remove the simulator fixtures");
+    }
+}
+
+fn fixtures_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("tollgate-sim-{}", std::process::id()))
+}
+
 fn make_fixtures() -> anyhow::Result<Fixtures> {
-    let dir = std::env::temp_dir().join(format!("tollgate-sim-{}", std::process::id()));
+    let dir = fixtures_dir();
     std::fs::create_dir_all(&dir).context("creating the fixtures dir")?;
     tollgate_node::certs::init(&dir.join("certs"), &(1..=9).collect::<Vec<u64>>())
         .context("making simulator certificates")?;
@@ -1077,6 +1092,7 @@ fn usage_of(state: &NodeState) -> BTreeMap<Vec<u8>, tollgate_quota::counter::Cou
 pub fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Run> {
     let seed = opts.seed;
     fixtures()?;
+    align_task_ids()?;
     // Every random choice on this thread derives from the seed.
     tollgate_quota::hashing::pin_seed(Some(seed));
     tollgate_consensus::runtime::seed_thread_rng(seed);
@@ -1087,6 +1103,36 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Run> {
     tollgate_consensus::runtime::unseed_thread_rng();
     result
 }
+
+/// Task ids share one process-wide counter, and a runtime that drops its
+/// tasks (a crashed or stopped host) drops them in an order that depends
+/// on the ids modulo its shard count (a power of two, 4 for turmoil's
+/// current-thread runtimes). That order decides which sockets close first,
+/// and so the rest of the run. Spending ids up to a multiple of
+/// [`TASK_ID_ALIGN`] before a run gives every run of a seed the same ids
+/// modulo any shard count up to it, whatever ran before in the process.
+/// It holds as long as no other thread spawns tasks while the run lasts,
+/// which is why the runner gives each seed a process of its own.
+fn align_task_ids() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .context("building the task id runtime")?;
+    for _ in 0..TASK_ID_ALIGN {
+        let id = rt.spawn(async {}).id();
+        // `Id` shows its number; its value is not otherwise public.
+        let n: u64 = id
+            .to_string()
+            .parse()
+            .context("reading a task id as a number")?;
+        if (n + 1).is_multiple_of(TASK_ID_ALIGN) {
+            return Ok(());
+        }
+    }
+    anyhow::bail!("task ids did not come in sequence")
+}
+
+/// The largest shard count [`align_task_ids`] makes runs agree on.
+const TASK_ID_ALIGN: u64 = 64;
 
 fn set_plant(plant: Option<Plant>) -> anyhow::Result<()> {
     tollgate_quota::planted::set_skip_escrow_check(plant == Some(Plant::SkipEscrowCheck))

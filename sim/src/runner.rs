@@ -2,16 +2,18 @@
 //! replays it, and a JSON summary.
 //!
 //! This module owns seed ranges, the assignment of seeds to scenarios, the
-//! worker threads (each seed runs on one thread, start to end, because a
-//! simulated cluster is single-threaded by design), and the summary. It
-//! must not judge runs itself: `check` does.
+//! workers (each seed runs in a process of its own, on one thread, start to
+//! end, because a simulated cluster is single-threaded by design), and the
+//! summary. It must not judge runs itself: `check` does.
 
 use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use parking_lot::Mutex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::check::{self, CHECKERS, Figures, Verdict};
 use crate::run::{self, Plant, RunOptions};
@@ -230,11 +232,129 @@ pub fn report_failure(r: &SeedResult, plant: Option<Plant>) -> String {
     out
 }
 
-/// Runs every (seed, scenario) pair on `jobs` threads; `on_done` sees each
-/// result as it completes.
+/// What a seed's own process prints its result after.
+pub const RESULT_PREFIX: &str = "RESULT ";
+
+/// A seed's result as its process reports it: one JSON line.
+#[derive(Serialize, Deserialize)]
+struct WireResult {
+    seed: u64,
+    scenario: String,
+    verdicts: Vec<WireVerdict>,
+    figures: Figures,
+    trace_hash: u64,
+    error: Option<String>,
+    calls: usize,
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireVerdict {
+    checker: String,
+    ok: bool,
+    counterexample: Option<String>,
+}
+
+/// The line a seed's process prints its result on ([`RESULT_PREFIX`] and
+/// JSON).
+pub fn result_line(r: &SeedResult) -> anyhow::Result<String> {
+    let wire = WireResult {
+        seed: r.seed,
+        scenario: r.scenario.clone(),
+        verdicts: r
+            .verdicts
+            .iter()
+            .map(|v| WireVerdict {
+                checker: v.checker.to_string(),
+                ok: v.ok,
+                counterexample: v.counterexample.clone(),
+            })
+            .collect(),
+        figures: r.figures.clone(),
+        trace_hash: r.trace_hash,
+        error: r.error.clone(),
+        calls: r.calls,
+    };
+    Ok(format!("{RESULT_PREFIX}{}", serde_json::to_string(&wire)?))
+}
+
+/// Reads a [`result_line`] back; `None` if `line` is not one.
+fn parse_result_line(line: &str) -> Option<SeedResult> {
+    let wire: WireResult = serde_json::from_str(line.strip_prefix(RESULT_PREFIX)?).ok()?;
+    let verdicts = wire
+        .verdicts
+        .into_iter()
+        .map(|v| {
+            // Checker names are the static ones of `check`.
+            let checker = CHECKERS
+                .iter()
+                .find(|c| **c == v.checker)
+                .copied()
+                .unwrap_or("unknown-checker");
+            Verdict {
+                checker,
+                ok: v.ok,
+                counterexample: v.counterexample,
+            }
+        })
+        .collect();
+    Some(SeedResult {
+        seed: wire.seed,
+        scenario: wire.scenario,
+        verdicts,
+        figures: wire.figures,
+        trace_hash: wire.trace_hash,
+        error: wire.error,
+        calls: wire.calls,
+    })
+}
+
+/// Runs one seed in a process of its own: `exe` (this runner) with
+/// `scenario_args` (how it names the scenario), `--seed`, and the hidden
+/// `--emit-result`. A fresh process per seed is what makes a batch run of
+/// a seed the same run as its REPRODUCE line: some state is per process
+/// (tokio's task ids; see `run::align_task_ids`), and two simulations on
+/// two threads of one process would share it.
+pub fn run_seed_in_process(
+    exe: &Path,
+    scenario_args: &[String],
+    scenario: &Scenario,
+    seed: u64,
+    plant: Option<Plant>,
+) -> SeedResult {
+    let mut cmd = Command::new(exe);
+    cmd.args(scenario_args)
+        .args(["--seed", &seed.to_string(), "--emit-result"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(p) = plant {
+        cmd.args(["--plant", p.name()]);
+    }
+    let out = match cmd.output() {
+        Ok(out) => out,
+        Err(e) => return failed(scenario, seed, format!("starting its process: {e}")),
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if let Some(r) = stdout.lines().find_map(parse_result_line) {
+        return r;
+    }
+    // No result: the process died (a panic outside the run, an abort, a
+    // signal). Its last words say why.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    failed(
+        scenario,
+        seed,
+        format!("its process ended ({}): {}", out.status, tail.join(" | ")),
+    )
+}
+
+/// Runs every (seed, scenario) pair with `run_one`, on `jobs` threads;
+/// `on_done` sees each result as it completes.
 pub fn run_many(
     work: &[(u64, Scenario)],
-    plant: Option<Plant>,
+    run_one: &(dyn Fn(u64, &Scenario) -> SeedResult + Sync),
     jobs: usize,
     on_done: &(dyn Fn(&SeedResult) + Sync),
 ) -> (Vec<SeedResult>, f64) {
@@ -249,7 +369,7 @@ pub fn run_many(
                     let Some((seed, scenario)) = work.get(i) else {
                         break;
                     };
-                    let r = run_seed(scenario, *seed, plant);
+                    let r = run_one(*seed, scenario);
                     on_done(&r);
                     results.lock().push(r);
                 }

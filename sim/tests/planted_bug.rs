@@ -62,4 +62,5 @@ fn skipping_the_escrow_check_breaks_strict_quota_safety_and_replays() {
     // The same seed without the bug passes.
     let sound = run_seed(&scenario, seed, None);
     assert!(sound.ok(), "{}", report_failure(&sound, None));
+    tollgate_sim::run::remove_fixtures();
 }
