@@ -53,7 +53,8 @@ const FIRST_RETRY_BACKOFF_MS: u64 = 10;
 const MAX_RETRY_BACKOFF_MS: u64 = 1_000;
 
 /// How much lower than the node's other threads the audit thread runs
-/// (a nice increment; +10 gives it about a tenth of a busy core's share).
+/// with `on_full: shed` (a nice increment; +10 gives it about a tenth of a
+/// busy core's share).
 const AUDIT_THREAD_NICE: libc::c_int = 10;
 
 /// A job for the audit thread.
@@ -71,6 +72,7 @@ impl AuditThread {
         std::thread::Builder::new()
             .name("tollgate-audit".into())
             .spawn(move || {
+                yield_on_wakeup();
                 if low_priority {
                     lower_priority();
                 }
@@ -96,6 +98,27 @@ impl AuditThread {
         rx.await.context("the audit thread stopped")
     }
 }
+
+/// Puts the calling thread under `SCHED_BATCH`: it keeps its fair share of
+/// the CPU (so a busy writer is never starved), but waking up it does not
+/// preempt a thread that is answering decisions; it runs when a core is
+/// free or at the next scheduler tick. Best effort: a refusal is logged.
+#[cfg(target_os = "linux")]
+fn yield_on_wakeup() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param that outlives the call; pid 0
+    // is the calling thread.
+    let result = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &raw const param) };
+    if result != 0 {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "could not put the audit thread under SCHED_BATCH"
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn yield_on_wakeup() {}
 
 /// Lowers the calling thread's CPU priority by [`AUDIT_THREAD_NICE`]. On
 /// Linux the nice value belongs to a thread, not the process, so the
