@@ -9,9 +9,10 @@
 //! [`TlsMaterial::load`] reads and checks the PEM files a node runs with.
 //!
 //! The keys [`init`] makes are Ed25519: small, fast, and with signatures of
-//! one fixed length, so a handshake's size never depends on the randomness
-//! of a signature (which keeps the simulator's packet count, and so its
-//! schedule, the same from one process to the next).
+//! one fixed length; serial numbers have one fixed length too. So a
+//! handshake's size never depends on randomness (which keeps the
+//! simulator's packet count, and so its schedule, the same from one process
+//! to the next).
 
 use std::fmt;
 use std::fs;
@@ -174,6 +175,17 @@ fn ymd(date: NaiveDate) -> anyhow::Result<(i32, u8, u8)> {
     Ok((date.year(), month, day))
 }
 
+/// A random serial number of one fixed encoded length: 20 bytes (the most
+/// RFC 5280 allows), the first in `0x40..=0x7f` so that it is positive and
+/// never loses a leading zero byte. A fixed length keeps every certificate
+/// of a set, and so every handshake, the same size.
+fn serial_number() -> rcgen::SerialNumber {
+    let mut bytes = [0u8; 20];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+    bytes[0] = 0x40 | (bytes[0] & 0x3f);
+    rcgen::SerialNumber::from_slice(&bytes)
+}
+
 fn create_ca(cert_path: &Path, key_path: &Path) -> anyhow::Result<Issuer<'static, KeyPair>> {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -186,6 +198,7 @@ fn create_ca(cert_path: &Path, key_path: &Path) -> anyhow::Result<Issuer<'static
         KeyUsagePurpose::DigitalSignature,
     ];
     validity(&mut params)?;
+    params.serial_number = Some(serial_number());
     let key = KeyPair::generate_for(KEY_ALGORITHM).context("generating the CA key")?;
     let cert = params
         .self_signed(&key)
@@ -245,6 +258,7 @@ fn create_node_cert(
     ];
     params.use_authority_key_identifier_extension = true;
     validity(&mut params)?;
+    params.serial_number = Some(serial_number());
     let key = KeyPair::generate_for(KEY_ALGORITHM).context("generating a node key")?;
     let cert = params
         .signed_by(&key, issuer)

@@ -33,7 +33,8 @@ struct Args {
     /// Run a scenario from a file.
     #[arg(long)]
     scenario_file: Option<PathBuf>,
-    /// Worker threads (default: the number of cores).
+    /// Seeds run at once, each in a process of its own (default: the number
+    /// of cores).
     #[arg(long)]
     jobs: Option<usize>,
     /// Plant a bug (builds with `--features planted-bugs` only):
@@ -162,7 +163,11 @@ fn main() -> anyhow::Result<()> {
             }
         }
         if !r.ok() {
-            let _ = write!(out, "{}", runner::report_failure(r, plant));
+            let _ = write!(
+                out,
+                "{}",
+                runner::report_failure_for(r, args.scenario_file.as_deref(), plant)
+            );
         }
     });
     tollgate_sim::run::remove_fixtures();

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -129,43 +129,64 @@ pub struct FinalConfig {
 }
 
 /// Files every simulated node reads: certificates and tokens. Made once per
-/// process; their bytes do not influence the run.
+/// process, in a dir of its own; their bytes do not influence the run.
 struct Fixtures {
     dir: PathBuf,
 }
 
-fn fixtures() -> anyhow::Result<&'static Fixtures> {
-    static FIXTURES: OnceLock<Result<Fixtures, String>> = OnceLock::new();
-    FIXTURES
-        .get_or_init(|| make_fixtures().map_err(|e| format!("{e:#}")))
-        .as_ref()
-        .map_err(|e| anyhow::anyhow!("simulator fixtures: {e}"))
-}
-
-/// Removes this process's fixtures dir, if it made one. Call once no run
-/// is left in the process; a later run makes nothing again.
-pub fn remove_fixtures() {
-    let dir = fixtures_dir();
-    if dir.exists()
-        && let Err(e) = std::fs::remove_dir_all(&dir)
-    {
-        tracing::warn!(error = %e, dir = %dir.display(), "could not remove the simulator fixtures");
+impl Drop for Fixtures {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            tracing::warn!(error = %e, dir = %self.dir.display(), "could not remove the simulator fixtures");
+        }
     }
 }
 
-fn fixtures_dir() -> PathBuf {
-    std::env::temp_dir().join(format!("tollgate-sim-{}", std::process::id()))
+/// This process's fixtures, while it has them.
+static FIXTURES: Mutex<Option<Arc<Fixtures>>> = parking_lot::const_mutex(None);
+
+fn fixtures() -> anyhow::Result<Arc<Fixtures>> {
+    let mut held = FIXTURES.lock();
+    if let Some(fx) = held.as_ref() {
+        return Ok(Arc::clone(fx));
+    }
+    let fx = Arc::new(make_fixtures().context("simulator fixtures")?);
+    *held = Some(Arc::clone(&fx));
+    Ok(fx)
+}
+
+/// Removes this process's fixtures dir once the runs using it are over (a
+/// later run makes a new one). Call it when the process is done with runs.
+pub fn remove_fixtures() {
+    FIXTURES.lock().take();
 }
 
 fn make_fixtures() -> anyhow::Result<Fixtures> {
-    let dir = fixtures_dir();
-    std::fs::create_dir_all(&dir).context("creating the fixtures dir")?;
-    tollgate_node::certs::init(&dir.join("certs"), &(1..=9).collect::<Vec<u64>>())
+    // A dir that did not exist before: never another process's, never one
+    // a killed run left behind.
+    let mut attempts = 0;
+    let dir = loop {
+        let suffix: u64 = rand::random();
+        let dir =
+            std::env::temp_dir().join(format!("tollgate-sim-{}-{suffix:016x}", std::process::id()));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => break dir,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempts < 8 => {
+                attempts += 1;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("creating {}", dir.display()));
+            }
+        }
+    };
+    // Owned from here: an error below removes the dir again.
+    let fx = Fixtures { dir };
+    tollgate_node::certs::init(&fx.dir.join("certs"), &(1..=9).collect::<Vec<u64>>())
         .context("making simulator certificates")?;
-    std::fs::write(dir.join("admin.token"), ADMIN_TOKEN).context("writing the admin token")?;
-    std::fs::write(dir.join("cluster.token"), "sim-cluster-token")
+    std::fs::write(fx.dir.join("admin.token"), ADMIN_TOKEN).context("writing the admin token")?;
+    std::fs::write(fx.dir.join("cluster.token"), "sim-cluster-token")
         .context("writing the cluster token")?;
-    Ok(Fixtures { dir })
+    Ok(fx)
 }
 
 /// Dials Raft peers over the simulated network.
@@ -881,9 +902,10 @@ impl<'a> Driver<'a> {
             let scenario = scenario.clone();
             let founders = Arc::clone(&founders);
             let seed_docs = seed_docs.clone();
+            let fx = Arc::clone(&fx);
             async move {
                 let ip = turmoil::lookup(host_name(id));
-                let settings = node_settings(&scenario, fx, id, ip, &founders.lock(), join);
+                let settings = node_settings(&scenario, &fx, id, ip, &founders.lock(), join);
                 serve_node(slot, settings, seed_docs, epoch_ms, quic_seed).await
             }
         });

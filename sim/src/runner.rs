@@ -45,14 +45,27 @@ impl SeedResult {
     }
 }
 
-/// The command that replays one seed.
+/// The command that replays one seed of a built-in scenario.
 pub fn reproduce_line(seed: u64, scenario: &str, plant: Option<Plant>) -> String {
+    reproduce_line_for(seed, scenario, None, plant)
+}
+
+/// The command that replays one seed; `scenario_file` when the scenario
+/// came from a file (the file is named, not the scenario).
+pub fn reproduce_line_for(
+    seed: u64,
+    scenario: &str,
+    scenario_file: Option<&Path>,
+    plant: Option<Plant>,
+) -> String {
+    let which = match scenario_file {
+        Some(path) => format!("--scenario-file {}", path.display()),
+        None => format!("--scenario {scenario}"),
+    };
     match plant {
-        None => {
-            format!("REPRODUCE: cargo run -p tollgate-sim -- --seed {seed} --scenario {scenario}")
-        }
+        None => format!("REPRODUCE: cargo run -p tollgate-sim -- --seed {seed} {which}"),
         Some(p) => format!(
-            "REPRODUCE: cargo run -p tollgate-sim --features planted-bugs -- --seed {seed} --scenario {scenario} --plant {}",
+            "REPRODUCE: cargo run -p tollgate-sim --features planted-bugs -- --seed {seed} {which} --plant {}",
             p.name()
         ),
     }
@@ -209,8 +222,18 @@ pub fn summarize(results: &[SeedResult], wall_s: f64) -> Summary {
     }
 }
 
-/// Prints a failed seed: one line per failed checker, then how to replay.
+/// Prints a failed seed of a built-in scenario: one line per failed
+/// checker, then how to replay.
 pub fn report_failure(r: &SeedResult, plant: Option<Plant>) -> String {
+    report_failure_for(r, None, plant)
+}
+
+/// [`report_failure`] for a scenario that may come from a file.
+pub fn report_failure_for(
+    r: &SeedResult,
+    scenario_file: Option<&Path>,
+    plant: Option<Plant>,
+) -> String {
     let mut out = String::new();
     if let Some(e) = &r.error {
         out.push_str(&format!(
@@ -227,7 +250,12 @@ pub fn report_failure(r: &SeedResult, plant: Option<Plant>) -> String {
             v.counterexample.as_deref().unwrap_or("")
         ));
     }
-    out.push_str(&reproduce_line(r.seed, &r.scenario, plant));
+    out.push_str(&reproduce_line_for(
+        r.seed,
+        &r.scenario,
+        scenario_file,
+        plant,
+    ));
     out.push('\n');
     out
 }
@@ -321,12 +349,20 @@ pub fn run_seed_in_process(
     seed: u64,
     plant: Option<Plant>,
 ) -> SeedResult {
+    // Logs and debug dumps asked for go straight through; otherwise a
+    // failed seed shows the end of what its process said.
+    let verbose = std::env::var_os("TOLLGATE_SIM_DEBUG").is_some()
+        || std::env::var("RUST_LOG").is_ok_and(|v| !v.is_empty() && v != "off");
     let mut cmd = Command::new(exe);
     cmd.args(scenario_args)
         .args(["--seed", &seed.to_string(), "--emit-result"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stderr(if verbose {
+            Stdio::inherit()
+        } else {
+            Stdio::piped()
+        });
     if let Some(p) = plant {
         cmd.args(["--plant", p.name()]);
     }
@@ -335,20 +371,36 @@ pub fn run_seed_in_process(
         Err(e) => return failed(scenario, seed, format!("starting its process: {e}")),
     };
     let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tail = |n: usize| -> Vec<&str> {
+        let mut lines: Vec<&str> = stderr.lines().rev().take(n).collect();
+        lines.reverse();
+        lines
+    };
     if let Some(r) = stdout.lines().find_map(parse_result_line) {
+        if !r.ok() && !stderr.is_empty() {
+            eprintln!("seed {seed}: the end of its output:");
+            for line in tail(STDERR_TAIL_LINES) {
+                eprintln!("  {line}");
+            }
+        }
         return r;
     }
     // No result: the process died (a panic outside the run, an abort, a
     // signal). Its last words say why.
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
-    let tail: Vec<&str> = tail.into_iter().rev().collect();
     failed(
         scenario,
         seed,
-        format!("its process ended ({}): {}", out.status, tail.join(" | ")),
+        format!(
+            "its process ended ({}): {}",
+            out.status,
+            tail(5).join(" | ")
+        ),
     )
 }
+
+/// Lines of a failed seed's own output shown after its FAIL lines.
+const STDERR_TAIL_LINES: usize = 40;
 
 /// Runs every (seed, scenario) pair with `run_one`, on `jobs` threads;
 /// `on_done` sees each result as it completes.

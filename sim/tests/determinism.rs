@@ -3,7 +3,7 @@
 //! and in another one, which is what a REPRODUCE line relies on: each
 //! process makes its own certificates and keys.
 
-use tollgate_sim::runner::run_seed;
+use tollgate_sim::runner::{report_failure, run_seed};
 use tollgate_sim::scenario::Scenario;
 
 #[test]
@@ -13,7 +13,7 @@ fn the_same_seed_gives_the_same_trace_hash() {
     // is one that it changed).
     let scenario = Scenario::builtin("crash-restart-loses-unsynced").expect("builtin scenario");
     let first = run_seed(&scenario, 26, None);
-    assert!(first.error.is_none(), "run failed: {:?}", first.error);
+    assert!(first.ok(), "{}", report_failure(&first, None));
     assert!(first.calls > 50, "the workload ran: {} calls", first.calls);
     let other = run_seed(&scenario, 27, None);
     assert_ne!(
@@ -31,15 +31,10 @@ fn the_same_seed_gives_the_same_trace_hash() {
         );
     }
 
-    // The runner binary, in a process of its own, replays it too.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate-sim"))
-        .args(["--seed", "26", "--scenario", "crash-restart-loses-unsynced"])
-        .env("RUST_LOG", "off")
-        .output()
-        .expect("running tollgate-sim");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "tollgate-sim failed:\n{stdout}");
-    let replayed = stdout
+    // The runner binary replays it too: alone (`--seed`, this process's
+    // path) and as a seed of a batch (`--seeds`, a child process per seed).
+    let alone = run_binary(&["--seed", "26", "--scenario", "crash-restart-loses-unsynced"]);
+    let replayed = alone
         .split_whitespace()
         .find_map(|w| w.strip_prefix("trace_hash="))
         .and_then(|h| u64::from_str_radix(h, 16).ok())
@@ -47,6 +42,25 @@ fn the_same_seed_gives_the_same_trace_hash() {
     assert_eq!(
         replayed, first.trace_hash,
         "seed 26 replayed differently in another process"
+    );
+    let traces =
+        std::env::temp_dir().join(format!("tollgate-sim-traces-{}.jsonl", std::process::id()));
+    let traces_arg = traces.display().to_string();
+    run_binary(&[
+        "--seeds",
+        "26..27",
+        "--scenario",
+        "crash-restart-loses-unsynced",
+        "--traces",
+        &traces_arg,
+    ]);
+    let line = std::fs::read_to_string(&traces).expect("the traces file");
+    let _ = std::fs::remove_file(&traces);
+    let batch: serde_json::Value = serde_json::from_str(line.trim()).expect("one JSON line");
+    assert_eq!(
+        batch["trace_hash"].as_str(),
+        Some(format!("{:016x}", first.trace_hash).as_str()),
+        "seed 26 ran differently as a seed of a batch"
     );
     tollgate_sim::run::remove_fixtures();
 }
@@ -59,4 +73,21 @@ fn spend_task_ids(n: usize) {
     for _ in 0..n {
         drop(rt.spawn(async {}));
     }
+}
+
+/// Runs the runner binary with `args` (logs off) and returns its stdout;
+/// fails the test, showing both outputs, unless it succeeds.
+fn run_binary(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate-sim"))
+        .args(args)
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("running tollgate-sim");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "tollgate-sim {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
