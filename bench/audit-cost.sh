@@ -2,7 +2,8 @@
 # What the audit trail costs a Check: `tollgate bench` at a fixed rate
 # against a one-node `tollgate up`, alternating audit off (`--no-audit`) and
 # on, PAIRS pairs in one sequence. Prints every run and then one JSON object
-# with the median p50 and p99 of each mode and the ratio of the medians.
+# with the median p50 and p99 of each mode, the ratio of the medians, and the
+# median of the per-pair ratios.
 #
 #   bench/audit-cost.sh                # 10,000 Checks/s, 10 s runs, 7 pairs
 #   RPS=5000 PAIRS=3 bench/audit-cost.sh
@@ -66,5 +67,12 @@ for mode in ("off", "on"):
         out[f"{key}_{mode}"] = med(mode, key)
 out["p99_ratio_on_over_off"] = round(out["p99_us_on"] / out["p99_us_off"], 3)
 out["p50_ratio_on_over_off"] = round(out["p50_us_on"] / out["p50_us_off"], 3)
+# Paired: each "on" run against the "off" run just before it, which cancels
+# drift in the machine's load; the median of those ratios.
+offs = [r for r in runs if r["audit"] == "off"]
+ons = [r for r in runs if r["audit"] == "on"]
+for key in ("p50_us", "p99_us"):
+    ratios = [b[key] / a[key] for a, b in zip(offs, ons)]
+    out[f"{key.split('_')[0]}_paired_ratio_median"] = round(statistics.median(ratios), 3)
 print(json.dumps(out))
 EOF
