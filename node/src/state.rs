@@ -223,12 +223,7 @@ impl NodeState {
             let mut usage = self.usage.lock();
             // Under the usage lock: a drain's first flush takes it after
             // the phase changed, so every use counted here is in it.
-            if !self.drain.accepts_usage() {
-                self.drain.count_refused();
-                return Err(CallError::Draining {
-                    node_id: self.node_id,
-                });
-            }
+            self.accepts_usage()?;
             let d = if is_report {
                 usage.report(&config, req, now, decision_id)
             } else {
@@ -276,11 +271,8 @@ impl NodeState {
         let config = self.config.load();
         let d = {
             let mut usage = self.usage.lock();
-            if op != SeatOp::Release && !self.drain.accepts_usage() {
-                self.drain.count_refused();
-                return Err(CallError::Draining {
-                    node_id: self.node_id,
-                });
+            if op != SeatOp::Release {
+                self.accepts_usage()?;
             }
             let d = match op {
                 SeatOp::Acquire => {
@@ -306,6 +298,18 @@ impl NodeState {
         // A seat is an escrow unit: always on disk before the answer.
         self.wait_durable(Some((self.usage_seq(), true))).await;
         Ok(d)
+    }
+
+    /// Refuses (and counts) a call that would take usage while the node
+    /// drains. Call it under the usage lock (see [`Drain::accepts_usage`]).
+    fn accepts_usage(&self) -> Result<(), CallError> {
+        if self.drain.accepts_usage() {
+            return Ok(());
+        }
+        self.drain.count_refused();
+        Err(CallError::Draining {
+            node_id: self.node_id,
+        })
     }
 
     fn next_decision_id(&self, now: i64) -> String {
