@@ -1,78 +1,92 @@
 #!/usr/bin/env bash
-# What the audit trail costs a Check: `tollgate bench` at a fixed rate
-# against a one-node `tollgate up`, alternating audit off (`--no-audit`) and
-# on, PAIRS pairs in one sequence. Prints every run and then one JSON object
-# with the median p50 and p99 of each mode, the ratio of the medians, and the
-# median of the per-pair ratios.
+# What the audit trail costs a Check. Starts two one-node clusters side by
+# side, one with the audit trail and one without (`--no-audit`), and runs
+# `tollgate bench --compare-cluster-dir`: the offered load goes to one node
+# at a time, switching every SLICE seconds (target, compare, compare,
+# target, ...), so both are measured on the same machine at the same time.
+# RUNS such runs, each with fresh nodes; prints every run's report and then
+# one JSON object with the medians over runs.
 #
-#   bench/audit-cost.sh                # 10,000 Checks/s, 10 s runs, 7 pairs
-#   RPS=5000 PAIRS=3 bench/audit-cost.sh
+# CONTROL=1 runs the same with the trail off on both nodes: the ratios it
+# prints are the noise floor of this machine, what "no difference" looks
+# like.
+#
+#   bench/audit-cost.sh                    # 10,000 Checks/s, 3 runs of 60 s
+#   RUNS=5 DURATION=120 bench/audit-cost.sh
+#   CONTROL=1 bench/audit-cost.sh
 #
 # Uses the release binary (built if missing) and a scratch data dir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RPS=${RPS:-10000}
-PAIRS=${PAIRS:-7}
-DURATION=${DURATION:-10}
+RUNS=${RUNS:-3}
+DURATION=${DURATION:-60}
+SLICE=${SLICE:-1}
 WARMUP=${WARMUP:-2}
+CONTROL=${CONTROL:-0}
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 BIN="$TARGET_DIR/release/tollgate"
 
 cargo build --release -q -p tollgate-node
 work=$(mktemp -d)
-node_pid=""
+pids=()
+stop_nodes() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  pids=()
+}
 cleanup() {
-  if [ -n "$node_pid" ]; then kill "$node_pid" 2>/dev/null || true; wait "$node_pid" 2>/dev/null || true; fi
+  stop_nodes
   rm -rf "$work"
 }
 trap cleanup EXIT
 
-# One run: starts a fresh node (audit on or off), measures, stops it.
-run() {
-  local mode=$1 dir="$work/$1-$2"
-  local flags=()
-  [ "$mode" = off ] && flags=(--no-audit)
-  RUST_LOG=warn "$BIN" up --nodes 1 --data-dir "$dir" "${flags[@]}" >"$work/up.log" 2>&1 &
-  node_pid=$!
-  # Ready once cluster.json is written and a Check is answered.
+# Starts a one-node cluster in $1 with flags $2..; ready once cluster.json
+# is written and a Check is answered.
+start_node() {
+  local dir=$1
+  shift
+  RUST_LOG=warn "$BIN" up --nodes 1 --data-dir "$dir" "$@" >"$dir.log" 2>&1 &
+  pids+=($!)
   for _ in $(seq 1 300); do
     if [ -f "$dir/cluster.json" ] &&
       "$BIN" bench --cluster-dir "$dir" --rps 100 --duration 1 --warmup 0 >/dev/null 2>&1; then
-      break
+      return 0
     fi
     sleep 0.1
   done
-  "$BIN" bench --cluster-dir "$dir" --rps "$RPS" --duration "$DURATION" --warmup "$WARMUP" |
-    python3 -c 'import json,sys; r=json.load(sys.stdin); r["audit"]=sys.argv[1]; print(json.dumps(r))' "$mode" |
-    tee -a "$work/runs.jsonl"
-  kill "$node_pid"
-  wait "$node_pid" 2>/dev/null || true
-  node_pid=""
+  echo "node in $dir did not start; its log:" >&2
+  cat "$dir.log" >&2
+  return 1
 }
 
-for i in $(seq 1 "$PAIRS"); do
-  run off "$i"
-  run on "$i"
+target_flags=()
+[ "$CONTROL" = 1 ] && target_flags=(--no-audit)
+for i in $(seq 1 "$RUNS"); do
+  start_node "$work/target-$i" "${target_flags[@]}"
+  start_node "$work/compare-$i" --no-audit
+  "$BIN" bench --cluster-dir "$work/target-$i" --compare-cluster-dir "$work/compare-$i" \
+    --rps "$RPS" --duration "$DURATION" --slice "$SLICE" --warmup "$WARMUP" |
+    tee -a "$work/runs.jsonl"
+  stop_nodes
 done
 
-python3 - "$work/runs.jsonl" "$RPS" <<'EOF'
+python3 - "$work/runs.jsonl" "$RPS" "$CONTROL" <<'EOF'
 import json, statistics, sys
 runs = [json.loads(l) for l in open(sys.argv[1])]
-def med(mode, key):
-    return statistics.median(r[key] for r in runs if r["audit"] == mode)
-out = {"rps": int(sys.argv[2]), "pairs": len(runs) // 2}
-for mode in ("off", "on"):
-    for key in ("p50_us", "p99_us", "achieved_rps", "errors"):
-        out[f"{key}_{mode}"] = med(mode, key)
-out["p99_ratio_on_over_off"] = round(out["p99_us_on"] / out["p99_us_off"], 3)
-out["p50_ratio_on_over_off"] = round(out["p50_us_on"] / out["p50_us_off"], 3)
-# Paired: each "on" run against the "off" run just before it, which cancels
-# drift in the machine's load; the median of those ratios.
-offs = [r for r in runs if r["audit"] == "off"]
-ons = [r for r in runs if r["audit"] == "on"]
-for key in ("p50_us", "p99_us"):
-    ratios = [b[key] / a[key] for a, b in zip(offs, ons)]
-    out[f"{key.split('_')[0]}_paired_ratio_median"] = round(statistics.median(ratios), 3)
+med = lambda xs: round(statistics.median(xs), 3)
+out = {
+    "rps": int(sys.argv[2]),
+    "control": sys.argv[3] == "1",
+    "runs": len(runs),
+    "slices_per_node": sum(r["slices"] for r in runs),
+}
+for side in ("target", "compare"):
+    for key in ("p50_us", "p99_us", "errors"):
+        out[f"{key}_{side}"] = med([r[side][key] for r in runs])
+for key in ("p50_ratio", "p99_ratio", "p50_paired_ratio_median", "p99_paired_ratio_median"):
+    out[key] = med([r[key] for r in runs])
+    out[f"{key}_runs"] = [r[key] for r in runs]
 print(json.dumps(out))
 EOF

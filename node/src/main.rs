@@ -589,9 +589,22 @@ struct BenchArgs {
     /// Unmeasured warm-up seconds.
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
-    /// Connections.
+    /// Connections (to each node).
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
+    /// Compare with a second node (load): the offered load alternates
+    /// between the two every --slice seconds, so both are measured on the
+    /// same machine at the same time, and the report gives each one's
+    /// quantiles and their ratios (first node over this one).
+    #[arg(long, env = "TOLLGATE_COMPARE_ADDR")]
+    compare_addr: Option<String>,
+    /// Data dir whose cluster.json names the node to compare with (its
+    /// first node), when --compare-addr is not given.
+    #[arg(long = "compare-cluster-dir")]
+    compare_cluster_dir: Option<PathBuf>,
+    /// Seconds per slice of a comparison.
+    #[arg(long, default_value_t = 1.0)]
+    slice: f64,
     /// Key to check with.
     #[arg(long, default_value = "tg_demo_key")]
     key: String,
@@ -818,11 +831,34 @@ async fn main() -> anyhow::Result<()> {
                     .next()
                     .context("no node to benchmark")?,
             };
+            let compare_addr = match (args.compare_addr, args.compare_cluster_dir) {
+                (Some(a), _) => Some(a),
+                (None, Some(dir)) => Some(
+                    Target {
+                        addr: None,
+                        token: None,
+                        data_dir: dir,
+                        http: None,
+                    }
+                    .uris()?
+                    .into_iter()
+                    .next()
+                    .context("no node to compare with")?,
+                ),
+                (None, None) => None,
+            };
+            let seconds = |flag: &str, s: f64| {
+                Duration::try_from_secs_f64(s).map_err(|_| {
+                    anyhow::anyhow!("{flag} must be a non-negative number of seconds, not {s}")
+                })
+            };
             let cfg = BenchConfig {
                 addr,
+                compare_addr,
+                slice: seconds("--slice", args.slice)?,
                 rps: args.rps,
-                duration: Duration::from_secs_f64(args.duration),
-                warmup: Duration::from_secs_f64(args.warmup),
+                duration: seconds("--duration", args.duration)?,
+                warmup: seconds("--warmup", args.warmup)?,
                 concurrency: args.concurrency,
                 request: pb::CheckRequest {
                     key: args.key,
@@ -839,8 +875,13 @@ async fn main() -> anyhow::Result<()> {
                 },
             };
             let _ = args.json;
-            let report = bench::run(cfg).await?;
-            println!("{}", serde_json::to_string(&report)?);
+            if cfg.compare_addr.is_some() {
+                let report = bench::run_compare(cfg).await?;
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                let report = bench::run(cfg).await?;
+                println!("{}", serde_json::to_string(&report)?);
+            }
         }
     }
     Ok(())

@@ -20,11 +20,16 @@ impl Drop for NodeProcess {
 }
 
 fn spawn_up(dir: &Path) -> anyhow::Result<NodeProcess> {
+    spawn_up_with(dir, &[])
+}
+
+fn spawn_up_with(dir: &Path, args: &[&str]) -> anyhow::Result<NodeProcess> {
     // A restart reads cluster.json for the cluster's addresses; readiness
     // is a /healthz answer, which a killed process cannot give.
     Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(["up", "--data-dir"])
         .arg(dir)
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -81,6 +86,86 @@ async fn check(client: &reqwest::Client, http: &str) -> anyhow::Result<serde_jso
         .await?
         .json()
         .await?)
+}
+
+/// `bench --compare-cluster-dir`: the load alternates between two nodes,
+/// each gets its share of the schedule, and the report compares them.
+#[tokio::test]
+async fn bench_compares_two_nodes_in_alternating_slices() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let _node_a = spawn_up_with(&a, &["--nodes", "1"])?;
+    let _node_b = spawn_up_with(&b, &["--nodes", "1", "--no-audit"])?;
+    let client = reqwest::Client::new();
+    let http_a = wait_ready(&a, &client).await?;
+    let http_b = wait_ready(&b, &client).await?;
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["bench", "--cluster-dir"])
+        .arg(&a)
+        .arg("--compare-cluster-dir")
+        .arg(&b)
+        .args(["--rps", "400", "--duration", "2", "--slice", "0.5"])
+        .args(["--warmup", "0.25", "--concurrency", "1"])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    // Four slices of 0.5 s: two per node, 200 requests each.
+    assert_eq!(r["slices"], 2, "{r}");
+    for side in ["target", "compare"] {
+        let s = &r[side];
+        assert_eq!(s["requests"], 400, "{side}: {s}");
+        assert_eq!(s["errors"], 0, "{side}: {s}");
+        assert_eq!(s["allowed"], 400, "{side}: {s}");
+        assert!(s["p99_us"].as_u64().unwrap_or(0) > 0, "{side}: {s}");
+    }
+    for key in ["p50_ratio", "p99_ratio", "p99_paired_ratio_median"] {
+        let x = r[key].as_f64().unwrap_or(0.0);
+        assert!(x.is_finite() && x > 0.0, "{key}: {r}");
+    }
+    // Each node answered its own share (and the warm-up's); only the one
+    // with the trail recorded them.
+    let status = |http: String| {
+        let client = client.clone();
+        async move {
+            let v: serde_json::Value = client
+                .get(format!("{http}/v1/status"))
+                .send()
+                .await?
+                .json()
+                .await?;
+            anyhow::Ok(v)
+        }
+    };
+    let (sa, sb) = (status(http_a).await?, status(http_b).await?);
+    for s in [&sa, &sb] {
+        let allowed = s["decisions"]["allow"].as_u64().unwrap_or(0);
+        assert!((400..=600).contains(&allowed), "{}", s["decisions"]);
+    }
+    assert!(
+        sa["audit"]["queued"].as_u64().unwrap_or(0) >= 400,
+        "{}",
+        sa["audit"]
+    );
+    assert_eq!(sb["audit"]["enabled"], false, "{}", sb["audit"]);
+    // Bad input is refused with a reason, not a panic.
+    let bad = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["bench", "--cluster-dir"])
+        .arg(&a)
+        .arg("--compare-cluster-dir")
+        .arg(&b)
+        .args(["--rps", "100", "--duration", "1", "--slice=-1"])
+        .output()?;
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--slice"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    Ok(())
 }
 
 #[tokio::test]
