@@ -37,6 +37,10 @@ struct Args {
     /// of cores).
     #[arg(long)]
     jobs: Option<usize>,
+    /// Wall-clock seconds a seed's process may run before it is killed and
+    /// the seed fails (a hang; simulated time is bounded by the scenario).
+    #[arg(long, default_value_t = 600)]
+    seed_timeout: u64,
     /// Plant a bug (builds with `--features planted-bugs` only):
     /// `skip-escrow-check`.
     #[arg(long)]
@@ -114,6 +118,7 @@ fn main() -> anyhow::Result<()> {
         .jobs
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let single = args.seed.is_some();
+    let seed_timeout = std::time::Duration::from_secs(args.seed_timeout.max(1));
     if args.emit_result {
         // One seed for a parent runner: the result line only.
         for (seed, scenario) in &work {
@@ -139,7 +144,7 @@ fn main() -> anyhow::Result<()> {
         if named.is_empty() {
             named = vec!["--scenario".into(), scenario.name.clone()];
         }
-        runner::run_seed_in_process(&exe, &named, scenario, seed, plant)
+        runner::run_seed_in_process(&exe, &named, scenario, seed, plant, seed_timeout)
     };
     let (results, wall_s) = runner::run_many(&work, &run_one, jobs, &|r| {
         let mut out = std::io::stdout().lock();

@@ -7,10 +7,11 @@
 //! summary. It must not judge runs itself: `check` does.
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -342,12 +343,17 @@ fn parse_result_line(line: &str) -> Option<SeedResult> {
 /// a seed the same run as its REPRODUCE line: some state is per process
 /// (tokio's task ids; see `run::align_task_ids`), and two simulations on
 /// two threads of one process would share it.
+///
+/// A process still running after `timeout` (wall time: a hang, not a slow
+/// simulation, since simulated time is bounded by the scenario) is killed
+/// and its seed fails, so one stuck seed cannot stall a batch.
 pub fn run_seed_in_process(
     exe: &Path,
     scenario_args: &[String],
     scenario: &Scenario,
     seed: u64,
     plant: Option<Plant>,
+    timeout: Duration,
 ) -> SeedResult {
     // Logs and debug dumps asked for go straight through; otherwise a
     // failed seed shows the end of what its process said.
@@ -366,9 +372,19 @@ pub fn run_seed_in_process(
     if let Some(p) = plant {
         cmd.args(["--plant", p.name()]);
     }
-    let out = match cmd.output() {
-        Ok(out) => out,
-        Err(e) => return failed(scenario, seed, format!("starting its process: {e}")),
+    let out = match output_within(&mut cmd, timeout) {
+        Ok(Some(out)) => out,
+        Ok(None) => {
+            return failed(
+                scenario,
+                seed,
+                format!(
+                    "its process was still running after {} s and was killed",
+                    timeout.as_secs()
+                ),
+            );
+        }
+        Err(e) => return failed(scenario, seed, format!("running its process: {e}")),
     };
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -398,6 +414,57 @@ pub fn run_seed_in_process(
         ),
     )
 }
+
+/// Runs `cmd` like [`Command::output`], but kills it once `timeout` has
+/// gone by (`None`: killed). Its pipes are read meanwhile, so a chatty
+/// child cannot block on a full pipe.
+fn output_within(cmd: &mut Command, timeout: Duration) -> std::io::Result<Option<Output>> {
+    let mut child = cmd.spawn()?;
+    let read = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = read(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = read(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            // Killing closes its pipes, which ends the readers.
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(CHILD_POLL);
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    Ok(status.map(|status| Output {
+        status,
+        stdout,
+        stderr,
+    }))
+}
+
+/// How often a seed's process is looked at while it runs.
+const CHILD_POLL: Duration = Duration::from_millis(5);
 
 /// Lines of a failed seed's own output shown after its FAIL lines.
 const STDERR_TAIL_LINES: usize = 40;
@@ -431,4 +498,40 @@ pub fn run_many(
     let mut results = results.into_inner();
     results.sort_by_key(|r| r.seed);
     (results, started.elapsed().as_secs_f64())
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_that_ends_gives_its_output_and_one_that_hangs_is_killed() -> std::io::Result<()> {
+        let out = output_within(
+            Command::new("sh")
+                .args(["-c", "echo out; echo err >&2"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+            Duration::from_secs(60),
+        )?;
+        let out = out.expect("sh ends well within a minute");
+        assert!(out.status.success());
+        assert_eq!(out.stdout, b"out\n");
+        assert_eq!(out.stderr, b"err\n");
+
+        let started = Instant::now();
+        let hung = output_within(
+            Command::new("sleep")
+                .arg("600")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+            Duration::from_millis(200),
+        )?;
+        assert!(
+            hung.is_none(),
+            "a child past its timeout is reported as killed"
+        );
+        // Killed, not waited for: far less than its 600 s.
+        assert!(started.elapsed() < Duration::from_secs(60));
+        Ok(())
+    }
 }
