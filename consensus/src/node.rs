@@ -602,10 +602,19 @@ impl ConsensusNode {
         deadline: Instant,
     ) -> Result<(Target, u64), WriteError> {
         let remaining = deadline.saturating_duration_since(Instant::now());
+        // A follower can hear from a new leader before the log entry that
+        // names its address reaches it (a node that just joined, a fresh
+        // cluster): such a leader is known but not reachable yet, so wait
+        // for the membership too.
+        let reachable = |m: &RaftMetrics<NodeId, NodeInfo>, leader: NodeId| {
+            leader == self.node_id || m.membership_config.membership().get_node(&leader).is_some()
+        };
         let accept = |m: &RaftMetrics<NodeId, NodeInfo>| match (m.current_leader, avoid) {
             (None, _) => false,
-            (Some(_), None) => true,
-            (Some(leader), Some((old, term))) => leader != old || m.current_term > term,
+            (Some(leader), None) => reachable(m, leader),
+            (Some(leader), Some((old, term))) => {
+                (leader != old || m.current_term > term) && reachable(m, leader)
+            }
         };
         let current = self.raft.metrics().borrow().clone();
         let m = if accept(&current) {
@@ -622,13 +631,19 @@ impl ConsensusNode {
                     return Err(WriteError::Fatal("raft is shutting down".to_string()));
                 }
                 Err(WaitError::Timeout(..)) => {
-                    let voters = voter_count(&self.raft.metrics().borrow());
-                    let detail = match avoid {
-                        None => format!(
+                    let now = self.raft.metrics().borrow().clone();
+                    let voters = voter_count(&now);
+                    let unknown = now.current_leader.filter(|l| !reachable(&now, *l));
+                    let detail = match (unknown, avoid) {
+                        (Some(leader), _) => format!(
+                            "leader {leader} is not in this node's membership config after {} ms",
+                            duration_ms(remaining)
+                        ),
+                        (None, None) => format!(
                             "no leader known or elected within {} ms",
                             duration_ms(remaining)
                         ),
-                        Some((old, _)) => format!(
+                        (None, Some((old, _))) => format!(
                             "leader {old} stepped down or became unreachable and no new leader was elected within {} ms",
                             duration_ms(remaining)
                         ),
