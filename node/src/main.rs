@@ -817,34 +817,13 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&report)?);
         }
         Command::Bench(args) => {
-            let target = Target {
-                addr: args.addr.clone(),
-                token: None,
-                data_dir: args.cluster_dir.clone(),
-                http: None,
-            };
             let addr = match args.addr {
                 Some(a) => a,
-                None => target
-                    .uris()?
-                    .into_iter()
-                    .next()
-                    .context("no node to benchmark")?,
+                None => first_node(args.cluster_dir).context("no node to benchmark")?,
             };
             let compare_addr = match (args.compare_addr, args.compare_cluster_dir) {
                 (Some(a), _) => Some(a),
-                (None, Some(dir)) => Some(
-                    Target {
-                        addr: None,
-                        token: None,
-                        data_dir: dir,
-                        http: None,
-                    }
-                    .uris()?
-                    .into_iter()
-                    .next()
-                    .context("no node to compare with")?,
-                ),
+                (None, Some(dir)) => Some(first_node(dir).context("no node to compare with")?),
                 (None, None) => None,
             };
             let seconds = |flag: &str, s: f64| {
@@ -875,16 +854,30 @@ async fn main() -> anyhow::Result<()> {
                 },
             };
             let _ = args.json;
-            if cfg.compare_addr.is_some() {
-                let report = bench::run_compare(cfg).await?;
-                println!("{}", serde_json::to_string(&report)?);
+            let json = if cfg.compare_addr.is_some() {
+                serde_json::to_string(&bench::run_compare(cfg).await?)?
             } else {
-                let report = bench::run(cfg).await?;
-                println!("{}", serde_json::to_string(&report)?);
-            }
+                serde_json::to_string(&bench::run(cfg).await?)?
+            };
+            println!("{json}");
         }
     }
     Ok(())
+}
+
+/// The gRPC address of the first node named by `data_dir`'s cluster.json.
+fn first_node(data_dir: PathBuf) -> anyhow::Result<String> {
+    let target = Target {
+        addr: None,
+        token: None,
+        data_dir,
+        http: None,
+    };
+    target
+        .uris()?
+        .into_iter()
+        .next()
+        .context("cluster.json names no node")
 }
 
 /// Prints a license or model history as JSON or as text.

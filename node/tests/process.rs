@@ -88,6 +88,28 @@ async fn check(client: &reqwest::Client, http: &str) -> anyhow::Result<serde_jso
         .await?)
 }
 
+/// A node's `/v1/status`.
+async fn status(client: &reqwest::Client, http: &str) -> anyhow::Result<serde_json::Value> {
+    Ok(client
+        .get(format!("{http}/v1/status"))
+        .send()
+        .await?
+        .json()
+        .await?)
+}
+
+/// `tollgate bench` comparing the first nodes of clusters `a` and `b`.
+fn bench_compare(a: &Path, b: &Path, args: &[&str]) -> anyhow::Result<std::process::Output> {
+    Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["bench", "--cluster-dir"])
+        .arg(a)
+        .arg("--compare-cluster-dir")
+        .arg(b)
+        .args(args)
+        .output()
+        .context("running tollgate bench")
+}
+
 /// `bench --compare-cluster-dir`: the load alternates between two nodes,
 /// each gets its share of the schedule, and the report compares them.
 #[tokio::test]
@@ -99,14 +121,22 @@ async fn bench_compares_two_nodes_in_alternating_slices() -> anyhow::Result<()> 
     let client = reqwest::Client::new();
     let http_a = wait_ready(&a, &client).await?;
     let http_b = wait_ready(&b, &client).await?;
-    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["bench", "--cluster-dir"])
-        .arg(&a)
-        .arg("--compare-cluster-dir")
-        .arg(&b)
-        .args(["--rps", "400", "--duration", "2", "--slice", "0.5"])
-        .args(["--warmup", "0.25", "--concurrency", "1"])
-        .output()?;
+    let out = bench_compare(
+        &a,
+        &b,
+        &[
+            "--rps",
+            "400",
+            "--duration",
+            "2",
+            "--slice",
+            "0.5",
+            "--warmup",
+            "0.25",
+            "--concurrency",
+            "1",
+        ],
+    )?;
     anyhow::ensure!(
         out.status.success(),
         "bench failed: {}",
@@ -128,19 +158,10 @@ async fn bench_compares_two_nodes_in_alternating_slices() -> anyhow::Result<()> 
     }
     // Each node answered its own share (and the warm-up's); only the one
     // with the trail recorded them.
-    let status = |http: String| {
-        let client = client.clone();
-        async move {
-            let v: serde_json::Value = client
-                .get(format!("{http}/v1/status"))
-                .send()
-                .await?
-                .json()
-                .await?;
-            anyhow::Ok(v)
-        }
-    };
-    let (sa, sb) = (status(http_a).await?, status(http_b).await?);
+    let (sa, sb) = (
+        status(&client, &http_a).await?,
+        status(&client, &http_b).await?,
+    );
     for s in [&sa, &sb] {
         let allowed = s["decisions"]["allow"].as_u64().unwrap_or(0);
         assert!((400..=600).contains(&allowed), "{}", s["decisions"]);
@@ -152,13 +173,7 @@ async fn bench_compares_two_nodes_in_alternating_slices() -> anyhow::Result<()> 
     );
     assert_eq!(sb["audit"]["enabled"], false, "{}", sb["audit"]);
     // Bad input is refused with a reason, not a panic.
-    let bad = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["bench", "--cluster-dir"])
-        .arg(&a)
-        .arg("--compare-cluster-dir")
-        .arg(&b)
-        .args(["--rps", "100", "--duration", "1", "--slice=-1"])
-        .output()?;
+    let bad = bench_compare(&a, &b, &["--rps", "100", "--duration", "1", "--slice=-1"])?;
     assert!(!bad.status.success());
     assert!(
         String::from_utf8_lossy(&bad.stderr).contains("--slice"),
@@ -186,12 +201,7 @@ async fn usage_survives_sigkill_and_restart_and_sigint_stops_cleanly() -> anyhow
     // says the accepted usage is on disk, then kill it without warning.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let s: serde_json::Value = client
-            .get(format!("{http}/v1/status"))
-            .send()
-            .await?
-            .json()
-            .await?;
+        let s = status(&client, &http).await?;
         if s["usage"]["unflushed"] == false {
             break;
         }

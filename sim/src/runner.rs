@@ -420,27 +420,8 @@ pub fn run_seed_in_process(
 /// child cannot block on a full pipe.
 fn output_within(cmd: &mut Command, timeout: Duration) -> std::io::Result<Option<Output>> {
     let mut child = cmd.spawn()?;
-    let read = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut p) = pipe {
-                let _ = p.read_to_end(&mut buf);
-            }
-            buf
-        })
-    };
-    let stdout = read(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let stderr = read(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
+    let stdout = read_all(child.stdout.take());
+    let stderr = read_all(child.stderr.take());
     let deadline = Instant::now() + timeout;
     let status = loop {
         if let Some(status) = child.try_wait()? {
@@ -461,6 +442,17 @@ fn output_within(cmd: &mut Command, timeout: Duration) -> std::io::Result<Option
         stdout,
         stderr,
     }))
+}
+
+/// Reads `pipe` to its end on a thread of its own (nothing if `None`).
+fn read_all<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut p) = pipe {
+            let _ = p.read_to_end(&mut buf);
+        }
+        buf
+    })
 }
 
 /// How often a seed's process is looked at while it runs.
