@@ -94,8 +94,9 @@ pub trait Storage: Send + Sync + 'static {
 /// [`Tree::flush`] returns: anything acknowledged to a peer (Raft log
 /// entries, votes) must be flushed first. A flush makes every earlier write
 /// to every tree of the engine durable, not only this tree's (sled flushes
-/// its whole database); callers that need several trees durable may still
-/// flush each, which costs little once the first flush is done.
+/// its whole database). Each flush writes to disk even when little is new
+/// (sled writes out its current buffer), so a caller that wrote several
+/// trees flushes once.
 pub trait Tree: Send + Sync {
     /// The value of `key`, if any.
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;

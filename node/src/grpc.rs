@@ -35,7 +35,7 @@ impl Edge for EdgeService {
         req: Request<pb::CheckRequest>,
     ) -> Result<Response<pb::CheckResponse>, Status> {
         let req = api::check_from_proto(req.into_inner());
-        let d = self.state.check(&req).await.map_err(ApiError::from)?;
+        let d = self.state.check(req).await.map_err(ApiError::from)?;
         Ok(Response::new(api::decision_to_proto(&d)))
     }
 
@@ -44,7 +44,7 @@ impl Edge for EdgeService {
         req: Request<pb::CheckRequest>,
     ) -> Result<Response<pb::CheckResponse>, Status> {
         let req = api::check_from_proto(req.into_inner());
-        let d = self.state.report(&req).await.map_err(ApiError::from)?;
+        let d = self.state.report(req).await.map_err(ApiError::from)?;
         Ok(Response::new(api::decision_to_proto(&d)))
     }
 

@@ -143,13 +143,13 @@ fn decision_response(d: &tollgate_quota::decision::Decision) -> Response {
 
 async fn check(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let req = parse(&state, &body)?;
-    let d = state.check(&req).await.map_err(ApiError::from)?;
+    let d = state.check(req).await.map_err(ApiError::from)?;
     Ok(decision_response(&d))
 }
 
 async fn report(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let req = parse(&state, &body)?;
-    let d = state.report(&req).await.map_err(ApiError::from)?;
+    let d = state.report(req).await.map_err(ApiError::from)?;
     Ok(decision_response(&d))
 }
 

@@ -63,6 +63,62 @@ pub fn restore(storage: &dyn Storage, node_id: u64) -> anyhow::Result<Usage> {
     Ok(usage)
 }
 
+/// The flushes of the node's storage engine, numbered as they begin.
+///
+/// A flush makes every earlier write to any tree of the engine durable
+/// (see [`Tree::flush`]). So a writer that takes a [`Flushes::mark`] after
+/// its writes knows they are durable once [`Flushes::covers`] says a flush
+/// begun after that mark has finished, whoever asked for it, and need not
+/// flush itself. The usage flusher and the audit writer share one: while
+/// decisions are being counted, the usage flush of each tick also makes
+/// the audit trail durable, and the disk sees one flush per tick, not two.
+#[derive(Debug, Default)]
+pub struct Flushes {
+    count: parking_lot::Mutex<FlushCount>,
+}
+
+#[derive(Debug, Default)]
+struct FlushCount {
+    /// Flushes begun.
+    begun: u64,
+    /// The highest number of a flush that finished.
+    finished: u64,
+}
+
+impl Flushes {
+    /// Flushes the engine through `tree` and counts it.
+    pub fn flush(&self, tree: &dyn Tree) -> Result<(), tollgate_consensus::storage::StorageError> {
+        let n = self.begin();
+        tree.flush()?;
+        self.finish(n);
+        Ok(())
+    }
+
+    /// Numbers a flush about to begin.
+    fn begin(&self) -> u64 {
+        let mut count = self.count.lock();
+        count.begun += 1;
+        count.begun
+    }
+
+    /// Records that flush `n` finished (flushes may finish out of order).
+    fn finish(&self, n: u64) {
+        let mut count = self.count.lock();
+        count.finished = count.finished.max(n);
+    }
+
+    /// A mark to take after writing: see [`Flushes::covers`].
+    pub fn mark(&self) -> u64 {
+        self.count.lock().begun
+    }
+
+    /// Whether a flush begun after `mark` was taken has finished, so that
+    /// every write made before it is durable.
+    pub fn covers(&self, mark: u64) -> bool {
+        self.count.lock().finished > mark
+    }
+}
+
 /// The trees usage is persisted in.
 #[derive(Clone)]
 pub struct UsageTrees {
@@ -118,7 +174,7 @@ pub async fn flush(
         state.mark_persisted(seq);
         return Ok(Vec::new());
     }
-    match write_batch(trees, &dirty, &dirty_devices, &dirty_leases).await {
+    match write_batch(state, trees, &dirty, &dirty_devices, &dirty_leases).await {
         Ok(()) => {
             state.mark_persisted(seq);
             Ok(dirty)
@@ -141,6 +197,7 @@ pub async fn flush(
 }
 
 async fn write_batch(
+    state: &NodeState,
     trees: &UsageTrees,
     dirty: &[(CounterKey, Counter)],
     dirty_devices: &[(String, Vec<String>)],
@@ -173,13 +230,14 @@ async fn write_batch(
         });
     }
     let t = trees.clone();
+    let flushes = Arc::clone(&state.storage_flushes);
     run_storage(t.blocking, move || -> anyhow::Result<()> {
         t.devices.apply_batch(device_ops)?;
         t.seats.apply_batch(seat_ops)?;
         t.counters.apply_batch(ops)?;
-        t.devices.flush()?;
-        t.seats.flush()?;
-        t.counters.flush()?;
+        // One flush covers the three trees (and whatever else was written
+        // to the engine before it).
+        flushes.flush(t.counters.as_ref())?;
         Ok(())
     })
     .await?
@@ -200,5 +258,44 @@ pub async fn delete_counters(trees: &UsageTrees, keys: &[CounterKey]) {
         tracing::warn!(
             "usage GC could not delete expired counters from disk; a later GC drops them again"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_flush_begun_after_the_mark_covers_it() {
+        let flushes = Flushes::default();
+        let mark = flushes.mark();
+        assert!(!flushes.covers(mark), "no flush yet");
+
+        // A flush already running when the mark is taken may have missed
+        // the writes before it.
+        let running = flushes.begin();
+        let mark = flushes.mark();
+        let after = flushes.begin();
+        flushes.finish(running);
+        assert!(!flushes.covers(mark), "the flush begun before the mark");
+        // One begun after it covers it, even if an earlier one is still
+        // running (flushes may finish out of order).
+        let third = flushes.begin();
+        flushes.finish(third);
+        assert!(flushes.covers(mark));
+        flushes.finish(after);
+        assert!(flushes.covers(mark));
+        assert!(!flushes.covers(flushes.mark()), "a new mark waits again");
+    }
+
+    #[test]
+    fn flushing_through_any_tree_counts() -> anyhow::Result<()> {
+        let storage = tollgate_consensus::storage::MemStorage::new();
+        let tree = storage.tree("t")?;
+        let flushes = Flushes::default();
+        let mark = flushes.mark();
+        flushes.flush(tree.as_ref())?;
+        assert!(flushes.covers(mark));
+        Ok(())
     }
 }

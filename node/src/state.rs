@@ -26,6 +26,7 @@ use crate::dashboard::Dashboard;
 use crate::drain::Drain;
 use crate::gossip::GossipNode;
 use crate::metrics::{DecisionKind, Metrics};
+use crate::persist::Flushes;
 use crate::roles::TokenSet;
 
 /// Outcome counters for the status API. `/metrics` has the finer breakdown
@@ -69,6 +70,9 @@ pub struct NodeState {
     usage_seq: AtomicU64,
     usage_persisted_seq: AtomicU64,
     persisted_tx: tokio::sync::watch::Sender<u64>,
+    /// The storage engine's flushes, shared by the usage flusher and the
+    /// audit writer (see [`crate::persist::Flushes`]).
+    pub storage_flushes: Arc<Flushes>,
     /// Wakes the flusher early when a caller waits for durability (group
     /// commit: one fsync covers everyone waiting at that moment).
     pub flush_wanted: tokio::sync::Notify,
@@ -150,6 +154,7 @@ impl NodeState {
             usage_seq: AtomicU64::new(0),
             usage_persisted_seq: AtomicU64::new(0),
             persisted_tx: tokio::sync::watch::channel(0).0,
+            storage_flushes: Arc::new(Flushes::default()),
             flush_wanted: tokio::sync::Notify::new(),
             durable_usage_ack: false,
             gossip: OnceLock::new(),
@@ -172,10 +177,12 @@ impl NodeState {
     }
 
     /// Decides one Check and, unless it is a dry run, counts it.
-    pub async fn check(&self, req: &CheckRequest) -> Result<Decision, CallError> {
+    /// The request is taken whole: what the audit record keeps of it is
+    /// moved there, not copied.
+    pub async fn check(&self, req: CheckRequest) -> Result<Decision, CallError> {
         // Elapsed time only, never the time of day: measured, not decided on.
         let started = std::time::Instant::now();
-        let ran = self.run(req, false)?;
+        let ran = self.run(&req, false)?;
         self.audit
             .decision(DecisionOp::Check, req, &ran.decision, ran.at_ms)
             .await;
@@ -185,8 +192,8 @@ impl NodeState {
     }
 
     /// Records usage measured after an inference.
-    pub async fn report(&self, req: &CheckRequest) -> Result<Decision, CallError> {
-        let ran = self.run(req, true)?;
+    pub async fn report(&self, req: CheckRequest) -> Result<Decision, CallError> {
+        let ran = self.run(&req, true)?;
         self.audit
             .decision(DecisionOp::Report, req, &ran.decision, ran.at_ms)
             .await;

@@ -289,8 +289,9 @@ impl Auditor {
         self.public_key
     }
 
-    /// Queues a Check or Report decision.
-    pub async fn decision(&self, op: DecisionOp, req: &CheckRequest, d: &Decision, at_ms: i64) {
+    /// Queues a Check or Report decision; what the record keeps of the
+    /// request is moved into it, not copied.
+    pub async fn decision(&self, op: DecisionOp, req: CheckRequest, d: &Decision, at_ms: i64) {
         if self.tx.is_none() {
             return;
         }
@@ -299,9 +300,9 @@ impl Auditor {
             at_ms,
             decision_id: d.decision_id.clone(),
             license: d.license_id.clone(),
-            subject: req.subject.clone(),
-            model: req.model.clone(),
-            model_version: req.model_version.clone(),
+            subject: req.subject,
+            model: req.model,
+            model_version: req.model_version,
             verdict: match d.outcome {
                 Outcome::Allow => Verdict::Allow,
                 Outcome::Deny => Verdict::Deny,
@@ -309,9 +310,9 @@ impl Auditor {
             },
             reasons: d.reasons.iter().map(|r| r.code.as_str()).collect(),
             policy_version: d.policy_version,
-            input_hash: req.input_hash.clone(),
-            output_hash: req.output_hash.clone(),
-            request_id: req.request_id.clone(),
+            input_hash: req.input_hash,
+            output_hash: req.output_hash,
+            request_id: req.request_id,
             dry_run: d.dry_run,
         });
         self.submit(event).await;

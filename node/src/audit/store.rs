@@ -27,6 +27,8 @@ use std::sync::Arc;
 
 use tollgate_consensus::storage::{BatchOp, Storage, StorageError, Tree};
 
+use crate::persist::Flushes;
+
 use super::record::{CHECKPOINT_BYTES, Checkpoint, Hash, Record};
 
 /// Name of the tree.
@@ -264,9 +266,10 @@ impl AuditStore {
         self.tree.apply_batch(ops)
     }
 
-    /// Makes every write so far durable (fsync on sled).
-    pub fn flush(&self) -> Result<(), StorageError> {
-        self.tree.flush()
+    /// Makes every write so far durable (fsync on sled), counted in
+    /// `flushes`.
+    pub fn flush(&self, flushes: &Flushes) -> Result<(), StorageError> {
+        flushes.flush(self.tree.as_ref())
     }
 
     /// Frames in log order from the segment holding `from_seq` on, up to

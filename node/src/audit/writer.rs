@@ -5,7 +5,12 @@
 //! checkpoint every `checkpoint_every_records` records or
 //! `checkpoint_interval_ms`, and writes what accumulated at most once per
 //! `flush_interval_ms` (one segment, its checkpoints and the head in one
-//! atomic write), durably before it counts as appended. A failed
+//! atomic write). A write counts as appended once it is durable: once a
+//! flush of the storage engine begun after it has finished. While
+//! decisions are counted that is the usage flusher's flush of the same
+//! tick (one flush covers every tree), so the trail adds no flush of its
+//! own; the writer flushes itself only when none came by before its next
+//! write (or at shutdown). A failed
 //! write keeps the batch, already chained, and retries it with backoff;
 //! while it fails the writer stops taking from the queue, so memory stays
 //! bounded and `on_full` decides what callers see.
@@ -40,7 +45,7 @@ use super::record::{
 };
 use super::store::{AuditStore, Head, WriteBatch};
 use super::{AuditConfig, AuditStats, Event, MAX_BATCH_RECORDS, OnFull};
-use crate::persist::run_storage;
+use crate::persist::{Flushes, run_storage};
 use crate::state::NodeState;
 
 /// Records built but not yet durable, beyond which the writer stops taking
@@ -166,8 +171,13 @@ struct Writer {
     config: AuditConfig,
     /// The last record built (durable or pending).
     built: Head,
-    /// Built, not yet durable.
+    /// Built, not yet written.
     pending: WriteBatch,
+    /// Written, not yet known durable: the batch and the flush mark taken
+    /// after writing it.
+    unsynced: Option<(WriteBatch, u64)>,
+    /// The storage engine's flushes, shared with the usage flusher.
+    flushes: Arc<Flushes>,
     config_index: Option<u64>,
     last_checkpoint_seq: u64,
     last_checkpoint_at: Instant,
@@ -217,7 +227,7 @@ pub(crate) async fn run(
         // Idle: wait for the first thing to do. Busy: do not wake per
         // event (a wake-up per decision costs more than its record); let
         // events gather in the queue until the next write is due.
-        if !w.has_pending() && rx.is_empty() {
+        if !w.has_work() && rx.is_empty() {
             let checkpoint_due = w.last_checkpoint_at + w.config.interval();
             tokio::select! {
                 _ = shutdown.changed() => break,
@@ -252,10 +262,11 @@ pub(crate) async fn run(
     }
     w.next_write_at = Instant::now();
     let w = cycle(w, thread, &state, &feed, events, true).await?;
-    if !w.pending.records.is_empty() {
+    let n_left = w.pending.records.len() + w.unsynced.as_ref().map_or(0, |(b, _)| b.records.len());
+    if n_left > 0 {
         tracing::warn!(
-            n_records = w.pending.records.len(),
-            "audit records could not be written before shutdown"
+            n_records = n_left,
+            "audit records could not be made durable before shutdown"
         );
     }
     Ok(())
@@ -278,7 +289,7 @@ async fn cycle(
     let work = move || {
         w.take(now, &feed, events);
         w.maybe_checkpoint(now, last);
-        w.write();
+        w.write(last);
         w
     };
     match thread {
@@ -323,6 +334,8 @@ impl Writer {
             config,
             built,
             pending: WriteBatch::default(),
+            unsynced: None,
+            flushes: Arc::clone(&state.storage_flushes),
             config_index,
             last_checkpoint_seq,
             last_checkpoint_at: Instant::now(),
@@ -496,53 +509,90 @@ impl Writer {
             || self.pending.config_index.is_some()
     }
 
-    /// Writes what is pending, durably; on failure keeps it for a retry
-    /// after a backoff. Blocks on the fsync.
-    fn write(&mut self) {
-        if !self.has_pending() || Instant::now() < self.next_write_at {
+    /// Whether anything built is not yet known durable.
+    fn has_work(&self) -> bool {
+        self.has_pending() || self.unsynced.is_some()
+    }
+
+    /// Settles the last write, then writes what is pending; at shutdown
+    /// (`last`) settles that write too. A write is settled once a flush
+    /// begun after it finished: usually the usage flusher's of the same
+    /// tick, otherwise one of ours. Only then does it count as appended.
+    /// On failure keeps everything for a retry after a backoff. May block
+    /// on an fsync.
+    fn write(&mut self, last: bool) {
+        if !self.has_work() || Instant::now() < self.next_write_at {
             return;
         }
-        let result = self
-            .store
-            .write(&self.pending)
-            .and_then(|()| self.store.flush());
-        match result {
-            Ok(()) => {
-                let batch = std::mem::take(&mut self.pending);
-                let n = batch.records.len() as u64;
-                self.stats.n_appended.fetch_add(n, Ordering::Relaxed);
-                self.stats
-                    .n_recorded
-                    .fetch_add(batch.n_events, Ordering::Relaxed);
-                if let Some((seq, _, _)) = batch.records.last() {
-                    self.stats.last_seq.store(*seq, Ordering::Relaxed);
-                }
-                if let Some(cp) = batch.checkpoints.last() {
-                    self.stats
-                        .n_checkpoints
-                        .fetch_add(batch.checkpoints.len() as u64, Ordering::Relaxed);
-                    self.stats
-                        .last_checkpoint_seq
-                        .store(cp.seq, Ordering::Relaxed);
-                }
-                self.retry_backoff = None;
-                self.next_write_at = Instant::now() + self.config.flush_interval();
-            }
-            Err(e) => {
+        if let Err(e) = self.settle() {
+            self.back_off(&e);
+            return;
+        }
+        if self.has_pending() {
+            if let Err(e) = self.store.write(&self.pending) {
                 // Kept as built: the next write carries it, and what was
                 // chained after it, in order.
-                self.stats.n_write_errors.fetch_add(1, Ordering::Relaxed);
-                let backoff = self
-                    .retry_backoff
-                    .map_or(Duration::from_millis(FIRST_RETRY_BACKOFF_MS), |b| {
-                        (b * 2).min(Duration::from_millis(MAX_RETRY_BACKOFF_MS))
-                    });
-                if self.retry_backoff.is_none() {
-                    tracing::warn!(error = %e, "audit write failed; retrying");
-                }
-                self.retry_backoff = Some(backoff);
-                self.next_write_at = Instant::now() + backoff;
+                self.back_off(&e);
+                return;
             }
+            let batch = std::mem::take(&mut self.pending);
+            self.unsynced = Some((batch, self.flushes.mark()));
         }
+        if last && let Err(e) = self.settle() {
+            self.back_off(&e);
+            return;
+        }
+        self.retry_backoff = None;
+        self.next_write_at = Instant::now() + self.config.flush_interval();
+    }
+
+    /// Counts the last write as appended once it is durable, flushing if
+    /// no flush since has covered it.
+    fn settle(&mut self) -> Result<(), StorageError> {
+        let Some((_, mark)) = &self.unsynced else {
+            return Ok(());
+        };
+        if !self.flushes.covers(*mark) {
+            self.store.flush(&self.flushes)?;
+        }
+        if let Some((batch, _)) = self.unsynced.take() {
+            self.count_appended(&batch);
+        }
+        Ok(())
+    }
+
+    fn count_appended(&self, batch: &WriteBatch) {
+        let n = batch.records.len() as u64;
+        self.stats.n_appended.fetch_add(n, Ordering::Relaxed);
+        self.stats
+            .n_recorded
+            .fetch_add(batch.n_events, Ordering::Relaxed);
+        if let Some((seq, _, _)) = batch.records.last() {
+            self.stats.last_seq.store(*seq, Ordering::Relaxed);
+        }
+        if let Some(cp) = batch.checkpoints.last() {
+            self.stats
+                .n_checkpoints
+                .fetch_add(batch.checkpoints.len() as u64, Ordering::Relaxed);
+            self.stats
+                .last_checkpoint_seq
+                .store(cp.seq, Ordering::Relaxed);
+        }
+    }
+
+    /// After a failed write or flush: counts it and waits longer each time
+    /// before the next try.
+    fn back_off(&mut self, e: &StorageError) {
+        self.stats.n_write_errors.fetch_add(1, Ordering::Relaxed);
+        let backoff = self
+            .retry_backoff
+            .map_or(Duration::from_millis(FIRST_RETRY_BACKOFF_MS), |b| {
+                (b * 2).min(Duration::from_millis(MAX_RETRY_BACKOFF_MS))
+            });
+        if self.retry_backoff.is_none() {
+            tracing::warn!(error = %e, "audit write failed; retrying");
+        }
+        self.retry_backoff = Some(backoff);
+        self.next_write_at = Instant::now() + backoff;
     }
 }

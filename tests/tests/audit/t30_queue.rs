@@ -30,7 +30,7 @@ async fn shed_drops_records_when_full_counts_them_and_says_so_in_the_log() -> an
     let appended_before = before["appended"].as_u64().unwrap_or(0);
     let state = &n.node.state;
     for _ in 0..10 {
-        let d = state.check(&dry_check()).await?;
+        let d = state.check(dry_check()).await?;
         assert_eq!(d.outcome.as_str(), "allow");
     }
     // Two fit in the queue; eight were shed, and decisions went on.
@@ -67,7 +67,7 @@ async fn block_waits_for_room_and_loses_nothing() -> anyhow::Result<()> {
     let appended_before = n.wait_audited(1).await?["appended"].as_u64().unwrap_or(0);
     let state = &n.node.state;
     for _ in 0..10 {
-        state.check(&dry_check()).await?;
+        state.check(dry_check()).await?;
     }
     let blocked = state
         .audit

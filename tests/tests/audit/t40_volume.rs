@@ -27,7 +27,7 @@ async fn a_hundred_thousand_decisions_make_a_hundred_thousand_records() -> anyho
                 });
                 req.dry_run = true;
                 req.subject = Some(format!("user-{}", i % 100));
-                let d = state.check(&req).await?;
+                let d = state.check(req).await?;
                 ids.push(d.decision_id);
             }
             anyhow::Ok(ids)
