@@ -16,16 +16,29 @@
 //! bounded and `on_full` decides what callers see.
 //!
 //! The task wakes once per flush interval while busy, not once per
-//! decision. Building records (encoding, hashing, signing) and the write
-//! run together on the writer's own OS thread for sled (a flush is an
-//! fsync), away from the threads that answer decisions. With `on_full:
-//! shed` (the operator chose decision latency over a complete trail) that
-//! thread runs, on Linux, at a lower CPU priority (nice +10), so on a
+//! decision. For sled (a flush is an fsync) the work runs on two OS
+//! threads of the writer's own, away from the threads that answer
+//! decisions:
+//!
+//! - `tollgate-audit` builds the records (encoding, hashing, signing) under
+//!   `SCHED_IDLE` on Linux: it runs only on a core nothing else wants, so
+//!   it never delays a decision, not even by a wake-up;
+//! - `tollgate-audit-write` writes them to storage under `SCHED_BATCH`
+//!   (its fair share, no wake-up preemption), because a write holds the
+//!   engine's locks that the usage flusher also takes, and must not be left
+//!   waiting for an idle core while holding them. It also builds the
+//!   records while the queue is falling behind (a quarter full, until it
+//!   is back under a sixteenth): on a saturated machine an idle-priority
+//!   builder would starve, and with `on_full: block` that would only turn
+//!   into blocked callers.
+//!
+//! With `on_full: shed` (the operator chose decision latency over a
+//! complete trail) the write thread also runs at nice +10, so on a
 //! saturated machine the trail waits for the cores rather than decisions
-//! waiting for it; with `block` (the default) it keeps the node's priority,
-//! since there a starved writer would only turn into blocked callers and
-//! then shed records. On the in-memory engine the work runs inline, so the
-//! simulator's single thread drives this task like any other.
+//! waiting for it. A thread cannot raise its own priority again without
+//! privileges, hence two threads rather than one that changes class. On
+//! the in-memory engine the work runs inline, so the simulator's single
+//! thread drives this task like any other.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -57,35 +70,41 @@ const FIRST_RETRY_BACKOFF_MS: u64 = 10;
 /// Longest wait between retries of a failed write.
 const MAX_RETRY_BACKOFF_MS: u64 = 1_000;
 
-/// How much lower than the node's other threads the audit thread runs
-/// with `on_full: shed` (a nice increment; +10 gives it about a tenth of a
-/// busy core's share).
+/// How much lower than the node's other threads the audit write thread
+/// runs with `on_full: shed` (a nice increment; +10 gives it about a tenth
+/// of a busy core's share).
 const AUDIT_THREAD_NICE: libc::c_int = 10;
 
-/// A job for the audit thread.
+/// A job for an audit thread.
 type Job = Box<dyn FnOnce() + Send>;
 
-/// The writer's own OS thread, for an engine whose writes block (sled).
-/// It stops when the writer drops it.
+/// How an audit thread is scheduled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ThreadClass {
+    /// `SCHED_IDLE`: runs only on an otherwise idle core.
+    Background,
+    /// `SCHED_BATCH`, at nice +10 when `low_priority`.
+    Fair { low_priority: bool },
+}
+
+/// One of the writer's own OS threads, for an engine whose writes block
+/// (sled). It stops when the writer drops it.
 struct AuditThread {
     jobs: std::sync::mpsc::Sender<Job>,
 }
 
 impl AuditThread {
-    fn spawn(low_priority: bool) -> anyhow::Result<Self> {
+    fn spawn(name: &str, class: ThreadClass) -> anyhow::Result<Self> {
         let (jobs, rx) = std::sync::mpsc::channel::<Job>();
         std::thread::Builder::new()
-            .name("tollgate-audit".into())
+            .name(name.into())
             .spawn(move || {
-                yield_on_wakeup();
-                if low_priority {
-                    lower_priority();
-                }
+                set_class(class);
                 while let Ok(job) = rx.recv() {
                     job();
                 }
             })
-            .context("starting the audit thread")?;
+            .context("starting an audit thread")?;
         Ok(Self { jobs })
     }
 
@@ -104,52 +123,92 @@ impl AuditThread {
     }
 }
 
-/// Puts the calling thread under `SCHED_BATCH`: it keeps its fair share of
-/// the CPU (so a busy writer is never starved), but waking up it does not
-/// preempt a thread that is answering decisions; it runs when a core is
-/// free or at the next scheduler tick. Best effort: a refusal is logged.
+/// The two audit threads (see the module docs).
+struct AuditThreads {
+    build: AuditThread,
+    write: AuditThread,
+    /// Whether the queue is falling behind, so the write thread builds too.
+    behind: std::sync::atomic::AtomicBool,
+}
+
+impl AuditThreads {
+    fn spawn(on_full: OnFull) -> anyhow::Result<Self> {
+        Ok(Self {
+            build: AuditThread::spawn("tollgate-audit", ThreadClass::Background)?,
+            write: AuditThread::spawn(
+                "tollgate-audit-write",
+                ThreadClass::Fair {
+                    low_priority: on_full == OnFull::Shed,
+                },
+            )?,
+            behind: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// The thread to build on, given how full the queue is: the write
+    /// thread from a quarter full until back under a sixteenth.
+    fn builder(&self, queued: usize, capacity: usize) -> &AuditThread {
+        let behind = if queued >= capacity / FALLING_BEHIND_DIVISOR {
+            true
+        } else if queued <= capacity / CAUGHT_UP_DIVISOR {
+            false
+        } else {
+            self.behind.load(Ordering::Relaxed)
+        };
+        self.behind.store(behind, Ordering::Relaxed);
+        if behind { &self.write } else { &self.build }
+    }
+}
+
+/// From this fraction of the queue's capacity (1/N) the write thread also
+/// builds records.
+const FALLING_BEHIND_DIVISOR: usize = 4;
+/// Below this fraction (1/N) the idle-priority thread builds again.
+const CAUGHT_UP_DIVISOR: usize = 16;
+
+/// Puts the calling thread in `class`. On Linux scheduling policy and nice
+/// value belong to a thread, not the process, so the node's other threads
+/// keep theirs. Best effort: a refusal is logged.
 #[cfg(target_os = "linux")]
-fn yield_on_wakeup() {
+fn set_class(class: ThreadClass) {
+    let (policy, nice) = match class {
+        ThreadClass::Background => (libc::SCHED_IDLE, None),
+        ThreadClass::Fair { low_priority } => {
+            (libc::SCHED_BATCH, low_priority.then_some(AUDIT_THREAD_NICE))
+        }
+    };
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: `param` is a valid sched_param that outlives the call; pid 0
     // is the calling thread.
-    let result = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &raw const param) };
-    if result != 0 {
+    if unsafe { libc::sched_setscheduler(0, policy, &raw const param) } != 0 {
         tracing::debug!(
             error = %std::io::Error::last_os_error(),
-            "could not put the audit thread under SCHED_BATCH"
+            ?class,
+            "could not set an audit thread's scheduling policy"
         );
+    }
+    if let Some(nice) = nice {
+        // SAFETY: gettid and setpriority take and return plain integers
+        // and touch no memory of ours.
+        let result = unsafe {
+            let tid = libc::gettid();
+            libc::setpriority(
+                libc::PRIO_PROCESS,
+                libc::id_t::try_from(tid).unwrap_or(0),
+                nice,
+            )
+        };
+        if result != 0 {
+            tracing::debug!(
+                error = %std::io::Error::last_os_error(),
+                "could not lower an audit thread's priority"
+            );
+        }
     }
 }
 
 #[cfg(not(target_os = "linux"))]
-fn yield_on_wakeup() {}
-
-/// Lowers the calling thread's CPU priority by [`AUDIT_THREAD_NICE`]. On
-/// Linux the nice value belongs to a thread, not the process, so the
-/// node's other threads keep theirs. Best effort: a refusal is logged.
-#[cfg(target_os = "linux")]
-fn lower_priority() {
-    // SAFETY: gettid and setpriority take and return plain integers and
-    // touch no memory of ours.
-    let result = unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(
-            libc::PRIO_PROCESS,
-            libc::id_t::try_from(tid).unwrap_or(0),
-            AUDIT_THREAD_NICE,
-        )
-    };
-    if result != 0 {
-        tracing::debug!(
-            error = %std::io::Error::last_os_error(),
-            "could not lower the audit thread's priority"
-        );
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn lower_priority() {}
+fn set_class(_class: ThreadClass) {}
 
 /// What the writer needs besides the node state.
 pub(crate) struct WriterParts {
@@ -207,12 +266,12 @@ pub(crate) async fn run(
         blocking,
     } = parts;
     let mut w = Box::new(Writer::open(&state, store, signer, subject_key, config, blocking).await?);
-    let thread = if blocking {
-        Some(AuditThread::spawn(w.config.on_full == OnFull::Shed)?)
+    let threads = if blocking {
+        Some(AuditThreads::spawn(w.config.on_full)?)
     } else {
         None
     };
-    let thread = thread.as_ref();
+    let threads = threads.as_ref();
     w.append(
         state.now_ms(),
         Body::Start(StartRecord {
@@ -253,7 +312,17 @@ pub(crate) async fn run(
                 Err(_) => break,
             }
         }
-        w = cycle(w, thread, &state, &feed, std::mem::take(&mut events), false).await?;
+        let queued = rx.len() + events.len();
+        w = cycle(
+            w,
+            threads,
+            (queued, rx.max_capacity()),
+            &state,
+            &feed,
+            std::mem::take(&mut events),
+            false,
+        )
+        .await?;
     }
     // Shutting down: what is already queued still goes in.
     rx.close();
@@ -261,7 +330,8 @@ pub(crate) async fn run(
         events.push(event);
     }
     w.next_write_at = Instant::now();
-    let w = cycle(w, thread, &state, &feed, events, true).await?;
+    let queued = events.len();
+    let w = cycle(w, threads, (queued, queued), &state, &feed, events, true).await?;
     let n_left = w.pending.records.len() + w.unsynced.as_ref().map_or(0, |(b, _)| b.records.len());
     if n_left > 0 {
         tracing::warn!(
@@ -273,12 +343,14 @@ pub(crate) async fn run(
 }
 
 /// Builds the records of `events` and of what the feed holds, signs what
-/// is due and writes. The encoding, hashing and signing run with the write
-/// on the audit thread (sled) or inline (in memory), never on the threads
-/// that answer decisions.
+/// is due and writes. The encoding, hashing and signing run on an audit
+/// thread (sled: see the module docs) or inline (in memory), never on the
+/// threads that answer decisions. `queue` is how many events are queued
+/// and the queue's capacity.
 async fn cycle(
     mut w: Box<Writer>,
-    thread: Option<&AuditThread>,
+    threads: Option<&AuditThreads>,
+    queue: (usize, usize),
     state: &NodeState,
     feed: &Arc<AppliedFeed>,
     events: Vec<Event>,
@@ -286,16 +358,32 @@ async fn cycle(
 ) -> anyhow::Result<Box<Writer>> {
     let now = state.now_ms();
     let feed = Arc::clone(feed);
-    let work = move || {
+    let build = move || {
         w.take(now, &feed, events);
         w.maybe_checkpoint(now, last);
-        w.write(last);
         w
     };
-    match thread {
-        Some(thread) => thread.run(work).await.context("the audit writer stopped"),
-        None => Ok(work()),
+    let Some(threads) = threads else {
+        let mut w = build();
+        w.write(last);
+        return Ok(w);
+    };
+    let mut w = threads
+        .builder(queue.0, queue.1)
+        .run(build)
+        .await
+        .context("the audit writer stopped")?;
+    if !w.write_due() {
+        return Ok(w);
     }
+    threads
+        .write
+        .run(move || {
+            w.write(last);
+            w
+        })
+        .await
+        .context("the audit writer stopped")
 }
 
 impl Writer {
@@ -509,6 +597,11 @@ impl Writer {
             || self.pending.config_index.is_some()
     }
 
+    /// Whether [`Writer::write`] has anything to do now.
+    fn write_due(&self) -> bool {
+        self.has_work() && Instant::now() >= self.next_write_at
+    }
+
     /// Whether anything built is not yet known durable.
     fn has_work(&self) -> bool {
         self.has_pending() || self.unsynced.is_some()
@@ -521,7 +614,7 @@ impl Writer {
     /// On failure keeps everything for a retry after a backoff. May block
     /// on an fsync.
     fn write(&mut self, last: bool) {
-        if !self.has_work() || Instant::now() < self.next_write_at {
+        if !self.write_due() {
             return;
         }
         if let Err(e) = self.settle() {
@@ -594,5 +687,55 @@ impl Writer {
         }
         self.retry_backoff = Some(backoff);
         self.next_write_at = Instant::now() + backoff;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn records_are_built_on_the_idle_thread_until_the_queue_falls_behind()
+    -> anyhow::Result<()> {
+        let threads = AuditThreads::spawn(OnFull::Block)?;
+        let on_write = |t: &AuditThread| std::ptr::eq(t, &threads.write);
+        let capacity = 1024;
+        assert!(!on_write(threads.builder(0, capacity)));
+        assert!(!on_write(threads.builder(255, capacity)));
+        // A quarter full: the write thread builds, until under a sixteenth.
+        assert!(on_write(threads.builder(256, capacity)));
+        assert!(on_write(threads.builder(100, capacity)));
+        assert!(on_write(threads.builder(65, capacity)));
+        assert!(!on_write(threads.builder(64, capacity)));
+        assert!(!on_write(threads.builder(100, capacity)));
+        Ok(())
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn the_build_thread_runs_at_idle_priority_and_the_write_thread_in_batch()
+    -> anyhow::Result<()> {
+        // SAFETY: sched_getscheduler and getpriority read the calling
+        // thread's scheduling and touch no memory of ours.
+        let class = || unsafe {
+            let tid = libc::id_t::try_from(libc::gettid()).unwrap_or(0);
+            (
+                libc::sched_getscheduler(0),
+                libc::getpriority(libc::PRIO_PROCESS, tid),
+            )
+        };
+        let base_nice = class().1;
+        let threads = AuditThreads::spawn(OnFull::Block)?;
+        assert_eq!(threads.build.run(class).await?.0, libc::SCHED_IDLE);
+        assert_eq!(
+            threads.write.run(class).await?,
+            (libc::SCHED_BATCH, base_nice)
+        );
+        let shed = AuditThreads::spawn(OnFull::Shed)?;
+        assert_eq!(
+            shed.write.run(class).await?,
+            (libc::SCHED_BATCH, (base_nice + AUDIT_THREAD_NICE).min(19))
+        );
+        Ok(())
     }
 }
