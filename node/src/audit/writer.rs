@@ -23,20 +23,25 @@
 //! - `tollgate-audit` builds the records (encoding, hashing, signing) under
 //!   `SCHED_IDLE` on Linux: it runs only on a core nothing else wants, so
 //!   it never delays a decision, not even by a wake-up;
-//! - `tollgate-audit-write` writes them to storage under `SCHED_BATCH`
-//!   (its fair share, no wake-up preemption), because a write holds the
-//!   engine's locks that the usage flusher also takes, and must not be left
-//!   waiting for an idle core while holding them. It also builds the
-//!   records while the queue is falling behind (a quarter full, until it
-//!   is back under a sixteenth): on a saturated machine an idle-priority
-//!   builder would starve, and with `on_full: block` that would only turn
-//!   into blocked callers.
+//! - `tollgate-audit-write` writes them to storage. A write holds sled's
+//!   batch lock, which every other storage call (the Raft log's too)
+//!   waits on, so it must not be left waiting long for an idle core. Where
+//!   the process may raise a thread out of `SCHED_IDLE` again
+//!   (`CAP_SYS_NICE`, or an `RLIMIT_NICE` that allows it), writes run under
+//!   `SCHED_IDLE` as well, and one that has not finished within
+//!   [`WRITE_STALL`] is raised to `SCHED_BATCH` until it is done;
+//!   elsewhere writes run under `SCHED_BATCH` (its fair share, no wake-up
+//!   preemption). The write thread also builds the records while the
+//!   queue is falling behind (a quarter full, until it is back under a
+//!   sixteenth): on a saturated machine an idle-priority builder would
+//!   starve, and with `on_full: block` that would only turn into blocked
+//!   callers.
 //!
 //! With `on_full: shed` (the operator chose decision latency over a
 //! complete trail) the write thread also runs at nice +10, so on a
 //! saturated machine the trail waits for the cores rather than decisions
-//! waiting for it. A thread cannot raise its own priority again without
-//! privileges, hence two threads rather than one that changes class. On
+//! waiting for it. Without privileges a thread cannot be raised out of
+//! `SCHED_IDLE`, hence two threads rather than one that changes class. On
 //! the in-memory engine the work runs inline, so the simulator's single
 //! thread drives this task like any other.
 
@@ -91,21 +96,43 @@ enum ThreadClass {
 /// (sled). It stops when the writer drops it.
 struct AuditThread {
     jobs: std::sync::mpsc::Sender<Job>,
+    /// The thread's kernel id, to change its class from outside (0 where
+    /// there is none).
+    tid: i32,
 }
 
 impl AuditThread {
     fn spawn(name: &str, class: ThreadClass) -> anyhow::Result<Self> {
         let (jobs, rx) = std::sync::mpsc::channel::<Job>();
+        let (tid_tx, tid_rx) = std::sync::mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
+                // The class first: whoever spawned the thread may change
+                // it once it has the id.
                 set_class(class);
+                let _ = tid_tx.send(current_tid());
                 while let Ok(job) = rx.recv() {
                     job();
                 }
             })
             .context("starting an audit thread")?;
-        Ok(Self { jobs })
+        let tid = tid_rx.recv().context("starting an audit thread")?;
+        Ok(Self { jobs, tid })
+    }
+
+    /// Hands `f` to the thread.
+    fn send<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<tokio::sync::oneshot::Receiver<T>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| anyhow::anyhow!("the audit thread stopped"))?;
+        Ok(rx)
     }
 
     /// Runs `f` on the thread and waits (without blocking) for its result.
@@ -113,36 +140,75 @@ impl AuditThread {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> anyhow::Result<T> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.jobs
-            .send(Box::new(move || {
-                let _ = tx.send(f());
-            }))
-            .map_err(|_| anyhow::anyhow!("the audit thread stopped"))?;
-        rx.await.context("the audit thread stopped")
+        self.send(f)?.await.context("the audit thread stopped")
+    }
+
+    /// Runs `f` on this idle-priority thread; if it has not finished
+    /// within [`WRITE_STALL`] (it holds storage locks and found no idle
+    /// core), moves the thread to `SCHED_BATCH` until it has.
+    async fn run_unstalled<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let done = self.send(f)?;
+        tokio::pin!(done);
+        let mut raised = false;
+        let result = tokio::select! {
+            r = &mut done => r,
+            () = tokio::time::sleep(WRITE_STALL) => {
+                raised = set_policy(self.tid, ThreadClass::Fair { low_priority: false });
+                done.await
+            }
+        };
+        if raised {
+            set_policy(self.tid, ThreadClass::Background);
+        }
+        result.context("the audit thread stopped")
     }
 }
+
+/// How long a write may wait on the idle-priority thread before that
+/// thread is raised to `SCHED_BATCH` until it is done.
+const WRITE_STALL: Duration = Duration::from_millis(5);
 
 /// The two audit threads (see the module docs).
 struct AuditThreads {
     build: AuditThread,
     write: AuditThread,
+    /// Whether writes run at idle priority too, raised when they stall
+    /// (only where this process may raise a thread out of `SCHED_IDLE`).
+    idle_writes: bool,
     /// Whether the queue is falling behind, so the write thread builds too.
     behind: std::sync::atomic::AtomicBool,
 }
 
 impl AuditThreads {
     fn spawn(on_full: OnFull) -> anyhow::Result<Self> {
+        let idle_writes = can_leave_idle();
+        let low_priority = on_full == OnFull::Shed;
+        let write = AuditThread::spawn("tollgate-audit-write", ThreadClass::Fair { low_priority })?;
+        // The nice value set above stays through a change of policy.
+        if idle_writes {
+            set_policy(write.tid, ThreadClass::Background);
+        }
         Ok(Self {
             build: AuditThread::spawn("tollgate-audit", ThreadClass::Background)?,
-            write: AuditThread::spawn(
-                "tollgate-audit-write",
-                ThreadClass::Fair {
-                    low_priority: on_full == OnFull::Shed,
-                },
-            )?,
+            write,
+            idle_writes,
             behind: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Runs a write job on the write thread.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        if self.idle_writes {
+            self.write.run_unstalled(f).await
+        } else {
+            self.write.run(f).await
+        }
     }
 
     /// The thread to build on, given how full the queue is: the write
@@ -171,16 +237,11 @@ const CAUGHT_UP_DIVISOR: usize = 16;
 /// keep theirs. Best effort: a refusal is logged.
 #[cfg(target_os = "linux")]
 fn set_class(class: ThreadClass) {
-    let (policy, nice) = match class {
-        ThreadClass::Background => (libc::SCHED_IDLE, None),
-        ThreadClass::Fair { low_priority } => {
-            (libc::SCHED_BATCH, low_priority.then_some(AUDIT_THREAD_NICE))
-        }
+    let nice = match class {
+        ThreadClass::Background => None,
+        ThreadClass::Fair { low_priority } => low_priority.then_some(AUDIT_THREAD_NICE),
     };
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: `param` is a valid sched_param that outlives the call; pid 0
-    // is the calling thread.
-    if unsafe { libc::sched_setscheduler(0, policy, &raw const param) } != 0 {
+    if !set_policy(current_tid(), class) {
         tracing::debug!(
             error = %std::io::Error::last_os_error(),
             ?class,
@@ -209,6 +270,61 @@ fn set_class(class: ThreadClass) {
 
 #[cfg(not(target_os = "linux"))]
 fn set_class(_class: ThreadClass) {}
+
+/// Moves thread `tid` to `class`'s policy (its nice value stays); whether
+/// that worked.
+#[cfg(target_os = "linux")]
+fn set_policy(tid: i32, class: ThreadClass) -> bool {
+    let policy = match class {
+        ThreadClass::Background => libc::SCHED_IDLE,
+        ThreadClass::Fair { .. } => libc::SCHED_BATCH,
+    };
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param that outlives the call; `tid`
+    // is one of this process's threads, alive while its AuditThread is.
+    tid != 0 && unsafe { libc::sched_setscheduler(tid, policy, &raw const param) } == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_policy(_tid: i32, _class: ThreadClass) -> bool {
+    false
+}
+
+/// The calling thread's kernel id.
+#[cfg(target_os = "linux")]
+fn current_tid() -> i32 {
+    // SAFETY: gettid takes nothing and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn current_tid() -> i32 {
+    0
+}
+
+/// Whether this process may move a thread out of `SCHED_IDLE` again (it
+/// needs `CAP_SYS_NICE`, or an `RLIMIT_NICE` that allows its nice value),
+/// tried once on a thread of its own.
+fn can_leave_idle() -> bool {
+    static CAN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CAN.get_or_init(|| {
+        std::thread::Builder::new()
+            .name("tollgate-probe".into())
+            .spawn(|| {
+                let tid = current_tid();
+                set_policy(tid, ThreadClass::Background)
+                    && set_policy(
+                        tid,
+                        ThreadClass::Fair {
+                            low_priority: false,
+                        },
+                    )
+            })
+            .ok()
+            .and_then(|t| t.join().ok())
+            .unwrap_or(false)
+    })
+}
 
 /// What the writer needs besides the node state.
 pub(crate) struct WriterParts {
@@ -377,8 +493,7 @@ async fn cycle(
         return Ok(w);
     }
     threads
-        .write
-        .run(move || {
+        .write(move || {
             w.write(last);
             w
         })
@@ -711,30 +826,74 @@ mod tests {
         Ok(())
     }
 
+    /// The calling thread's scheduling policy and nice value.
     #[cfg(target_os = "linux")]
-    #[tokio::test]
-    async fn the_build_thread_runs_at_idle_priority_and_the_write_thread_in_batch()
-    -> anyhow::Result<()> {
+    fn class() -> (i32, i32) {
         // SAFETY: sched_getscheduler and getpriority read the calling
         // thread's scheduling and touch no memory of ours.
-        let class = || unsafe {
+        unsafe {
             let tid = libc::id_t::try_from(libc::gettid()).unwrap_or(0);
             (
                 libc::sched_getscheduler(0),
                 libc::getpriority(libc::PRIO_PROCESS, tid),
             )
-        };
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn the_build_thread_runs_at_idle_priority_and_writes_at_idle_only_if_they_can_be_raised()
+    -> anyhow::Result<()> {
         let base_nice = class().1;
         let threads = AuditThreads::spawn(OnFull::Block)?;
         assert_eq!(threads.build.run(class).await?.0, libc::SCHED_IDLE);
-        assert_eq!(
-            threads.write.run(class).await?,
-            (libc::SCHED_BATCH, base_nice)
-        );
         let shed = AuditThreads::spawn(OnFull::Shed)?;
+        let shed_nice = (base_nice + AUDIT_THREAD_NICE).min(19);
+        if can_leave_idle() {
+            assert!(threads.idle_writes);
+            assert_eq!(
+                threads.write.run(class).await?,
+                (libc::SCHED_IDLE, base_nice)
+            );
+            assert_eq!(shed.write.run(class).await?, (libc::SCHED_IDLE, shed_nice));
+        } else {
+            assert!(!threads.idle_writes);
+            assert_eq!(
+                threads.write.run(class).await?,
+                (libc::SCHED_BATCH, base_nice)
+            );
+            assert_eq!(shed.write.run(class).await?, (libc::SCHED_BATCH, shed_nice));
+        }
+        Ok(())
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_stalled_write_is_raised_to_batch_until_it_is_done() -> anyhow::Result<()> {
+        if !can_leave_idle() {
+            // Writes run under SCHED_BATCH from the start (tested above).
+            return Ok(());
+        }
+        let threads = AuditThreads::spawn(OnFull::Block)?;
+        // The job outlasts the stall bound, then reports the class it ran
+        // in by then; it waits for the raise, so the outcome does not
+        // depend on how fast this machine is.
+        let seen = threads
+            .write(|| {
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                let mut seen = class().0;
+                while seen != libc::SCHED_BATCH && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                    seen = class().0;
+                }
+                seen
+            })
+            .await?;
+        assert_eq!(seen, libc::SCHED_BATCH, "raised while it ran");
         assert_eq!(
-            shed.write.run(class).await?,
-            (libc::SCHED_BATCH, (base_nice + AUDIT_THREAD_NICE).min(19))
+            threads.write.run(class).await?.0,
+            libc::SCHED_IDLE,
+            "back to idle once done"
         );
         Ok(())
     }
