@@ -83,13 +83,14 @@ const AUDIT_THREAD_NICE: libc::c_int = 10;
 /// A job for an audit thread.
 type Job = Box<dyn FnOnce() + Send>;
 
-/// How an audit thread is scheduled.
+/// An audit thread's scheduling policy (its nice value stays through a
+/// change of policy).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ThreadClass {
+enum Policy {
     /// `SCHED_IDLE`: runs only on an otherwise idle core.
-    Background,
-    /// `SCHED_BATCH`, at nice +10 when `low_priority`.
-    Fair { low_priority: bool },
+    Idle,
+    /// `SCHED_BATCH`: a fair share, no wake-up preemption.
+    Batch,
 }
 
 /// One of the writer's own OS threads, for an engine whose writes block
@@ -102,15 +103,17 @@ struct AuditThread {
 }
 
 impl AuditThread {
-    fn spawn(name: &str, class: ThreadClass) -> anyhow::Result<Self> {
+    /// Starts a thread under `policy`, `nice` lower than the node's other
+    /// threads if set.
+    fn spawn(name: &str, policy: Policy, nice: Option<libc::c_int>) -> anyhow::Result<Self> {
         let (jobs, rx) = std::sync::mpsc::channel::<Job>();
         let (tid_tx, tid_rx) = std::sync::mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
-                // The class first: whoever spawned the thread may change
+                // Scheduling first: whoever spawned the thread may change
                 // it once it has the id.
-                set_class(class);
+                schedule_self(policy, nice);
                 let _ = tid_tx.send(current_tid());
                 while let Ok(job) = rx.recv() {
                     job();
@@ -156,12 +159,12 @@ impl AuditThread {
         let result = tokio::select! {
             r = &mut done => r,
             () = tokio::time::sleep(WRITE_STALL) => {
-                raised = set_policy(self.tid, ThreadClass::Fair { low_priority: false });
+                raised = set_policy(self.tid, Policy::Batch);
                 done.await
             }
         };
         if raised {
-            set_policy(self.tid, ThreadClass::Background);
+            set_policy(self.tid, Policy::Idle);
         }
         result.context("the audit thread stopped")
     }
@@ -185,15 +188,15 @@ struct AuditThreads {
 impl AuditThreads {
     fn spawn(on_full: OnFull) -> anyhow::Result<Self> {
         let idle_writes = can_leave_idle();
-        let low_priority = on_full == OnFull::Shed;
-        let write = AuditThread::spawn("tollgate-audit-write", ThreadClass::Fair { low_priority })?;
-        // The nice value set above stays through a change of policy.
-        if idle_writes {
-            set_policy(write.tid, ThreadClass::Background);
-        }
+        let write_policy = if idle_writes {
+            Policy::Idle
+        } else {
+            Policy::Batch
+        };
+        let write_nice = (on_full == OnFull::Shed).then_some(AUDIT_THREAD_NICE);
         Ok(Self {
-            build: AuditThread::spawn("tollgate-audit", ThreadClass::Background)?,
-            write,
+            build: AuditThread::spawn("tollgate-audit", Policy::Idle, None)?,
+            write: AuditThread::spawn("tollgate-audit-write", write_policy, write_nice)?,
             idle_writes,
             behind: std::sync::atomic::AtomicBool::new(false),
         })
@@ -211,9 +214,24 @@ impl AuditThreads {
         }
     }
 
-    /// The thread to build on, given how full the queue is: the write
-    /// thread from a quarter full until back under a sixteenth.
-    fn builder(&self, queued: usize, capacity: usize) -> &AuditThread {
+    /// Runs a build job: on the idle-priority thread, or on the write
+    /// thread while the queue falls behind (`queued` of `capacity`).
+    async fn build<T: Send + 'static>(
+        &self,
+        queued: usize,
+        capacity: usize,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        if self.falling_behind(queued, capacity) {
+            self.write(f).await
+        } else {
+            self.build.run(f).await
+        }
+    }
+
+    /// Whether the queue is falling behind: from a quarter full until
+    /// back under a sixteenth.
+    fn falling_behind(&self, queued: usize, capacity: usize) -> bool {
         let behind = if queued >= capacity / FALLING_BEHIND_DIVISOR {
             true
         } else if queued <= capacity / CAUGHT_UP_DIVISOR {
@@ -222,7 +240,7 @@ impl AuditThreads {
             self.behind.load(Ordering::Relaxed)
         };
         self.behind.store(behind, Ordering::Relaxed);
-        if behind { &self.write } else { &self.build }
+        behind
     }
 }
 
@@ -232,52 +250,35 @@ const FALLING_BEHIND_DIVISOR: usize = 4;
 /// Below this fraction (1/N) the idle-priority thread builds again.
 const CAUGHT_UP_DIVISOR: usize = 16;
 
-/// Puts the calling thread in `class`. On Linux scheduling policy and nice
-/// value belong to a thread, not the process, so the node's other threads
-/// keep theirs. Best effort: a refusal is logged.
-#[cfg(target_os = "linux")]
-fn set_class(class: ThreadClass) {
-    let nice = match class {
-        ThreadClass::Background => None,
-        ThreadClass::Fair { low_priority } => low_priority.then_some(AUDIT_THREAD_NICE),
-    };
-    if !set_policy(current_tid(), class) {
+/// Puts the calling thread under `policy`, and lowers its priority by
+/// `nice` if set. On Linux scheduling policy and nice value belong to a
+/// thread, not the process, so the node's other threads keep theirs. Best
+/// effort: a refusal is logged.
+fn schedule_self(policy: Policy, nice: Option<libc::c_int>) {
+    let tid = current_tid();
+    if !set_policy(tid, policy) {
         tracing::debug!(
             error = %std::io::Error::last_os_error(),
-            ?class,
+            ?policy,
             "could not set an audit thread's scheduling policy"
         );
     }
-    if let Some(nice) = nice {
-        // SAFETY: gettid and setpriority take and return plain integers
-        // and touch no memory of ours.
-        let result = unsafe {
-            let tid = libc::gettid();
-            libc::setpriority(
-                libc::PRIO_PROCESS,
-                libc::id_t::try_from(tid).unwrap_or(0),
-                nice,
-            )
-        };
-        if result != 0 {
-            tracing::debug!(
-                error = %std::io::Error::last_os_error(),
-                "could not lower an audit thread's priority"
-            );
-        }
+    if let Some(nice) = nice
+        && !lower_priority(tid, nice)
+    {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "could not lower an audit thread's priority"
+        );
     }
 }
 
-#[cfg(not(target_os = "linux"))]
-fn set_class(_class: ThreadClass) {}
-
-/// Moves thread `tid` to `class`'s policy (its nice value stays); whether
-/// that worked.
+/// Moves thread `tid` to `policy`; whether that worked.
 #[cfg(target_os = "linux")]
-fn set_policy(tid: i32, class: ThreadClass) -> bool {
-    let policy = match class {
-        ThreadClass::Background => libc::SCHED_IDLE,
-        ThreadClass::Fair { .. } => libc::SCHED_BATCH,
+fn set_policy(tid: i32, policy: Policy) -> bool {
+    let policy = match policy {
+        Policy::Idle => libc::SCHED_IDLE,
+        Policy::Batch => libc::SCHED_BATCH,
     };
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: `param` is a valid sched_param that outlives the call; `tid`
@@ -286,7 +287,23 @@ fn set_policy(tid: i32, class: ThreadClass) -> bool {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn set_policy(_tid: i32, _class: ThreadClass) -> bool {
+fn set_policy(_tid: i32, _policy: Policy) -> bool {
+    false
+}
+
+/// Sets thread `tid`'s nice value; whether that worked.
+#[cfg(target_os = "linux")]
+fn lower_priority(tid: i32, nice: libc::c_int) -> bool {
+    let Ok(tid) = libc::id_t::try_from(tid) else {
+        return false;
+    };
+    // SAFETY: setpriority takes and returns plain integers and touches no
+    // memory of ours.
+    tid != 0 && unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) } == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lower_priority(_tid: i32, _nice: libc::c_int) -> bool {
     false
 }
 
@@ -312,13 +329,7 @@ fn can_leave_idle() -> bool {
             .name("tollgate-probe".into())
             .spawn(|| {
                 let tid = current_tid();
-                set_policy(tid, ThreadClass::Background)
-                    && set_policy(
-                        tid,
-                        ThreadClass::Fair {
-                            low_priority: false,
-                        },
-                    )
+                set_policy(tid, Policy::Idle) && set_policy(tid, Policy::Batch)
             })
             .ok()
             .and_then(|t| t.join().ok())
@@ -484,14 +495,10 @@ async fn cycle(
         w.write(last);
         return Ok(w);
     };
-    let builder = threads.builder(queue.0, queue.1);
-    let built = if std::ptr::eq(builder, &threads.write) {
-        // Falling behind: on the write thread, raised if it stalls.
-        threads.write(build).await
-    } else {
-        builder.run(build).await
-    };
-    let mut w = built.context("the audit writer stopped")?;
+    let mut w = threads
+        .build(queue.0, queue.1, build)
+        .await
+        .context("the audit writer stopped")?;
     if !w.write_due() {
         return Ok(w);
     }
@@ -816,16 +823,15 @@ mod tests {
     async fn records_are_built_on_the_idle_thread_until_the_queue_falls_behind()
     -> anyhow::Result<()> {
         let threads = AuditThreads::spawn(OnFull::Block)?;
-        let on_write = |t: &AuditThread| std::ptr::eq(t, &threads.write);
         let capacity = 1024;
-        assert!(!on_write(threads.builder(0, capacity)));
-        assert!(!on_write(threads.builder(255, capacity)));
+        assert!(!threads.falling_behind(0, capacity));
+        assert!(!threads.falling_behind(255, capacity));
         // A quarter full: the write thread builds, until under a sixteenth.
-        assert!(on_write(threads.builder(256, capacity)));
-        assert!(on_write(threads.builder(100, capacity)));
-        assert!(on_write(threads.builder(65, capacity)));
-        assert!(!on_write(threads.builder(64, capacity)));
-        assert!(!on_write(threads.builder(100, capacity)));
+        assert!(threads.falling_behind(256, capacity));
+        assert!(threads.falling_behind(100, capacity));
+        assert!(threads.falling_behind(65, capacity));
+        assert!(!threads.falling_behind(64, capacity));
+        assert!(!threads.falling_behind(100, capacity));
         Ok(())
     }
 
